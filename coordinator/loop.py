@@ -1,0 +1,177 @@
+"""The speculative session loop: one generation, round by round, over gRPC.
+
+    open draft + oracle sessions (prompt prefilled once on each)
+    repeat:  k = policy.choose_k()
+             k > 0: draft.Propose(tokens committed since last time, k) -> d_1..d_k, q
+             oracle.Verify(d_1..d_k, q) -> m accepted + the oracle's own token
+             commit d_1..d_m + that token; both workers roll their caches back to it
+    close both sessions (always: on completion, error, cancellation or deadline)
+
+Per-token traffic is these two RPCs; nothing here touches Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+from coordinator.depth import DepthPolicy
+from coordinator.stats import RoundObservation, SpeculationStats
+from coordinator.workers import DraftClient, OracleClient
+from specd.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+
+class Finish(enum.Enum):
+    LENGTH = "length"
+    EOS = "eos"
+    STOP = "stop"
+
+
+@dataclass
+class SessionRequest:
+    prompt: list[int]
+    sampling: common_pb2.SamplingParams
+    max_tokens: int
+    eos_token_ids: frozenset[int] = frozenset()
+    max_context: int = 1 << 30
+    max_depth: int = 16
+    deadline: float | None = None  # time.monotonic() value after which the session gives up
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+class SpeculativeSession:
+    def __init__(self, request: SessionRequest, draft: DraftClient | None, oracle: OracleClient, policy: DepthPolicy):
+        self.request = request
+        self.draft = draft
+        self.oracle = oracle
+        self.policy = policy
+        self.stats = SpeculationStats(
+            draft_worker=draft.address if draft else "", oracle_worker=oracle.address
+        )
+        self.generated: list[int] = []
+        self.finish: Finish | None = None
+        self.current_k = 0
+        self._committed_length = len(request.prompt)
+        self._draft_pending: list[int] = []  # committed tokens the draft has not been told about
+        self._draft_open = False
+        self._oracle_open = False
+
+    @property
+    def session_id(self) -> str:
+        return self.request.session_id
+
+    def _timeout(self) -> float | None:
+        if self.request.deadline is None:
+            return None
+        remaining = self.request.deadline - time.monotonic()
+        if remaining <= 0:
+            raise asyncio.TimeoutError("the request's deadline passed")
+        return remaining
+
+    async def open(self) -> None:
+        sid, prompt, sampling = self.session_id, self.request.prompt, self.request.sampling
+        opens = [self.oracle.open_session(sid, prompt, sampling, self._timeout())]
+        if self.draft is not None:
+            opens.append(self.draft.open_session(sid, prompt, sampling, self._timeout()))
+        results = await asyncio.gather(*opens, return_exceptions=True)
+        self._oracle_open = not isinstance(results[0], BaseException)
+        self._draft_open = self.draft is not None and not isinstance(results[-1], BaseException)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def close(self) -> None:
+        """Free the session on both workers; safe to call more than once, never raises."""
+        closes = []
+        if self._oracle_open:
+            closes.append(self.oracle.close_session(self.session_id))
+        if self._draft_open and self.draft is not None:
+            closes.append(self.draft.close_session(self.session_id))
+        self._oracle_open = self._draft_open = False
+        if closes:
+            results = await asyncio.shield(asyncio.gather(*closes, return_exceptions=True))
+            for result in results:
+                if isinstance(result, BaseException):
+                    log.warning("closing session %s: %s", self.session_id, result)
+
+    def _depth_limit(self) -> int:
+        remaining = self.request.max_tokens - len(self.generated)
+        room = self.request.max_context - self._committed_length - 1
+        return max(0, min(self.request.max_depth, remaining - 1, room))
+
+    async def rounds(self) -> AsyncIterator[list[int]]:
+        """Yield the tokens each round commits until max_tokens, EOS or the context runs out."""
+        started = time.perf_counter()
+        while self.finish is None:
+            if self._committed_length + 1 > self.request.max_context:
+                self.finish = Finish.LENGTH
+                break
+            k = min(self.policy.choose_k(), self._depth_limit()) if self._draft_open else 0
+            self.current_k = k
+            tokens, obs = await self._round(k)
+            self.stats.record(obs)
+            self.policy.observe(obs)
+            tokens = self._apply_limits(tokens)
+            if not self.generated:
+                self.stats.time_to_first_token_seconds = time.perf_counter() - started
+            self.generated.extend(tokens)
+            self.stats.total_seconds = time.perf_counter() - started
+            if tokens:
+                yield tokens
+
+    async def _round(self, k: int) -> tuple[list[int], RoundObservation]:
+        draft_tokens: list[int] = []
+        distributions: list[common_pb2.TokenDistribution] = []
+        draft_compute = draft_wall = 0.0
+        if k > 0:
+            assert self.draft is not None
+            proposal = await self.draft.propose(
+                self.session_id, self._draft_pending, self._committed_length, k, self._timeout()
+            )
+            self._draft_pending = []
+            draft_tokens, distributions = proposal.tokens, proposal.distributions
+            draft_compute, draft_wall = proposal.compute_seconds, proposal.wall_seconds
+        verdict = await self.oracle.verify(
+            self.session_id, draft_tokens, distributions, self._committed_length, self._timeout()
+        )
+        committed = draft_tokens[: verdict.accepted] + [verdict.next_token]
+        self._committed_length += len(committed)
+        self._draft_pending.extend(committed)
+        network = max(0.0, draft_wall - draft_compute) + max(0.0, verdict.wall_seconds - verdict.compute_seconds)
+        return committed, RoundObservation(
+            k=k,
+            accepted=verdict.accepted,
+            draft_seconds=draft_compute,
+            verify_seconds=verdict.compute_seconds,
+            network_seconds=network,
+        )
+
+    def _apply_limits(self, tokens: list[int]) -> list[int]:
+        """Cut a round's tokens at EOS (excluded from the output) or at max_tokens."""
+        for i, token in enumerate(tokens):
+            if token in self.request.eos_token_ids:
+                self.finish = Finish.EOS
+                return tokens[:i]
+        remaining = self.request.max_tokens - len(self.generated)
+        if len(tokens) >= remaining:
+            self.finish = Finish.LENGTH
+            return tokens[:remaining]
+        return tokens
+
+
+async def run_to_completion(session: SpeculativeSession) -> list[int]:
+    """Open, run every round, always close. Returns the generated tokens."""
+    try:
+        await session.open()
+        async for _ in session.rounds():
+            pass
+        return session.generated
+    finally:
+        await session.close()

@@ -1,0 +1,105 @@
+"""Speculation statistics for one request, with the terms of specd.verification:
+
+drafted = draft tokens proposed; accepted = draft tokens the oracle kept;
+acceptance rate = accepted / drafted;
+mean acceptance length = 1 + accepted / rounds that drafted (tokens committed per such round,
+counting the oracle's own recovered or bonus token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from specd.v1 import generation_pb2
+
+
+@dataclass(frozen=True)
+class RoundObservation:
+    """What one round measured; fed to the depth policy and the statistics."""
+
+    k: int
+    accepted: int
+    draft_seconds: float  # the draft's compute for the whole block (0 when k == 0)
+    verify_seconds: float  # the oracle's compute for k+1 positions
+    network_seconds: float  # wall time of both RPCs minus the workers' compute
+
+
+@dataclass
+class SpeculationStats:
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    rounds_with_draft: int = 0
+    depth_per_round: list[int] = field(default_factory=list)
+    accepted_per_position: list[int] = field(default_factory=list)
+    drafted_per_position: list[int] = field(default_factory=list)
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    network_seconds: float = 0.0
+    total_seconds: float = 0.0
+    time_to_first_token_seconds: float = 0.0
+    draft_worker: str = ""
+    oracle_worker: str = ""
+
+    def record(self, obs: RoundObservation) -> None:
+        self.rounds += 1
+        self.depth_per_round.append(obs.k)
+        self.draft_seconds += obs.draft_seconds
+        self.verify_seconds += obs.verify_seconds
+        self.network_seconds += obs.network_seconds
+        if obs.k == 0:
+            return
+        self.rounds_with_draft += 1
+        self.drafted += obs.k
+        self.accepted += obs.accepted
+        while len(self.drafted_per_position) < obs.k:
+            self.drafted_per_position.append(0)
+            self.accepted_per_position.append(0)
+        for position in range(obs.k):
+            self.drafted_per_position[position] += 1
+            if position < obs.accepted:
+                self.accepted_per_position[position] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_acceptance_length(self) -> float:
+        return 1.0 + self.accepted / self.rounds_with_draft if self.rounds_with_draft else 1.0
+
+    def to_proto(self) -> generation_pb2.SpeculationStats:
+        return generation_pb2.SpeculationStats(
+            rounds=self.rounds,
+            drafted=self.drafted,
+            accepted=self.accepted,
+            acceptance_rate=self.acceptance_rate,
+            mean_acceptance_length=self.mean_acceptance_length,
+            depth_per_round=self.depth_per_round,
+            accepted_per_position=self.accepted_per_position,
+            drafted_per_position=self.drafted_per_position,
+            draft_seconds=self.draft_seconds,
+            verify_seconds=self.verify_seconds,
+            network_seconds=self.network_seconds,
+            total_seconds=self.total_seconds,
+            time_to_first_token_seconds=self.time_to_first_token_seconds,
+            draft_worker=self.draft_worker,
+            oracle_worker=self.oracle_worker,
+        )
+
+    def summary(self) -> dict:
+        return {
+            "rounds": self.rounds,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "acceptance_rate": round(self.acceptance_rate, 4),
+            "mean_acceptance_length": round(self.mean_acceptance_length, 4),
+            "depth_per_round": self.depth_per_round,
+            "accepted_per_position": self.accepted_per_position,
+            "drafted_per_position": self.drafted_per_position,
+            "draft_seconds": round(self.draft_seconds, 4),
+            "verify_seconds": round(self.verify_seconds, 4),
+            "network_seconds": round(self.network_seconds, 4),
+            "total_seconds": round(self.total_seconds, 4),
+            "time_to_first_token_seconds": round(self.time_to_first_token_seconds, 4),
+        }

@@ -1,0 +1,118 @@
+"""Clients for the draft and oracle workers, translating domain values to protobuf and back."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from specd.server import channel_options
+from specd.v1 import common_pb2, draft_pb2, draft_pb2_grpc, oracle_pb2, oracle_pb2_grpc
+
+
+@dataclass(frozen=True)
+class TimedProposal:
+    tokens: list[int]
+    distributions: list[common_pb2.TokenDistribution]
+    compute_seconds: float
+    wall_seconds: float
+
+
+@dataclass(frozen=True)
+class TimedVerdict:
+    accepted: int
+    next_token: int
+    committed_length: int
+    compute_seconds: float
+    wall_seconds: float
+
+
+class WorkerClient:
+    def __init__(self, address: str, max_message_bytes: int = 16 << 20):
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes))
+
+    async def info(self, timeout: float | None = 10.0) -> common_pb2.ModelInfo:
+        return await self.stub.GetInfo(common_pb2.GetInfoRequest(), timeout=timeout)
+
+    async def close_session(self, session_id: str, timeout: float | None = 5.0) -> bool:
+        reply = await self.stub.CloseSession(common_pb2.CloseSessionRequest(session_id=session_id), timeout=timeout)
+        return reply.existed
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class DraftClient(WorkerClient):
+    def __init__(self, address: str, max_message_bytes: int = 16 << 20):
+        super().__init__(address, max_message_bytes)
+        self.stub = draft_pb2_grpc.DraftServiceStub(self.channel)
+
+    async def open_session(
+        self, session_id: str, prompt: list[int], sampling: common_pb2.SamplingParams, timeout: float | None
+    ) -> None:
+        await self.stub.OpenSession(
+            draft_pb2.OpenDraftSessionRequest(session_id=session_id, prompt_token_ids=prompt, sampling=sampling),
+            timeout=timeout,
+        )
+
+    async def propose(
+        self, session_id: str, append: list[int], committed_length: int, k: int, timeout: float | None
+    ) -> TimedProposal:
+        started = time.perf_counter()
+        reply = await self.stub.Propose(
+            draft_pb2.ProposeRequest(
+                session_id=session_id, append_token_ids=append, committed_length=committed_length, depth=k
+            ),
+            timeout=timeout,
+        )
+        return TimedProposal(
+            tokens=list(reply.token_ids),
+            distributions=list(reply.distributions),
+            compute_seconds=reply.draft_seconds,
+            wall_seconds=time.perf_counter() - started,
+        )
+
+
+class OracleClient(WorkerClient):
+    def __init__(self, address: str, max_message_bytes: int = 16 << 20):
+        super().__init__(address, max_message_bytes)
+        self.stub = oracle_pb2_grpc.OracleServiceStub(self.channel)
+
+    async def tokenizer(self, timeout: float | None = 30.0) -> oracle_pb2.TokenizerSpec:
+        return await self.stub.GetTokenizer(oracle_pb2.GetTokenizerRequest(), timeout=timeout)
+
+    async def open_session(
+        self, session_id: str, prompt: list[int], sampling: common_pb2.SamplingParams, timeout: float | None
+    ) -> None:
+        await self.stub.OpenSession(
+            oracle_pb2.OpenOracleSessionRequest(session_id=session_id, prompt_token_ids=prompt, sampling=sampling),
+            timeout=timeout,
+        )
+
+    async def verify(
+        self,
+        session_id: str,
+        draft_tokens: list[int],
+        distributions: list[common_pb2.TokenDistribution],
+        committed_length: int,
+        timeout: float | None,
+    ) -> TimedVerdict:
+        started = time.perf_counter()
+        reply = await self.stub.Verify(
+            oracle_pb2.VerifyRequest(
+                session_id=session_id,
+                draft_token_ids=draft_tokens,
+                draft_distributions=distributions,
+                committed_length=committed_length,
+            ),
+            timeout=timeout,
+        )
+        return TimedVerdict(
+            accepted=reply.accepted,
+            next_token=reply.next_token_id,
+            committed_length=reply.committed_length,
+            compute_seconds=reply.verify_seconds,
+            wall_seconds=time.perf_counter() - started,
+        )

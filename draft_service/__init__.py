@@ -1,0 +1,1 @@
+"""The draft worker: a small model that proposes blocks of k candidate tokens."""

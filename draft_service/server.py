@@ -1,0 +1,20 @@
+"""Run a draft worker process: load the model, serve specd.v1.DraftService."""
+
+from __future__ import annotations
+
+from draft_service.drafter import Drafter
+from draft_service.servicer import DraftServicer
+from specd.config import DraftConfig
+from specd.server import ModelExecutor
+from specd.worker_service import load_for
+
+
+def build_servicer(config: DraftConfig) -> DraftServicer:
+    drafter = Drafter(
+        load_for(config),
+        proposal_top_n=config.proposal_top_n,
+        max_sessions=config.max_sessions,
+        session_ttl_seconds=config.session_ttl_seconds,
+        max_depth=config.max_depth,
+    )
+    return DraftServicer(drafter, ModelExecutor("draft-model"), config)

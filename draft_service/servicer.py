@@ -1,0 +1,41 @@
+"""specd.v1.DraftService: protobuf in, Drafter calls, protobuf out."""
+
+from __future__ import annotations
+
+import grpc
+
+from draft_service.drafter import Drafter
+from specd.server import ModelExecutor, grpc_errors
+from specd.v1 import common_pb2, draft_pb2, draft_pb2_grpc
+from specd.worker_service import WorkerServicerMixin, session_id_from
+from specd.config import DraftConfig
+
+SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
+
+
+class DraftServicer(WorkerServicerMixin, draft_pb2_grpc.DraftServiceServicer):
+    role = common_pb2.WORKER_ROLE_DRAFT
+    open_response = draft_pb2.OpenDraftSessionResponse
+    worker: Drafter
+
+    def __init__(self, drafter: Drafter, executor: ModelExecutor, config: DraftConfig):
+        super().__init__(drafter, executor, config)
+
+    @grpc_errors
+    async def Propose(self, request: draft_pb2.ProposeRequest, context: grpc.aio.ServicerContext) -> draft_pb2.Proposal:
+        session_id = session_id_from(request)
+        proposal = await self.run_for_session(
+            session_id,
+            self.worker.propose,
+            session_id,
+            list(request.append_token_ids),
+            request.committed_length,
+            request.depth,
+        )
+        return draft_pb2.Proposal(
+            token_ids=proposal.tokens,
+            distributions=[
+                common_pb2.TokenDistribution(token_ids=d.token_ids, probs=d.probs) for d in proposal.distributions
+            ],
+            draft_seconds=proposal.seconds,
+        )

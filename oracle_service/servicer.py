@@ -1,0 +1,56 @@
+"""specd.v1.OracleService: protobuf in, Verifier calls, protobuf out."""
+
+from __future__ import annotations
+
+import grpc
+
+from oracle_service.verifier import Verifier
+from specd.config import OracleConfig
+from specd.server import ModelExecutor, grpc_errors
+from specd.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
+from specd.worker_service import WorkerServicerMixin, session_id_from
+
+SERVICE_NAME = oracle_pb2.DESCRIPTOR.services_by_name["OracleService"].full_name
+
+
+class OracleServicer(WorkerServicerMixin, oracle_pb2_grpc.OracleServiceServicer):
+    role = common_pb2.WORKER_ROLE_ORACLE
+    open_response = oracle_pb2.OpenOracleSessionResponse
+    worker: Verifier
+
+    def __init__(self, verifier: Verifier, executor: ModelExecutor, config: OracleConfig):
+        super().__init__(verifier, executor, config)
+
+    @grpc_errors
+    async def GetTokenizer(
+        self, request: oracle_pb2.GetTokenizerRequest, context: grpc.aio.ServicerContext
+    ) -> oracle_pb2.TokenizerSpec:
+        tokenizer = self.worker.loaded.tokenizer
+        template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+        return oracle_pb2.TokenizerSpec(
+            tokenizer_json=tokenizer.backend_tokenizer.to_str(),
+            chat_template=template or "",
+            bos_token=tokenizer.bos_token or "",
+            eos_token=tokenizer.eos_token or "",
+            pad_token=tokenizer.pad_token or "",
+            vocab_fingerprint=self.worker.loaded.vocab_fingerprint,
+        )
+
+    @grpc_errors
+    async def Verify(self, request: oracle_pb2.VerifyRequest, context: grpc.aio.ServicerContext) -> oracle_pb2.Verdict:
+        session_id = session_id_from(request)
+        result = await self.run_for_session(
+            session_id,
+            self.worker.verify,
+            session_id,
+            list(request.draft_token_ids),
+            [(list(d.token_ids), list(d.probs)) for d in request.draft_distributions],
+            request.committed_length,
+        )
+        return oracle_pb2.Verdict(
+            accepted=result.verdict.accepted,
+            next_token_id=result.verdict.next_token,
+            bonus=result.verdict.is_bonus(result.k),
+            committed_length=result.committed_length,
+            verify_seconds=result.seconds,
+        )

@@ -1,0 +1,84 @@
+"""The oracle worker's logic: verify a draft block in one forward pass.
+
+No gRPC here. The oracle feeds its pending token and the k draft tokens at once, gets the
+distributions p_1..p_{k+1}, calls specd.verification (the only place tokens are accepted or
+rejected), commits the accepted prefix plus its own token, and rolls its KV cache back to
+the committed sequence.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from specd.errors import InvalidArgument
+from specd.sampling import warp_probs
+from specd.verification import Verdict, sparse_to_dense, verify_greedy, verify_sampled
+from specd.worker import ModelWorker
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    verdict: Verdict
+    k: int
+    committed_length: int
+    seconds: float
+
+
+class Verifier(ModelWorker):
+    def verify(
+        self,
+        session_id: str,
+        draft_tokens: list[int],
+        draft_distributions: list[tuple[list[int], list[float]]],
+        committed_length: int,
+    ) -> VerifyResult:
+        session = self.sessions.get(session_id)
+        k = len(draft_tokens)
+        self.check_length(session, committed_length)
+        self.check_room(len(session.committed), k)
+        if any(not 0 <= t < self.vocab_size for t in draft_tokens):
+            raise InvalidArgument(f"draft token ids must be in [0, {self.vocab_size})")
+        q = None
+        if not session.params.greedy and k:
+            q = self._proposal_matrix(draft_tokens, draft_distributions)
+        started = time.perf_counter()
+        feed = session.kv.sync(session.committed)
+        logits = session.kv.forward(feed + draft_tokens)[-(k + 1) :, : self.vocab_size]  # [k+1, vocab]
+        if session.params.greedy:
+            verdict = verify_greedy(draft_tokens, logits)
+        else:
+            p = warp_probs(logits, session.params)  # [k+1, vocab]
+            if q is None:
+                q = torch.zeros(0, self.vocab_size)
+            verdict = verify_sampled(draft_tokens, q, p, session.params.seed, start_position=len(session.committed))
+        session.committed.extend(verdict.committed(draft_tokens))
+        session.kv.sync(session.committed)  # drop the rejected suffix now, freeing its memory
+        session.rounds += 1
+        return VerifyResult(
+            verdict=verdict, k=k, committed_length=len(session.committed), seconds=time.perf_counter() - started
+        )
+
+    def _proposal_matrix(
+        self, draft_tokens: list[int], distributions: list[tuple[list[int], list[float]]]
+    ) -> torch.Tensor:
+        """Rebuild q [k, vocab] from the draft's sparse rows, checking it is a faithful proposal."""
+        if len(distributions) != len(draft_tokens):
+            raise InvalidArgument(
+                f"sampled sessions need one proposal distribution per draft token: "
+                f"{len(draft_tokens)} tokens, {len(distributions)} distributions"
+            )
+        rows = []
+        for i, ((ids, probs), token) in enumerate(zip(distributions, draft_tokens)):
+            if len(ids) != len(probs) or any(not 0 <= t < self.vocab_size for t in ids):
+                raise InvalidArgument(f"proposal distribution {i} is malformed")
+            row = sparse_to_dense(ids, probs, self.vocab_size)
+            total = float(row.sum())
+            if not 0.99 < total < 1.01 or bool((row < 0).any()):
+                raise InvalidArgument(f"proposal distribution {i} does not sum to 1 (sums to {total:.4f})")
+            if row[token] <= 0:
+                raise InvalidArgument(f"draft token {token} has zero probability in its own proposal {i}")
+            rows.append(row / total)
+        return torch.stack(rows)  # [k, vocab]

@@ -1,0 +1,70 @@
+"""Validated settings for the workers. One pydantic settings model per service.
+
+Every field can come from the command line, from the environment (prefix SPECD_DRAFT_ or
+SPECD_ORACLE_, e.g. SPECD_ORACLE_PORT=50051) or from the defaults, which work on the embedded
+default pair.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from specd.models import EMBEDDED_ORACLE
+
+ORACLE_PORT = 50051
+DRAFT_PORT = 50052
+COORDINATOR_PORT = 50050
+ORACLE_METRICS_PORT = 9401
+DRAFT_METRICS_PORT = 9402
+COORDINATOR_METRICS_PORT = 9400
+# The default draft until a distilled one ships: the oracle's own first layers with its
+# embedding and output head (an untrained early-exit draft of the same vocabulary).
+DEFAULT_DRAFT_LAYERS = 4
+
+
+class WorkerConfig(BaseSettings):
+    model_config = SettingsConfigDict(extra="forbid", validate_assignment=True)
+
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for all interfaces).")
+    port: int = Field(0, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: int = Field(
+        -1, ge=-1, le=65535, description="Prometheus metrics port; 0 picks a free one, -1 disables."
+    )
+    model: str = Field(
+        EMBEDDED_ORACLE, description="Model source: 'smollm2-135m-instruct', a .gguf file, a local dir or a hub id."
+    )
+    layers: int = Field(0, ge=0, description="Keep only the first N decoder layers (0 keeps all).")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
+    device: str = Field("cpu", description="Torch device: cpu, cuda or cuda:N.")
+    torch_threads: int = Field(0, ge=0, description="Intra-op threads for torch (0 keeps torch's default).")
+    max_sessions: int = Field(64, ge=1, description="Sessions held at once; more get RESOURCE_EXHAUSTED.")
+    session_ttl_seconds: float = Field(300.0, gt=0, description="Idle sessions are evicted after this long.")
+    max_context: int = Field(0, ge=0, description="Max tokens per session (0 uses the model's own limit).")
+    max_depth: int = Field(16, ge=1, le=64, description="Largest speculation depth k accepted.")
+    grace_seconds: float = Field(5.0, ge=0, description="On SIGTERM, in-flight calls get this long to finish.")
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="gRPC max message size.")
+    cache_dir: str = Field("", description="Where de-quantized GGUF weights are cached ('' = ~/.cache/specd).")
+
+
+class OracleConfig(WorkerConfig):
+    model_config = SettingsConfigDict(env_prefix="SPECD_ORACLE_", extra="forbid", validate_assignment=True)
+
+    port: int = Field(ORACLE_PORT, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+
+
+class DraftConfig(WorkerConfig):
+    model_config = SettingsConfigDict(env_prefix="SPECD_DRAFT_", extra="forbid", validate_assignment=True)
+
+    port: int = Field(DRAFT_PORT, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    layers: int = Field(
+        DEFAULT_DRAFT_LAYERS, ge=0, description="Keep only the first N decoder layers (0 keeps all)."
+    )
+    proposal_top_n: int = Field(
+        64,
+        ge=1,
+        description="Sampled sessions propose from the draft's top-N tokens (renormalised) and send that "
+        "distribution q exactly; lossless for any N, smaller N means smaller messages.",
+    )

@@ -1,0 +1,52 @@
+"""Start workers inside the current process (tests, quick local runs) on loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from specd.config import DraftConfig, OracleConfig, WorkerConfig
+from specd.server import ServiceHost, periodic
+from specd.worker_service import SWEEP_SECONDS, WorkerServicerMixin
+
+
+@dataclass
+class LocalWorker:
+    host: ServiceHost
+    servicer: WorkerServicerMixin
+    sweeper: asyncio.Future
+
+    @property
+    def address(self) -> str:
+        return self.host.address
+
+    async def stop(self) -> None:
+        await self.host.stop()
+
+
+async def start_worker(config: WorkerConfig, sweep_seconds: float = SWEEP_SECONDS) -> LocalWorker:
+    """Build and start a draft or oracle worker from its config (the model loads here)."""
+    if isinstance(config, DraftConfig):
+        from draft_service.server import build_servicer
+        from draft_service.servicer import SERVICE_NAME
+        from specd.v1.draft_pb2_grpc import add_DraftServiceServicer_to_server as adder
+    elif isinstance(config, OracleConfig):
+        from oracle_service.server import build_servicer
+        from oracle_service.servicer import SERVICE_NAME
+        from specd.v1.oracle_pb2_grpc import add_OracleServiceServicer_to_server as adder
+    else:
+        raise TypeError(f"not a worker config: {type(config).__name__}")
+    servicer = await asyncio.get_running_loop().run_in_executor(None, build_servicer, config)
+    host = ServiceHost(
+        config.host, config.port, grace_seconds=config.grace_seconds, max_message_bytes=config.max_message_bytes
+    )
+    host.add(adder, servicer, SERVICE_NAME)
+    await host.start()
+    sweeper = asyncio.ensure_future(periodic(sweep_seconds, servicer.evict_idle))
+
+    async def stop_sweeper() -> None:
+        sweeper.cancel()
+        servicer.executor.shutdown()
+
+    host.on_stop(stop_sweeper)
+    return LocalWorker(host=host, servicer=servicer, sweeper=sweeper)

@@ -1,0 +1,87 @@
+"""What the draft and oracle workers share: sessions over a model with a KV cache.
+
+Plain Python, no gRPC. All methods run on the worker's single model thread, so the session
+table needs no lock. The servicers translate protobuf to these calls and back.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from specd.errors import FailedPrecondition, OutOfRange
+from specd.kv import KVSession
+from specd.models import LoadedModel
+from specd.sampling import SamplingParams
+from specd.sessions import SessionTable
+from specd import validation
+
+
+@dataclass
+class WorkerSession:
+    kv: KVSession
+    params: SamplingParams
+    committed: list[int]  # prompt + generated tokens, as agreed with the oracle
+    prompt_length: int
+    rounds: int = 0
+    opened_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class OpenResult:
+    prefill_tokens: int
+    prefill_seconds: float
+
+
+class ModelWorker:
+    def __init__(self, loaded: LoadedModel, *, max_sessions: int, session_ttl_seconds: float, max_depth: int):
+        self.loaded = loaded
+        self.max_depth = max_depth
+        self.sessions: SessionTable[WorkerSession] = SessionTable(max_sessions, session_ttl_seconds)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.loaded.vocab_size
+
+    @property
+    def max_context(self) -> int:
+        return self.loaded.max_context
+
+    def validate_open(self, session_id: str, prompt: list[int]) -> None:
+        """Cheap checks that must fail before any model work is queued."""
+        validation.prompt_ids(prompt, self.vocab_size, self.max_context)
+        self.sessions.reserve(session_id)
+
+    def open(self, session_id: str, prompt: list[int], params: SamplingParams) -> OpenResult:
+        """Prefill the prompt (all but its last token, which the next forward pass feeds)."""
+        self.validate_open(session_id, prompt)
+        started = time.perf_counter()
+        kv = KVSession(self.loaded.model, self.loaded.device)
+        if len(prompt) > 1:
+            kv.forward(prompt[:-1])
+        session = WorkerSession(kv=kv, params=params, committed=list(prompt), prompt_length=len(prompt))
+        self.sessions.add(session_id, session)
+        return OpenResult(prefill_tokens=len(prompt), prefill_seconds=time.perf_counter() - started)
+
+    def close(self, session_id: str) -> bool:
+        return self.sessions.pop(session_id) is not None
+
+    def evict_idle(self) -> list[str]:
+        return self.sessions.expired()
+
+    def check_room(self, committed_length: int, k: int) -> None:
+        """A round of depth k must fit the context: committed + k tokens, plus the oracle's own."""
+        validation.depth(k, self.max_depth)
+        if committed_length + k + 1 > self.max_context:
+            raise OutOfRange(
+                f"a round of depth {k} would take the session past the context of {self.max_context} "
+                f"tokens (it holds {committed_length})"
+            )
+
+    @staticmethod
+    def check_length(session: WorkerSession, committed_length: int) -> None:
+        if committed_length and committed_length != len(session.committed):
+            raise FailedPrecondition(
+                f"session out of sync: caller expects {committed_length} committed tokens, "
+                f"worker holds {len(session.committed)}"
+            )

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random-weight models and real loopback gRPC workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from specd.config import DraftConfig, OracleConfig
+from specd.local import start_worker
+from specd.tiny import write_tiny_model
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("tiny")
+    write_tiny_model(root / "oracle", seed=1, layers=2, hidden=64)
+    write_tiny_model(root / "unrelated", seed=2, layers=1, hidden=32)
+    return root
+
+
+def oracle_config(tiny_dir: Path, **overrides) -> OracleConfig:
+    return OracleConfig(model=str(tiny_dir / "oracle"), port=0, grace_seconds=0.5, **overrides)
+
+
+def draft_config(tiny_dir: Path, name: str = "unrelated", **overrides) -> DraftConfig:
+    return DraftConfig(model=str(tiny_dir / name), layers=0, port=0, grace_seconds=0.5, **overrides)
+
+
+@pytest.fixture(scope="session")
+async def oracle(tiny_dir: Path):
+    worker = await start_worker(oracle_config(tiny_dir))
+    yield worker
+    await worker.stop()
+
+
+@pytest.fixture(scope="session")
+async def same_draft(tiny_dir: Path):
+    """A draft identical to the oracle: every proposal should be accepted."""
+    worker = await start_worker(draft_config(tiny_dir, "oracle"))
+    yield worker
+    await worker.stop()
+
+
+@pytest.fixture(scope="session")
+async def unrelated_draft(tiny_dir: Path):
+    """A draft with unrelated random weights (same vocabulary): almost nothing accepted."""
+    worker = await start_worker(draft_config(tiny_dir, "unrelated"))
+    yield worker
+    await worker.stop()

@@ -1,0 +1,71 @@
+"""Greedy speculative output equals the oracle's own greedy output, over real loopback gRPC."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from coordinator.depth import FixedDepth
+from coordinator.loop import SessionRequest, SpeculativeSession, run_to_completion
+from coordinator.workers import DraftClient, OracleClient
+from specd.models import load_model
+from specd.v1 import common_pb2
+
+PROMPTS = [
+    "The quick brown fox",
+    "def add(a, b):",
+    "Once upon a time there was",
+    "Question: what is two plus two?",
+]
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir):
+    """The oracle alone, through plain transformers greedy generate."""
+    loaded = load_model(str(tiny_dir / "oracle"))
+    out = {}
+    for prompt in PROMPTS:
+        ids = loaded.tokenizer(prompt)["input_ids"]
+        with torch.inference_mode():
+            gen = loaded.model.generate(
+                torch.tensor([ids]), max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False
+            )
+        out[prompt] = (ids, gen[0, len(ids) :].tolist())
+    return out
+
+
+async def generate(oracle_addr, draft_addr, prompt_ids, k):
+    oracle, draft = OracleClient(oracle_addr), DraftClient(draft_addr)
+    try:
+        session = SpeculativeSession(
+            SessionRequest(prompt=prompt_ids, sampling=common_pb2.SamplingParams(), max_tokens=MAX_TOKENS),
+            draft,
+            oracle,
+            FixedDepth(k),
+        )
+        tokens = await run_to_completion(session)
+        return tokens, session.stats
+    finally:
+        await oracle.close()
+        await draft.close()
+
+
+@pytest.mark.parametrize("k", range(1, 9))
+async def test_identical_draft_is_exact_and_fully_accepted(oracle, same_draft, reference, k):
+    for prompt, (ids, expected) in reference.items():
+        tokens, stats = await generate(oracle.address, same_draft.address, ids, k)
+        assert tokens == expected, prompt
+        assert stats.accepted == stats.drafted > 0
+        assert stats.acceptance_rate == 1.0
+
+
+@pytest.mark.parametrize("k", range(1, 9))
+async def test_unrelated_draft_is_exact(oracle, unrelated_draft, reference, k):
+    accepted = drafted = 0
+    for prompt, (ids, expected) in reference.items():
+        tokens, stats = await generate(oracle.address, unrelated_draft.address, ids, k)
+        assert tokens == expected, prompt
+        accepted += stats.accepted
+        drafted += stats.drafted
+    assert accepted / drafted < 0.2

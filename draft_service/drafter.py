@@ -38,6 +38,14 @@ class Drafter(ModelWorker):
     def __init__(self, loaded: LoadedModel, *, proposal_top_n: int = 64, **limits):
         super().__init__(loaded, **limits)
         self.proposal_top_n = proposal_top_n
+        # Maps head rows to shared token ids when the draft's head covers part of the vocabulary.
+        self._head_ids = (
+            torch.tensor(loaded.head_token_ids, dtype=torch.long) if loaded.head_token_ids is not None else None
+        )
+        self._head_size = len(loaded.head_token_ids) if loaded.head_token_ids is not None else loaded.vocab_size
+
+    def _token_id(self, head_index: int) -> int:
+        return head_index if self._head_ids is None else int(self._head_ids[head_index])
 
     def propose(self, session_id: str, append: list[int], committed_length: int, k: int) -> DraftProposal:
         session = self.sessions.get(session_id)
@@ -59,16 +67,18 @@ class Drafter(ModelWorker):
         distributions: list[SparseDistribution] = []
         position = len(session.committed)
         for i in range(k):
-            logits = session.kv.forward(feed)[-1, : self.vocab_size]  # [vocab]
+            logits = session.kv.forward(feed)[-1, : self._head_size]  # [head vocab]
             if session.params.greedy:
-                token = int(logits.argmax())
+                token = self._token_id(int(logits.argmax()))
             else:
                 probs = warp_probs(logits[None], session.params)[0]
-                top = torch.topk(probs, min(self.proposal_top_n, self.vocab_size))
+                top = torch.topk(probs, min(self.proposal_top_n, self._head_size))
                 q = top.values / top.values.sum()
-                token = int(top.indices[sample_from(q, keyed_uniform(session.params.seed, position + i, Stream.DRAFT))])
                 keep = q > 0
-                distributions.append(SparseDistribution(top.indices[keep].tolist(), q[keep].tolist()))
+                ids = top.indices[keep] if self._head_ids is None else self._head_ids[top.indices[keep]]
+                q = q[keep]
+                token = int(ids[sample_from(q, keyed_uniform(session.params.seed, position + i, Stream.DRAFT))])
+                distributions.append(SparseDistribution(ids.tolist(), q.tolist()))
             tokens.append(token)
             feed = [token]
         session.rounds += 1

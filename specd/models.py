@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_ORACLE = "smollm2-135m-instruct"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# A distilled draft stored as a delta on its oracle (see specd.draft_artifact) has this file.
+DRAFT_ARTIFACT_MANIFEST = "specd_draft.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -44,6 +46,9 @@ class LoadedModel:
     max_context: int
     device: torch.device
     dtype: torch.dtype
+    # For drafts whose output head covers only part of the vocabulary: head row i scores
+    # shared token id head_token_ids[i]. None means the head covers the whole vocabulary.
+    head_token_ids: list[int] | None = None
 
 
 def embedded_gguf_path() -> Path:
@@ -117,6 +122,10 @@ def load_model(
         raise InvalidArgument(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     kind, path = resolve_source(source)
     torch_dtype = DTYPES[dtype]
+    if kind == "dir" and path is not None and (path / DRAFT_ARTIFACT_MANIFEST).exists():
+        from specd.draft_artifact import load_draft_artifact
+
+        return load_draft_artifact(path, dtype=dtype, device=device, max_context=max_context, cache_dir=cache_dir)
     if kind == "gguf":
         assert path is not None
         cached = _materialize_gguf(path, cache_dir if cache_dir is not None else default_cache_dir())

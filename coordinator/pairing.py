@@ -1,0 +1,41 @@
+"""Forming a draft/oracle pair: fetch both workers' info, refuse a vocabulary mismatch."""
+
+from __future__ import annotations
+
+from coordinator.generation import Pair, TextCodec
+from coordinator.workers import DraftClient, OracleClient
+from specd.models import check_pair
+from specd.v1 import common_pb2
+
+
+def check_infos(draft: common_pb2.ModelInfo, oracle: common_pb2.ModelInfo) -> None:
+    check_pair(draft.vocab_fingerprint, draft.vocab_size, oracle.vocab_fingerprint, oracle.vocab_size)
+
+
+async def connect_pair(oracle_address: str, draft_address: str | None, codec: TextCodec | None = None) -> Pair:
+    """Connect to an oracle and (optionally) a draft; raises IncompatiblePair on mismatch."""
+    oracle = OracleClient(oracle_address)
+    draft = DraftClient(draft_address) if draft_address else None
+    try:
+        oracle_info = await oracle.info()
+        max_depth = 0
+        if draft is not None:
+            draft_info = await draft.info()
+            check_infos(draft_info, oracle_info)
+            max_depth = min(draft_info.max_depth, oracle_info.max_depth)
+        if codec is None:
+            codec = TextCodec(await oracle.tokenizer())
+    except BaseException:
+        await oracle.close()
+        if draft is not None:
+            await draft.close()
+        raise
+    return Pair(
+        oracle=oracle,
+        draft=draft,
+        codec=codec,
+        eos_token_ids=frozenset(oracle_info.eos_token_ids),
+        max_context=oracle_info.max_context,
+        max_depth=max_depth,
+        name=f"{draft_address or '-'}->{oracle_address}",
+    )

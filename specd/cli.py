@@ -1,0 +1,138 @@
+"""`specd`: serve the workers and the coordinator, generate, benchmark, distill.
+
+    specd serve oracle|draft [--port ...]   run one worker (flags mirror its config)
+    specd generate PROMPT [--json]          complete a prompt (local workers, or --address COORDINATOR)
+    specd demo                              the default pair on one prompt, with speculation stats
+    specd health ADDRESS                    exit 0 when grpc.health.v1 reports SERVING
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from specd.config import DraftConfig, OracleConfig
+
+DEMO_PROMPT = "Explain in three sentences why the sky is blue."
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type[BaseModel]) -> None:
+    """One --flag per settings field; unset flags fall back to the environment, then defaults."""
+    for name, field in config_cls.model_fields.items():
+        kind = field.annotation if field.annotation in (int, float) else str
+        parser.add_argument(
+            f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
+            help=f"{field.description} (default: {field.default})",
+        )
+
+
+def config_from_args(config_cls: type[BaseModel], args: argparse.Namespace) -> Any:
+    values = {name: getattr(args, name) for name in config_cls.model_fields if getattr(args, name, None) is not None}
+    try:
+        return config_cls(**values)
+    except ValidationError as error:
+        raise SystemExit(f"invalid {config_cls.__name__}:\n{error}")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from specd.procs import announce_ready
+    from specd.worker_service import serve_worker
+
+    config_cls = {"oracle": OracleConfig, "draft": DraftConfig}[args.role]
+    config = config_from_args(config_cls, args)
+    asyncio.run(serve_worker(config, on_ready=lambda host: announce_ready(args.role, host.address)))
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as error:
+            print(f"{args.address}: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+    serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+    print(f"{args.address}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}")
+    return 0 if serving else 1
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--depth", type=int, default=None, help="fixed speculation depth k (default: adaptive)")
+    parser.add_argument("--raw", action="store_true", help="send the prompt as plain text, no chat template")
+    parser.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
+    parser.add_argument("--address", default=None, help="a running coordinator (host:port)")
+    parser.add_argument("--oracle-model", default=None, help="local mode: the oracle's model source")
+    parser.add_argument("--draft-model", default=None, help="local mode: the draft's model source")
+    parser.add_argument("--draft-layers", type=int, default=None, help="local mode: keep the draft's first N layers")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from specd.client_local import run_local_generation
+
+    return asyncio.run(run_local_generation(args))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    args.prompt = DEMO_PROMPT
+    args.json = False
+    return cmd_generate(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="specd", description="Distributed lossless speculative decoding.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run a worker")
+    roles = serve.add_subparsers(dest="role", required=True)
+    for role, config_cls in (("oracle", OracleConfig), ("draft", DraftConfig)):
+        sub = roles.add_parser(role, help=f"run a{'n' if role == 'oracle' else ''} {role} worker")
+        add_config_arguments(sub, config_cls)
+        sub.set_defaults(func=cmd_serve)
+
+    generate = commands.add_parser("generate", help="complete a prompt")
+    generate.add_argument("prompt")
+    add_generation_arguments(generate)
+    generate.set_defaults(func=cmd_generate)
+
+    demo = commands.add_parser("demo", help="run the default pair on one prompt and show speculation stats")
+    add_generation_arguments(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    health = commands.add_parser("health", help="check a server's grpc.health.v1 status")
+    health.add_argument("address")
+    health.add_argument("--service", default="")
+    health.add_argument("--timeout", type=float, default=5.0)
+    health.set_defaults(func=cmd_health)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,12 +1,24 @@
 """Depth policies: how many tokens (k) the draft proposes in the next round.
 
-A policy is anything with `choose_k()` and `observe(round)`; the session loop calls both
-and never branches on which policy it has. "Fixed k" is just another implementation.
+A policy is anything with `choose_k()` and `observe(round)`; the session loop calls both and
+never branches on which policy it has. "Fixed k" is just another implementation.
+
+`GoodputDepth` (the default) picks the k that maximises expected committed tokens per second:
+
+    E(k)    = 1 + sum_{i=1..k} prod_{j=1..i} a_j        (a_j: acceptance at draft position j)
+    cost(k) = k * t_draft + t_verify(k) + rtt_oracle + [k > 0] * rtt_draft
+    k*      = argmax_{k in 0..k_max} E(k) / cost(k)
+
+k = 0 is the oracle decoding alone (no draft call at all). Acceptance per position, the draft's
+per-token time, the verify time as a function of k and both round trips are exponential moving
+averages of what rounds measured. While k = 0 is chosen, acceptance is not observed, so every
+`probe_every` rounds the policy probes with a small k to notice a draft that became useful.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
 
 from coordinator.stats import RoundObservation
 
@@ -22,6 +34,10 @@ class DepthPolicy(Protocol):
         """Learn from a finished round."""
         ...
 
+    def snapshot(self) -> dict[str, Any]:
+        """Learned state, to carry from session to session of the same pair."""
+        ...
+
 
 class FixedDepth:
     def __init__(self, k: int):
@@ -35,3 +51,182 @@ class FixedDepth:
 
     def observe(self, round: RoundObservation) -> None:
         pass
+
+    def snapshot(self) -> dict[str, Any]:
+        return {}
+
+
+class HeuristicDepth:
+    """+2 after a round where every draft token was accepted, -1 otherwise (HF transformers' rule)."""
+
+    def __init__(self, k_max: int = 8, start: int = 4, k_min: int = 1):
+        self.k_max, self.k_min = k_max, k_min
+        self.k = max(k_min, min(start, k_max))
+        self.name = "heuristic"
+
+    def choose_k(self) -> int:
+        return self.k
+
+    def observe(self, round: RoundObservation) -> None:
+        if round.k == 0:
+            return
+        step = 2 if round.accepted == round.k else -1
+        self.k = max(self.k_min, min(self.k_max, self.k + step))
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"k": self.k}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if "k" in state:
+            self.k = max(self.k_min, min(self.k_max, int(state["k"])))
+
+
+@dataclass
+class GoodputState:
+    """Moving averages the goodput policy learns; plain data so it can cross process boundaries."""
+
+    acceptance: list[float]  # a_1..a_kmax
+    draft_token_seconds: float | None = None
+    verify_seconds_by_k: dict[int, float] = field(default_factory=dict)
+    rtt_oracle_seconds: float = 0.0
+    rtt_draft_seconds: float = 0.0
+    rounds: int = 0
+
+
+def expected_tokens(acceptance: list[float], k: int) -> float:
+    """E(k) = 1 + sum_{i<=k} prod_{j<=i} a_j: tokens committed by a round of depth k."""
+    total, survive = 1.0, 1.0
+    for a in acceptance[:k]:
+        survive *= a
+        total += survive
+    return total
+
+
+class GoodputDepth:
+    def __init__(
+        self,
+        k_max: int = 8,
+        *,
+        smoothing: float = 0.3,
+        prior_acceptance: float = 0.6,
+        probe_every: int = 16,
+        probe_k: int = 2,
+    ):
+        if k_max < 1:
+            raise ValueError("k_max must be >= 1")
+        self.k_max = k_max
+        self.smoothing = smoothing
+        self.probe_every = probe_every
+        self.probe_k = min(probe_k, k_max)
+        self.state = GoodputState(acceptance=[prior_acceptance] * k_max)
+        self.name = "goodput"
+        self._rounds_since_draft = 0
+
+    # -- learning -------------------------------------------------------------------------
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
+
+    def observe(self, round: RoundObservation) -> None:
+        s = self.state
+        s.rounds += 1
+        s.verify_seconds_by_k[round.k] = self._ema(s.verify_seconds_by_k.get(round.k), round.verify_seconds)
+        s.rtt_oracle_seconds = self._ema(s.rtt_oracle_seconds if s.rounds > 1 else None, round.oracle_network_seconds)
+        if round.k == 0:
+            self._rounds_since_draft += 1
+            return
+        self._rounds_since_draft = 0
+        s.rtt_draft_seconds = self._ema(s.rtt_draft_seconds or None, round.draft_network_seconds)
+        s.draft_token_seconds = self._ema(s.draft_token_seconds, round.draft_seconds / round.k)
+        # Position i was tested only if positions 1..i-1 were accepted.
+        for i in range(min(round.accepted + 1, round.k)):
+            accepted = 1.0 if i < round.accepted else 0.0
+            s.acceptance[i] = self._ema(s.acceptance[i], accepted)
+
+    # -- the model of a round's cost ----------------------------------------------------------
+    def verify_seconds(self, k: int) -> float:
+        """t_verify(k): measured where seen, else a least-squares line through what was seen."""
+        seen = self.state.verify_seconds_by_k
+        if k in seen:
+            return seen[k]
+        if not seen:
+            return 1.0
+        if len(seen) == 1:
+            (k0, t0), = seen.items()
+            return t0 * (1 + 0.05 * (k - k0))  # assume mild growth until a second k is seen
+        ks, ts = list(seen), list(seen.values())
+        mean_k, mean_t = sum(ks) / len(ks), sum(ts) / len(ts)
+        var = sum((x - mean_k) ** 2 for x in ks)
+        slope = sum((x - mean_k) * (t - mean_t) for x, t in zip(ks, ts)) / var if var else 0.0
+        return max(1e-6, mean_t + max(slope, 0.0) * (k - mean_k))
+
+    def round_seconds(self, k: int) -> float:
+        s = self.state
+        cost = self.verify_seconds(k) + s.rtt_oracle_seconds
+        if k > 0:
+            draft = s.draft_token_seconds if s.draft_token_seconds is not None else 0.1 * self.verify_seconds(0)
+            cost += k * draft + s.rtt_draft_seconds
+        return cost
+
+    def goodput(self, k: int) -> float:
+        """Expected committed tokens per second for depth k."""
+        return expected_tokens(self.state.acceptance, k) / self.round_seconds(k)
+
+    def best_k(self) -> int:
+        scores = [self.goodput(k) for k in range(self.k_max + 1)]
+        return max(range(self.k_max + 1), key=lambda k: (scores[k], -k))
+
+    def choose_k(self) -> int:
+        k = self.best_k()
+        if k == 0 and self._rounds_since_draft >= self.probe_every:
+            return self.probe_k
+        return k
+
+    # -- carrying state between sessions ------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        return asdict(self.state)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        acceptance = list(state.get("acceptance", self.state.acceptance))[: self.k_max]
+        acceptance += [acceptance[-1] if acceptance else 0.5] * (self.k_max - len(acceptance))
+        self.state = GoodputState(
+            acceptance=acceptance,
+            draft_token_seconds=state.get("draft_token_seconds"),
+            verify_seconds_by_k={int(k): float(v) for k, v in state.get("verify_seconds_by_k", {}).items()},
+            rtt_oracle_seconds=float(state.get("rtt_oracle_seconds", 0.0)),
+            rtt_draft_seconds=float(state.get("rtt_draft_seconds", 0.0)),
+            rounds=int(state.get("rounds", 0)),
+        )
+
+
+POLICY_NAMES = ("goodput", "heuristic", "fixed:K")
+
+
+def make_policy(spec: str, k_max: int, state: dict[str, Any] | None = None) -> DepthPolicy:
+    """Build a policy from its spec: 'goodput', 'heuristic' or 'fixed:K'."""
+    spec = spec.strip().lower()
+    policy: Any
+    if spec.startswith("fixed:"):
+        try:
+            k = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"bad depth policy {spec!r}: fixed needs an integer, e.g. fixed:4") from None
+        if not 0 <= k <= k_max:
+            raise ValueError(f"fixed depth {k} is outside 0..{k_max}")
+        return FixedDepth(k)
+    if spec == "heuristic":
+        policy = HeuristicDepth(k_max=k_max)
+    elif spec == "goodput":
+        policy = GoodputDepth(k_max=k_max)
+    else:
+        raise ValueError(f"unknown depth policy {spec!r}; use one of {', '.join(POLICY_NAMES)}")
+    if state:
+        policy.restore(state)
+    return policy
+
+
+def speedup_bound(alpha: float, cost_ratio: float, k: int) -> float:
+    """S(k) = E(k) / (k c + 1) for a constant acceptance alpha (used in docs and tests)."""
+    return expected_tokens([alpha] * k, k) / (k * cost_ratio + 1)
+

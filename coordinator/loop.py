@@ -144,13 +144,13 @@ class SpeculativeSession:
         committed = draft_tokens[: verdict.accepted] + [verdict.next_token]
         self._committed_length += len(committed)
         self._draft_pending.extend(committed)
-        network = max(0.0, draft_wall - draft_compute) + max(0.0, verdict.wall_seconds - verdict.compute_seconds)
         return committed, RoundObservation(
             k=k,
             accepted=verdict.accepted,
             draft_seconds=draft_compute,
             verify_seconds=verdict.compute_seconds,
-            network_seconds=network,
+            draft_network_seconds=max(0.0, draft_wall - draft_compute),
+            oracle_network_seconds=max(0.0, verdict.wall_seconds - verdict.compute_seconds),
         )
 
     def _apply_limits(self, tokens: list[int]) -> list[int]:

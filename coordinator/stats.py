@@ -21,7 +21,12 @@ class RoundObservation:
     accepted: int
     draft_seconds: float  # the draft's compute for the whole block (0 when k == 0)
     verify_seconds: float  # the oracle's compute for k+1 positions
-    network_seconds: float  # wall time of both RPCs minus the workers' compute
+    draft_network_seconds: float = 0.0  # the Propose RPC's wall time minus the draft's compute
+    oracle_network_seconds: float = 0.0  # the Verify RPC's wall time minus the oracle's compute
+
+    @property
+    def network_seconds(self) -> float:
+        return self.draft_network_seconds + self.oracle_network_seconds
 
 
 @dataclass

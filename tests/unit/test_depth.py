@@ -1,0 +1,138 @@
+"""Depth policies on synthetic acceptance and costs."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.depth import FixedDepth, GoodputDepth, HeuristicDepth, expected_tokens, make_policy, speedup_bound
+from coordinator.stats import RoundObservation
+
+VERIFY_BASE, VERIFY_SLOPE = 0.050, 0.004  # seconds: t_verify(k) = base + slope * k
+
+
+def policy_with(acceptance, draft_token_seconds, rtt_oracle=0.0, rtt_draft=0.0, k_max=8) -> GoodputDepth:
+    policy = GoodputDepth(k_max=k_max)
+    policy.state.acceptance = list(acceptance)
+    policy.state.draft_token_seconds = draft_token_seconds
+    policy.state.verify_seconds_by_k = {k: VERIFY_BASE + VERIFY_SLOPE * k for k in range(k_max + 1)}
+    policy.state.rtt_oracle_seconds = rtt_oracle
+    policy.state.rtt_draft_seconds = rtt_draft
+    return policy
+
+
+def brute_force_k(acceptance, t_draft, rtt_oracle, rtt_draft, k_max) -> int:
+    def rate(k):
+        e, survive = 1.0, 1.0
+        for a in acceptance[:k]:
+            survive *= a
+            e += survive
+        cost = k * t_draft + VERIFY_BASE + VERIFY_SLOPE * k + rtt_oracle + (rtt_draft if k else 0.0)
+        return e / cost
+
+    return max(range(k_max + 1), key=rate)
+
+
+def test_expected_tokens_matches_the_closed_form():
+    alpha = 0.8
+    for k in range(6):
+        closed = (1 - alpha ** (k + 1)) / (1 - alpha)
+        assert expected_tokens([alpha] * k, k) == pytest.approx(closed)
+    assert speedup_bound(0.8, 0.05, 8) == pytest.approx(3.0, abs=0.15)
+
+
+@pytest.mark.parametrize(
+    "acceptance, t_draft, rtt_oracle, rtt_draft",
+    [
+        ([0.9] * 8, 0.003, 0.0, 0.0),
+        ([0.95, 0.9, 0.8, 0.6, 0.4, 0.3, 0.2, 0.1], 0.005, 0.0, 0.001),
+        ([0.7] * 8, 0.010, 0.020, 0.002),
+        ([0.99, 0.2, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9], 0.002, 0.0, 0.0),
+        ([0.5] * 8, 0.020, 0.0, 0.0),
+    ],
+)
+def test_goodput_picks_the_k_that_maximises_the_formula(acceptance, t_draft, rtt_oracle, rtt_draft):
+    policy = policy_with(acceptance, t_draft, rtt_oracle, rtt_draft)
+    assert policy.choose_k() == brute_force_k(acceptance, t_draft, rtt_oracle, rtt_draft, 8)
+
+
+def test_goodput_picks_zero_when_acceptance_is_below_the_cost_ratio():
+    cost_ratio = 0.3  # draft token time / oracle step time
+    policy = policy_with([0.2] * 8, cost_ratio * VERIFY_BASE)
+    assert policy.choose_k() == 0
+
+
+def test_goodput_picks_zero_when_the_draft_round_trip_is_huge():
+    policy = policy_with([0.8] * 8, 0.003, rtt_draft=1.0)
+    assert policy.choose_k() == 0
+
+
+def test_goodput_raises_k_as_the_oracle_round_trip_grows():
+    chosen = [policy_with([0.8] * 16, 0.004, rtt_oracle=rtt, k_max=16).choose_k() for rtt in (0.0, 0.01, 0.05, 0.2, 1.0)]
+    assert chosen == sorted(chosen)
+    assert chosen[-1] > chosen[0]
+
+
+def rounds_of(policy, accept_fraction: float, n: int, t_draft=0.004) -> None:
+    for _ in range(n):
+        k = policy.choose_k()
+        accepted = round(k * accept_fraction)
+        policy.observe(
+            RoundObservation(k=k, accepted=accepted, draft_seconds=k * t_draft, verify_seconds=VERIFY_BASE + VERIFY_SLOPE * k)
+        )
+
+
+def test_goodput_adapts_within_bounded_rounds_when_acceptance_changes():
+    policy = GoodputDepth(k_max=8)
+    rounds_of(policy, 1.0, 30)
+    assert policy.choose_k() >= 6  # a draft that is always right earns a long block
+    for n in range(1, 11):  # the draft turns useless: k must fall to 0 within 10 rounds
+        rounds_of(policy, 0.0, 1)
+        if policy.best_k() == 0:
+            break
+    assert policy.best_k() == 0, f"still k={policy.best_k()} after {n} bad rounds"
+    # While at k = 0 the policy keeps probing; once the draft is good again it climbs back.
+    for n in range(1, 61):
+        rounds_of(policy, 1.0, 1)
+        if policy.best_k() >= 4:
+            break
+    assert policy.best_k() >= 4, "did not recover after the draft became good again"
+    assert n <= 60
+
+
+def test_goodput_learns_verify_cost_growth():
+    policy = GoodputDepth(k_max=8)
+    for k, t in ((1, 0.05), (4, 0.08)):
+        policy.observe(RoundObservation(k=k, accepted=0, draft_seconds=0.0, verify_seconds=t))
+    assert policy.verify_seconds(8) == pytest.approx(0.12, rel=0.05)
+    assert policy.verify_seconds(4) == pytest.approx(0.08)
+
+
+def test_goodput_state_round_trips_through_a_snapshot():
+    policy = policy_with([0.9, 0.8] + [0.5] * 6, 0.004, rtt_oracle=0.01)
+    clone = make_policy("goodput", 8, policy.snapshot())
+    assert clone.choose_k() == policy.choose_k()
+    assert clone.state == policy.state
+
+
+def test_heuristic_adds_two_on_full_acceptance_and_drops_one_otherwise():
+    policy = HeuristicDepth(k_max=8, start=4)
+    policy.observe(RoundObservation(k=4, accepted=4, draft_seconds=0, verify_seconds=0))
+    assert policy.choose_k() == 6
+    policy.observe(RoundObservation(k=6, accepted=2, draft_seconds=0, verify_seconds=0))
+    assert policy.choose_k() == 5
+    for _ in range(10):
+        policy.observe(RoundObservation(k=5, accepted=5, draft_seconds=0, verify_seconds=0))
+    assert policy.choose_k() == 8
+    for _ in range(20):
+        policy.observe(RoundObservation(k=1, accepted=0, draft_seconds=0, verify_seconds=0))
+    assert policy.choose_k() == 1
+
+
+def test_policy_specs():
+    assert isinstance(make_policy("fixed:3", 8), FixedDepth) and make_policy("fixed:3", 8).choose_k() == 3
+    assert make_policy("fixed:0", 8).choose_k() == 0
+    assert make_policy("HEURISTIC", 8).name == "heuristic"
+    assert make_policy("goodput", 8).name == "goodput"
+    for bad in ("fixed:x", "fixed:99", "random", ""):
+        with pytest.raises(ValueError):
+            make_policy(bad, 8)

@@ -86,8 +86,10 @@ class GoodputState:
     """Moving averages the goodput policy learns; plain data so it can cross process boundaries."""
 
     acceptance: list[float]  # a_1..a_kmax
+    observed: list[int] = field(default_factory=list)  # rounds that tested each position
     draft_token_seconds: float | None = None
     verify_seconds_by_k: dict[int, float] = field(default_factory=dict)
+    verify_rounds_by_k: dict[int, int] = field(default_factory=dict)
     rtt_oracle_seconds: float = 0.0
     rtt_draft_seconds: float = 0.0
     rounds: int = 0
@@ -100,6 +102,11 @@ def expected_tokens(acceptance: list[float], k: int) -> float:
         survive *= a
         total += survive
     return total
+
+
+VERIFY_WEIGHT_CAP = 20
+# Until two depths have been timed, assume each extra verified token costs this share of a step.
+ASSUMED_VERIFY_GROWTH = 0.05
 
 
 class GoodputDepth:
@@ -118,7 +125,7 @@ class GoodputDepth:
         self.smoothing = smoothing
         self.probe_every = probe_every
         self.probe_k = min(probe_k, k_max)
-        self.state = GoodputState(acceptance=[prior_acceptance] * k_max)
+        self.state = GoodputState(acceptance=[prior_acceptance] * k_max, observed=[0] * k_max)
         self.name = "goodput"
         self._rounds_since_draft = 0
 
@@ -130,6 +137,7 @@ class GoodputDepth:
         s = self.state
         s.rounds += 1
         s.verify_seconds_by_k[round.k] = self._ema(s.verify_seconds_by_k.get(round.k), round.verify_seconds)
+        s.verify_rounds_by_k[round.k] = s.verify_rounds_by_k.get(round.k, 0) + 1
         s.rtt_oracle_seconds = self._ema(s.rtt_oracle_seconds if s.rounds > 1 else None, round.oracle_network_seconds)
         if round.k == 0:
             self._rounds_since_draft += 1
@@ -141,22 +149,34 @@ class GoodputDepth:
         for i in range(min(round.accepted + 1, round.k)):
             accepted = 1.0 if i < round.accepted else 0.0
             s.acceptance[i] = self._ema(s.acceptance[i], accepted)
+            s.observed[i] += 1
+
+    def estimated_acceptance(self) -> list[float]:
+        """a_1..a_kmax; positions never tested inherit the deepest tested position's estimate,
+        so a draft that keeps being right is offered longer blocks."""
+        s = self.state
+        tested = [i for i, n in enumerate(s.observed) if n]
+        if not tested:
+            return list(s.acceptance)
+        deepest = tested[-1]
+        return [a if i <= deepest else s.acceptance[deepest] for i, a in enumerate(s.acceptance)]
 
     # -- the model of a round's cost ----------------------------------------------------------
     def verify_seconds(self, k: int) -> float:
-        """t_verify(k): measured where seen, else a least-squares line through what was seen."""
+        """t_verify(k) = a + b k (b >= 0): a least-squares line through the per-k averages, each
+        weighted by how often that k ran (capped, so a stale or cold-start point cannot dominate)."""
         seen = self.state.verify_seconds_by_k
-        if k in seen:
-            return seen[k]
         if not seen:
             return 1.0
-        if len(seen) == 1:
-            (k0, t0), = seen.items()
-            return t0 * (1 + 0.05 * (k - k0))  # assume mild growth until a second k is seen
-        ks, ts = list(seen), list(seen.values())
-        mean_k, mean_t = sum(ks) / len(ks), sum(ts) / len(ts)
-        var = sum((x - mean_k) ** 2 for x in ks)
-        slope = sum((x - mean_k) * (t - mean_t) for x, t in zip(ks, ts)) / var if var else 0.0
+        counts = self.state.verify_rounds_by_k
+        weights = {x: min(counts.get(x, 1), VERIFY_WEIGHT_CAP) for x in seen}
+        total = sum(weights.values())
+        mean_k = sum(w * x for x, w in weights.items()) / total
+        mean_t = sum(w * seen[x] for x, w in weights.items()) / total
+        var = sum(w * (x - mean_k) ** 2 for x, w in weights.items())
+        if var == 0:
+            return mean_t * (1 + ASSUMED_VERIFY_GROWTH * (k - mean_k))  # one k seen so far
+        slope = sum(w * (x - mean_k) * (seen[x] - mean_t) for x, w in weights.items()) / var
         return max(1e-6, mean_t + max(slope, 0.0) * (k - mean_k))
 
     def round_seconds(self, k: int) -> float:
@@ -169,7 +189,7 @@ class GoodputDepth:
 
     def goodput(self, k: int) -> float:
         """Expected committed tokens per second for depth k."""
-        return expected_tokens(self.state.acceptance, k) / self.round_seconds(k)
+        return expected_tokens(self.estimated_acceptance(), k) / self.round_seconds(k)
 
     def best_k(self) -> int:
         scores = [self.goodput(k) for k in range(self.k_max + 1)]
@@ -190,10 +210,14 @@ class GoodputDepth:
             return
         acceptance = list(state.get("acceptance", self.state.acceptance))[: self.k_max]
         acceptance += [acceptance[-1] if acceptance else 0.5] * (self.k_max - len(acceptance))
+        observed = [int(n) for n in state.get("observed", [])][: self.k_max]
+        observed += [0] * (self.k_max - len(observed))
         self.state = GoodputState(
             acceptance=acceptance,
+            observed=observed,
             draft_token_seconds=state.get("draft_token_seconds"),
             verify_seconds_by_k={int(k): float(v) for k, v in state.get("verify_seconds_by_k", {}).items()},
+            verify_rounds_by_k={int(k): int(v) for k, v in state.get("verify_rounds_by_k", {}).items()},
             rtt_oracle_seconds=float(state.get("rtt_oracle_seconds", 0.0)),
             rtt_draft_seconds=float(state.get("rtt_draft_seconds", 0.0)),
             rounds=int(state.get("rounds", 0)),

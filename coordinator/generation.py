@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from coordinator.depth import DepthPolicy
-from coordinator.loop import Finish, SessionRequest, SpeculativeSession
+from coordinator.loop import Finish, RoundHook, SessionRequest, SpeculativeSession
 from coordinator.stats import SpeculationStats
 from coordinator.workers import DraftClient, OracleClient
 from specd import validation
@@ -166,7 +166,11 @@ class _TextTracker:
 
 
 async def stream_generation(
-    request: GenerationRequest, pair: Pair, policy: DepthPolicy, session_id: str | None = None
+    request: GenerationRequest,
+    pair: Pair,
+    policy: DepthPolicy,
+    session_id: str | None = None,
+    on_round: RoundHook | None = None,
 ) -> AsyncIterator[Delta]:
     """Run one request on a pair; yields deltas as rounds complete. Sessions are always closed."""
     prompt = prompt_ids(request, pair)
@@ -181,7 +185,7 @@ async def stream_generation(
     )
     if session_id:
         session_request.session_id = session_id
-    session = SpeculativeSession(session_request, pair.draft, pair.oracle, policy)
+    session = SpeculativeSession(session_request, pair.draft, pair.oracle, policy, on_round)
     tracker = _TextTracker(pair.codec, request.stop)
     started = time.perf_counter()
     try:

@@ -18,7 +18,9 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
+
+import grpc
 
 from coordinator.depth import DepthPolicy
 from coordinator.stats import RoundObservation, SpeculationStats
@@ -26,6 +28,12 @@ from coordinator.workers import DraftClient, OracleClient
 from specd.v1 import common_pb2
 
 log = logging.getLogger(__name__)
+# Statuses that mean the caller itself is wrong or out of time: never hidden by a fallback.
+_CALLER_ERRORS = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+)
 
 
 class Finish(enum.Enum):
@@ -46,9 +54,20 @@ class SessionRequest:
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
+RoundHook = Callable[["SpeculativeSession", RoundObservation, int], None]
+
+
 class SpeculativeSession:
-    def __init__(self, request: SessionRequest, draft: DraftClient | None, oracle: OracleClient, policy: DepthPolicy):
+    def __init__(
+        self,
+        request: SessionRequest,
+        draft: DraftClient | None,
+        oracle: OracleClient,
+        policy: DepthPolicy,
+        on_round: RoundHook | None = None,
+    ):
         self.request = request
+        self.on_round = on_round
         self.draft = draft
         self.oracle = oracle
         self.policy = policy
@@ -62,6 +81,7 @@ class SpeculativeSession:
         self._draft_pending: list[int] = []  # committed tokens the draft has not been told about
         self._draft_open = False
         self._oracle_open = False
+        self.draft_error = ""
 
     @property
     def session_id(self) -> str:
@@ -83,9 +103,18 @@ class SpeculativeSession:
         results = await asyncio.gather(*opens, return_exceptions=True)
         self._oracle_open = not isinstance(results[0], BaseException)
         self._draft_open = self.draft is not None and not isinstance(results[-1], BaseException)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        if not self._oracle_open:
+            raise results[0]
+        if self.draft is not None and not self._draft_open:
+            self._draft_lost(results[-1])
+
+    def _draft_lost(self, error: BaseException) -> None:
+        """A draft failure never fails the request: the session goes on with the oracle alone."""
+        if not isinstance(error, grpc.aio.AioRpcError) or error.code() in _CALLER_ERRORS:
+            raise error
+        log.warning("session %s continues without its draft: %s %s", self.session_id, error.code().name, error.details())
+        self._draft_open = False
+        self.draft_error = f"{error.code().name}: {error.details()}"
 
     async def close(self) -> None:
         """Free the session on both workers; safe to call more than once, never raises."""
@@ -123,6 +152,8 @@ class SpeculativeSession:
                 self.stats.time_to_first_token_seconds = time.perf_counter() - started
             self.generated.extend(tokens)
             self.stats.total_seconds = time.perf_counter() - started
+            if self.on_round is not None:
+                self.on_round(self, obs, len(tokens))
             if tokens:
                 yield tokens
 
@@ -132,12 +163,17 @@ class SpeculativeSession:
         draft_compute = draft_wall = 0.0
         if k > 0:
             assert self.draft is not None
-            proposal = await self.draft.propose(
-                self.session_id, self._draft_pending, self._committed_length, k, self._timeout()
-            )
-            self._draft_pending = []
-            draft_tokens, distributions = proposal.tokens, proposal.distributions
-            draft_compute, draft_wall = proposal.compute_seconds, proposal.wall_seconds
+            try:
+                proposal = await self.draft.propose(
+                    self.session_id, self._draft_pending, self._committed_length, k, self._timeout()
+                )
+            except grpc.aio.AioRpcError as error:
+                self._draft_lost(error)
+                k = 0
+            else:
+                self._draft_pending = []
+                draft_tokens, distributions = proposal.tokens, proposal.distributions
+                draft_compute, draft_wall = proposal.compute_seconds, proposal.wall_seconds
         verdict = await self.oracle.verify(
             self.session_id, draft_tokens, distributions, self._committed_length, self._timeout()
         )

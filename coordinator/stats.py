@@ -95,6 +95,7 @@ class SpeculationStats:
     def summary(self) -> dict:
         return {
             "rounds": self.rounds,
+            "rounds_with_draft": self.rounds_with_draft,
             "drafted": self.drafted,
             "accepted": self.accepted,
             "acceptance_rate": round(self.acceptance_rate, 4),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -29,9 +30,15 @@ class TimedVerdict:
 
 
 class WorkerClient:
-    def __init__(self, address: str, max_message_bytes: int = 16 << 20):
+    def __init__(self, address: str, max_message_bytes: int = 16 << 20, delay_seconds: float = 0.0):
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes))
+        # An added round trip per session call, to rehearse a distant worker (benchmarks, tests).
+        self.delay_seconds = delay_seconds
+
+    async def _delay(self) -> None:
+        if self.delay_seconds:
+            await asyncio.sleep(self.delay_seconds)
 
     async def info(self, timeout: float | None = 10.0) -> common_pb2.ModelInfo:
         return await self.stub.GetInfo(common_pb2.GetInfoRequest(), timeout=timeout)
@@ -45,8 +52,8 @@ class WorkerClient:
 
 
 class DraftClient(WorkerClient):
-    def __init__(self, address: str, max_message_bytes: int = 16 << 20):
-        super().__init__(address, max_message_bytes)
+    def __init__(self, address: str, max_message_bytes: int = 16 << 20, delay_seconds: float = 0.0):
+        super().__init__(address, max_message_bytes, delay_seconds)
         self.stub = draft_pb2_grpc.DraftServiceStub(self.channel)
 
     async def open_session(
@@ -61,6 +68,7 @@ class DraftClient(WorkerClient):
         self, session_id: str, append: list[int], committed_length: int, k: int, timeout: float | None
     ) -> TimedProposal:
         started = time.perf_counter()
+        await self._delay()
         reply = await self.stub.Propose(
             draft_pb2.ProposeRequest(
                 session_id=session_id, append_token_ids=append, committed_length=committed_length, depth=k
@@ -76,8 +84,8 @@ class DraftClient(WorkerClient):
 
 
 class OracleClient(WorkerClient):
-    def __init__(self, address: str, max_message_bytes: int = 16 << 20):
-        super().__init__(address, max_message_bytes)
+    def __init__(self, address: str, max_message_bytes: int = 16 << 20, delay_seconds: float = 0.0):
+        super().__init__(address, max_message_bytes, delay_seconds)
         self.stub = oracle_pb2_grpc.OracleServiceStub(self.channel)
 
     async def tokenizer(self, timeout: float | None = 30.0) -> oracle_pb2.TokenizerSpec:
@@ -100,6 +108,7 @@ class OracleClient(WorkerClient):
         timeout: float | None,
     ) -> TimedVerdict:
         started = time.perf_counter()
+        await self._delay()
         reply = await self.stub.Verify(
             oracle_pb2.VerifyRequest(
                 session_id=session_id,

@@ -32,6 +32,7 @@ class DraftServicer(WorkerServicerMixin, draft_pb2_grpc.DraftServiceServicer):
             request.committed_length,
             request.depth,
         )
+        self.metrics.forward.labels("propose").observe(proposal.seconds)
         return draft_pb2.Proposal(
             token_ids=proposal.tokens,
             distributions=[

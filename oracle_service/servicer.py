@@ -47,6 +47,9 @@ class OracleServicer(WorkerServicerMixin, oracle_pb2_grpc.OracleServiceServicer)
             [(list(d.token_ids), list(d.probs)) for d in request.draft_distributions],
             request.committed_length,
         )
+        self.metrics.forward.labels("verify").observe(result.seconds)
+        assert self.metrics.spec is not None
+        self.metrics.spec.record(result.k, result.verdict.accepted)
         return oracle_pb2.Verdict(
             accepted=result.verdict.accepted,
             next_token_id=result.verdict.next_token,

@@ -12,14 +12,15 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from specd.models import EMBEDDED_ORACLE
-
-ORACLE_PORT = 50051
-DRAFT_PORT = 50052
-COORDINATOR_PORT = 50050
-ORACLE_METRICS_PORT = 9401
-DRAFT_METRICS_PORT = 9402
-COORDINATOR_METRICS_PORT = 9400
+from specd.defaults import (  # noqa: F401 - re-exported for deployment checks
+    COORDINATOR_METRICS_PORT,
+    COORDINATOR_PORT,
+    DRAFT_METRICS_PORT,
+    DRAFT_PORT,
+    EMBEDDED_ORACLE,
+    ORACLE_METRICS_PORT,
+    ORACLE_PORT,
+)
 # The default draft until a distilled one ships: the oracle's own first layers with its
 # embedding and output head (an untrained early-exit draft of the same vocabulary).
 DEFAULT_DRAFT_LAYERS = 4

@@ -6,6 +6,7 @@ import asyncio
 from dataclasses import dataclass
 
 from specd.config import DraftConfig, OracleConfig, WorkerConfig
+from specd.metrics import serve_metrics
 from specd.server import ServiceHost, periodic
 from specd.worker_service import SWEEP_SECONDS, WorkerServicerMixin
 
@@ -15,6 +16,7 @@ class LocalWorker:
     host: ServiceHost
     servicer: WorkerServicerMixin
     sweeper: asyncio.Future
+    metrics_port: int = -1
 
     @property
     def address(self) -> str:
@@ -49,4 +51,7 @@ async def start_worker(config: WorkerConfig, sweep_seconds: float = SWEEP_SECOND
         servicer.executor.shutdown()
 
     host.on_stop(stop_sweeper)
-    return LocalWorker(host=host, servicer=servicer, sweeper=sweeper)
+    metrics_port = -1
+    if config.metrics_port >= 0:
+        metrics_port = serve_metrics(servicer.metrics.registry, config.metrics_port, config.host)
+    return LocalWorker(host=host, servicer=servicer, sweeper=sweeper, metrics_port=metrics_port)

@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from specd.defaults import EMBEDDED_ORACLE
 from specd.errors import IncompatiblePair, InvalidArgument
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_ORACLE = "smollm2-135m-instruct"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # A distilled draft stored as a delta on its oracle (see specd.draft_artifact) has this file.
 DRAFT_ARTIFACT_MANIFEST = "specd_draft.json"

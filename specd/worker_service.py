@@ -19,6 +19,7 @@ import torch
 from specd import validation
 from specd.config import WorkerConfig
 from specd.errors import InvalidArgument
+from specd.metrics import WorkerMetrics
 from specd.models import LoadedModel, load_model
 from specd.server import ModelExecutor, ServiceHost, grpc_errors, periodic
 from specd.v1 import common_pb2
@@ -52,6 +53,8 @@ class WorkerServicerMixin:
         self.worker = worker
         self.executor = executor
         self.config = config
+        self.metrics = WorkerMetrics("draft" if self.role == common_pb2.WORKER_ROLE_DRAFT else "oracle")
+        self.metrics.running.set_function(lambda: len(worker.sessions))
 
     async def run_for_session(self, session_id: str, fn: Callable[..., T], *args: Any) -> T:
         """Run model work; if the call is cancelled meanwhile, free the session."""
@@ -94,6 +97,7 @@ class WorkerServicerMixin:
 
     async def evict_idle(self) -> None:
         evicted = await self.executor.run(self.worker.evict_idle)
+        self.metrics.evicted.inc(len(evicted))
         if evicted:
             log.info("evicted %d idle sessions: %s", len(evicted), ", ".join(evicted))
 

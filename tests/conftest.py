@@ -51,3 +51,21 @@ async def unrelated_draft(tiny_dir: Path):
     worker = await start_worker(draft_config(tiny_dir, "unrelated"))
     yield worker
     await worker.stop()
+
+
+_REFERENCE_MODELS: dict[str, object] = {}
+
+
+def greedy_reference(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """The oracle alone: plain transformers greedy `generate`, ignoring EOS."""
+    from specd.models import load_model
+
+    key = str(model_dir)
+    if key not in _REFERENCE_MODELS:
+        _REFERENCE_MODELS[key] = load_model(key)
+    loaded = _REFERENCE_MODELS[key]
+    with torch.inference_mode():
+        out = loaded.model.generate(
+            torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False
+        )
+    return out[0, len(prompt_ids) :].tolist()

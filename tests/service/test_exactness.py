@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from coordinator.depth import FixedDepth
 from coordinator.loop import SessionRequest, SpeculativeSession, run_to_completion
 from coordinator.workers import DraftClient, OracleClient
-from specd.models import load_model
+from specd.tiny import build_tokenizer
 from specd.v1 import common_pb2
+from tests.conftest import greedy_reference
 
 PROMPTS = [
     "The quick brown fox",
@@ -23,15 +23,11 @@ MAX_TOKENS = 24
 @pytest.fixture(scope="module")
 def reference(tiny_dir):
     """The oracle alone, through plain transformers greedy generate."""
-    loaded = load_model(str(tiny_dir / "oracle"))
+    tokenizer = build_tokenizer()
     out = {}
     for prompt in PROMPTS:
-        ids = loaded.tokenizer(prompt)["input_ids"]
-        with torch.inference_mode():
-            gen = loaded.model.generate(
-                torch.tensor([ids]), max_new_tokens=MAX_TOKENS, min_new_tokens=MAX_TOKENS, do_sample=False
-            )
-        out[prompt] = (ids, gen[0, len(ids) :].tolist())
+        ids = tokenizer(prompt)["input_ids"]
+        out[prompt] = (ids, greedy_reference(tiny_dir / "oracle", ids, MAX_TOKENS))
     return out
 
 

@@ -13,8 +13,10 @@ VERIFY_BASE, VERIFY_SLOPE = 0.050, 0.004  # seconds: t_verify(k) = base + slope 
 def policy_with(acceptance, draft_token_seconds, rtt_oracle=0.0, rtt_draft=0.0, k_max=8) -> GoodputDepth:
     policy = GoodputDepth(k_max=k_max)
     policy.state.acceptance = list(acceptance)
+    policy.state.observed = [1] * k_max
     policy.state.draft_token_seconds = draft_token_seconds
     policy.state.verify_seconds_by_k = {k: VERIFY_BASE + VERIFY_SLOPE * k for k in range(k_max + 1)}
+    policy.state.verify_rounds_by_k = {k: 5 for k in range(k_max + 1)}
     policy.state.rtt_oracle_seconds = rtt_oracle
     policy.state.rtt_draft_seconds = rtt_draft
     return policy
@@ -99,12 +101,30 @@ def test_goodput_adapts_within_bounded_rounds_when_acceptance_changes():
     assert n <= 60
 
 
+def test_untested_positions_inherit_the_deepest_tested_estimate():
+    policy = GoodputDepth(k_max=8, prior_acceptance=0.3)
+    for _ in range(10):
+        policy.observe(RoundObservation(k=2, accepted=2, draft_seconds=0.002, verify_seconds=0.05))
+    estimate = policy.estimated_acceptance()
+    assert estimate[1] > 0.95 and estimate[7] == estimate[1]
+    assert policy.choose_k() == 8
+
+
 def test_goodput_learns_verify_cost_growth():
     policy = GoodputDepth(k_max=8)
     for k, t in ((1, 0.05), (4, 0.08)):
         policy.observe(RoundObservation(k=k, accepted=0, draft_seconds=0.0, verify_seconds=t))
     assert policy.verify_seconds(8) == pytest.approx(0.12, rel=0.05)
     assert policy.verify_seconds(4) == pytest.approx(0.08)
+
+
+def test_one_cold_start_outlier_does_not_freeze_the_depth():
+    policy = GoodputDepth(k_max=8)
+    policy.observe(RoundObservation(k=3, accepted=3, draft_seconds=0.006, verify_seconds=0.010))  # cold start
+    for _ in range(20):
+        policy.observe(RoundObservation(k=4, accepted=4, draft_seconds=0.008, verify_seconds=0.0033, oracle_network_seconds=0.01))
+    assert policy.verify_seconds(8) < 0.005
+    assert policy.choose_k() == 8
 
 
 def test_goodput_state_round_trips_through_a_snapshot():

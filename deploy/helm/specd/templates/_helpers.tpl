@@ -53,25 +53,30 @@ helm.sh/chart: {{ include "specd.chart" .root }}
 {{- printf "%s-%s.%s.svc.%s" (include "specd.fullname" .root) .component .root.Release.Namespace .root.Values.clusterDomain -}}
 {{- end -}}
 
+{{/* Who this worker pod is, for specctl (SPECD_ADDRESS is specctl's coordinator). */}}
+{{- define "specd.workerIdentityEnv" -}}
+{{- $w := index .root.Values .role -}}
+- name: POD_NAME
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.name
+- name: POD_IP
+  valueFrom:
+    fieldRef:
+      fieldPath: status.podIP
+- name: WORKER_ROLE
+  value: {{ .role }}
+- name: WORKER_ADDRESS
+  value: "$(POD_IP):{{ $w.port }}"
+- name: SPECD_ADDRESS
+  value: {{ include "specd.coordinatorAddress" .root | quote }}
+{{- end -}}
+
 {{- define "specd.coordinatorAddress" -}}
 {{- printf "%s:%d" (include "specd.serviceHost" (dict "root" . "component" "coordinator")) (int .Values.coordinator.port) -}}
 {{- end -}}
 
-{{- define "specd.draftAddresses" -}}
-{{- if .Values.coordinator.drafts -}}
-{{- join "," .Values.coordinator.drafts -}}
-{{- else -}}
-{{- printf "%s:%d" (include "specd.serviceHost" (dict "root" . "component" "draft")) (int .Values.draft.port) -}}
-{{- end -}}
-{{- end -}}
 
-{{- define "specd.oracleAddresses" -}}
-{{- if .Values.coordinator.oracles -}}
-{{- join "," .Values.coordinator.oracles -}}
-{{- else -}}
-{{- printf "%s:%d" (include "specd.serviceHost" (dict "root" . "component" "oracle")) (int .Values.oracle.port) -}}
-{{- end -}}
-{{- end -}}
 
 {{- define "specd.raySecurityContext" -}}
 allowPrivilegeEscalation: false
@@ -161,10 +166,22 @@ and the coordinator must never ask for a depth the workers refuse.
 {{- fail (printf "coordinator.maxDepth (%d) exceeds %s.maxDepth (%d): the %s would reject those rounds" (int $.Values.coordinator.maxDepth) $role (int $w.maxDepth) $role) -}}
 {{- end -}}
 {{- end -}}
+{{- $c := .Values.coordinator -}}
+{{- if le (int $c.terminationGracePeriodSeconds) (add (int $c.graceSeconds) 5) -}}
+{{- fail (printf "coordinator.terminationGracePeriodSeconds (%d) must exceed graceSeconds + 5 s of endpoint delay (%d)" (int $c.terminationGracePeriodSeconds) (add (int $c.graceSeconds) 5)) -}}
+{{- end -}}
+{{- if and (not .Values.registration.enabled) (or (empty $c.drafts) (empty $c.oracles)) -}}
+{{- fail "with registration.enabled=false the coordinator needs coordinator.drafts and coordinator.oracles" -}}
+{{- end -}}
 {{- if hasPrefix "fixed:" .Values.coordinator.depthPolicy -}}
 {{- $k := trimPrefix "fixed:" .Values.coordinator.depthPolicy | int -}}
 {{- if gt $k (int .Values.coordinator.maxDepth) -}}
 {{- fail (printf "coordinator.depthPolicy %s exceeds coordinator.maxDepth (%d)" .Values.coordinator.depthPolicy (int .Values.coordinator.maxDepth)) -}}
 {{- end -}}
 {{- end -}}
+{{- end -}}
+
+{{/* What the coordinator reads at start: a change rolls the head, and only the head. */}}
+{{- define "specd.coordinatorChecksum" -}}
+{{- .Values.coordinator | toJson | sha256sum -}}
 {{- end -}}

@@ -1,8 +1,10 @@
 {{/*
 One gRPC worker (oracle or draft): its Deployment, its headless Service and its
 PodDisruptionBudget. Call with (dict "root" $ "role" "oracle").
-The Service is headless so that every replica has its own address: a session's KV cache
-lives in one worker, so the coordinator must keep talking to that same replica.
+A session's KV cache lives in one replica, so the coordinator must know every replica by
+its own address: the "register" sidecar registers the pod (name and IP) with the
+coordinator, and the preStop hook drains it there. The Service is headless for the same
+reason (per-pod DNS records, metrics scraping), never a load balancer in front of sessions.
 */}}
 {{- define "specd.worker" -}}
 {{- $root := .root -}}
@@ -38,6 +40,7 @@ spec:
       annotations:
         # Settings are read at start: roll the pods when this role's settings change.
         checksum/config: {{ toJson $w | sha256sum }}
+        checksum/scripts: {{ ($root.Files.Glob "files/*.sh").AsConfig | sha256sum }}
         prometheus.io/scrape: "true"
         prometheus.io/port: {{ $w.metricsPort | quote }}
         {{- with $w.podAnnotations }}
@@ -96,12 +99,11 @@ spec:
           value: {{ $w.metricsPort | quote }}
         - name: HF_HOME
           value: /var/cache/specd/huggingface
-        - name: POD_IP
-          valueFrom:
-            fieldRef:
-              fieldPath: status.podIP
-        - name: SPECD_COORDINATOR_ADDRESS
-          value: {{ include "specd.coordinatorAddress" $root | quote }}
+        {{- include "specd.workerIdentityEnv" (dict "root" $root "role" $role) | nindent 8 }}
+        - name: DRAIN_TIMEOUT_SECONDS
+          value: {{ $w.drain.timeoutSeconds | quote }}
+        - name: ENDPOINT_DELAY_SECONDS
+          value: {{ $w.drain.endpointDelaySeconds | quote }}
         {{- with include "specd.secretEnv" $root | trim }}
         {{- . | nindent 8 }}
         {{- end }}
@@ -132,18 +134,10 @@ spec:
         lifecycle:
           preStop:
             exec:
-              command:
-              - /bin/sh
-              - -c
               {{- if $w.drain.enabled }}
-              - >-
-                specctl drain "$POD_IP:{{ $w.port }}"
-                --coordinator "$SPECD_COORDINATOR_ADDRESS"
-                --timeout {{ $w.drain.timeoutSeconds }}
-                || echo "specd: drain failed, in-flight sessions get only the grace period" >&2;
-                sleep {{ $w.drain.endpointDelaySeconds }}
+              command: ["/bin/sh", "/etc/specd/scripts/drain.sh"]
               {{- else }}
-              - sleep {{ $w.drain.endpointDelaySeconds }}
+              command: ["sleep", {{ $w.drain.endpointDelaySeconds | quote }}]
               {{- end }}
         resources:
           {{- toYaml $w.resources | nindent 10 }}
@@ -154,9 +148,32 @@ spec:
           mountPath: /var/cache/specd
         - name: tmp
           mountPath: /tmp
+        - name: scripts
+          mountPath: /etc/specd/scripts
+          readOnly: true
         {{- with include "specd.secretVolumeMounts" $root | trim }}
         {{- . | nindent 8 }}
         {{- end }}
+      {{- if $root.Values.registration.enabled }}
+      - name: register
+        image: "{{ $root.Values.image.worker.repository }}:{{ $root.Values.image.worker.tag }}"
+        imagePullPolicy: {{ $root.Values.image.worker.pullPolicy }}
+        command: ["/bin/sh", "/etc/specd/scripts/register.sh"]
+        env:
+        {{- include "specd.workerIdentityEnv" (dict "root" $root "role" $role) | nindent 8 }}
+        - name: REGISTER_INTERVAL_SECONDS
+          value: {{ $root.Values.registration.intervalSeconds | quote }}
+        resources:
+          {{- toYaml $root.Values.registration.resources | nindent 10 }}
+        securityContext:
+          {{- include "specd.containerSecurityContext" $root | nindent 10 }}
+        volumeMounts:
+        - name: scripts
+          mountPath: /etc/specd/scripts
+          readOnly: true
+        - name: tmp
+          mountPath: /tmp
+      {{- end }}
       volumes:
       - name: cache
         {{- if $w.cache.existingClaim }}
@@ -169,6 +186,10 @@ spec:
       - name: tmp
         emptyDir:
           sizeLimit: 1Gi
+      - name: scripts
+        configMap:
+          name: {{ include "specd.fullname" $root }}-scripts
+          defaultMode: 0555
       {{- with include "specd.secretVolumes" $root | trim }}
       {{- . | nindent 6 }}
       {{- end }}

@@ -1,0 +1,143 @@
+"""The coordinator's request path: get an assignment from the control plane, run the session
+loop against the assigned workers, record metrics, report back.
+
+Ray is touched once at the start of a session (acquire), every `report_interval_seconds` at
+most while it runs (fire-and-forget progress) and once at the end (release).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import AsyncIterator
+
+from coordinator.config import CoordinatorConfig
+from coordinator.control_plane import Assignment
+from coordinator.depth import DepthPolicy, FixedDepth, make_policy
+from coordinator.generation import Delta, GenerationRequest, Pair, TextCodec, stream_generation, validate_request
+from coordinator.loop import SpeculativeSession
+from coordinator.pairing import check_infos
+from coordinator.plane import PlaneClient
+from coordinator.stats import RoundObservation
+from coordinator.workers import DraftClient, OracleClient
+from specd.errors import OutOfRange, Unavailable
+from specd.metrics import CoordinatorMetrics
+
+log = logging.getLogger(__name__)
+
+
+class Coordinator:
+    def __init__(self, plane: PlaneClient, config: CoordinatorConfig, metrics: CoordinatorMetrics | None = None):
+        self.plane = plane
+        self.config = config
+        self.metrics = metrics or CoordinatorMetrics()
+        self._oracles: dict[str, OracleClient] = {}
+        self._drafts: dict[str, DraftClient] = {}
+        self._codecs: dict[str, TextCodec] = {}
+        self._checked_pairs: set[tuple[str, str]] = set()
+        self._slots = asyncio.Semaphore(config.max_concurrent_sessions)
+
+    async def close(self) -> None:
+        for client in [*self._oracles.values(), *self._drafts.values()]:
+            await client.close()
+
+    async def _pair(self, a: Assignment) -> Pair:
+        oracle = self._oracles.get(a.oracle_address)
+        if oracle is None:
+            oracle = self._oracles[a.oracle_address] = OracleClient(
+                a.oracle_address, self.config.max_message_bytes, self.config.oracle_delay_ms / 1000
+            )
+        draft = None
+        if a.draft_address:
+            draft = self._drafts.get(a.draft_address)
+            if draft is None:
+                draft = self._drafts[a.draft_address] = DraftClient(
+                    a.draft_address, self.config.max_message_bytes, self.config.draft_delay_ms / 1000
+                )
+        oracle_info = await oracle.info()
+        if draft is not None and (a.draft_address, a.oracle_address) not in self._checked_pairs:
+            check_infos(await draft.info(), oracle_info)  # never run a pair that would be lossy
+            self._checked_pairs.add((a.draft_address, a.oracle_address))
+        codec = self._codecs.get(oracle_info.vocab_fingerprint)
+        if codec is None:
+            codec = self._codecs[oracle_info.vocab_fingerprint] = TextCodec(await oracle.tokenizer())
+        return Pair(
+            oracle=oracle,
+            draft=draft,
+            codec=codec,
+            eos_token_ids=frozenset(oracle_info.eos_token_ids),
+            max_context=oracle_info.max_context,
+            max_depth=a.max_depth,
+            name=a.pair_id,
+        )
+
+    def _policy(self, a: Assignment, depth: int | None) -> DepthPolicy:
+        if depth is not None:
+            if depth > self.config.max_depth:
+                raise OutOfRange(f"depth {depth} is over the maximum of {self.config.max_depth}")
+            return FixedDepth(min(depth, a.max_depth))
+        return make_policy(a.policy, max(a.max_depth, 1), a.policy_state)
+
+    def _round_hook(self, pair_id: str, started: float):
+        last = {"time": started, "report": 0.0}
+        metrics, plane, interval = self.metrics, self.plane, self.config.report_interval_seconds
+
+        def on_round(session: SpeculativeSession, obs: RoundObservation, delivered: int) -> None:
+            now = time.perf_counter()
+            metrics.spec.record(obs.k, obs.accepted, pair_id)
+            metrics.depth.labels(pair_id).set(obs.k)
+            metrics.depth_chosen.labels(pair_id).observe(obs.k)
+            if delivered and len(session.generated) > delivered:  # tokens after the first
+                for _ in range(delivered):
+                    metrics.itl.observe((now - last["time"]) / delivered)
+            last["time"] = now
+            if now - last["report"] >= interval:
+                last["report"] = now
+                s = session.stats
+                plane.tell("report", session.session_id, obs.k, len(session.generated), s.drafted, s.accepted)
+
+        return on_round
+
+    async def generate(self, request: GenerationRequest, depth: int | None = None) -> AsyncIterator[Delta]:
+        validate_request(request, self.config.max_tokens_limit)
+        if depth is not None and depth < 0:
+            raise OutOfRange(f"depth must be >= 0, got {depth}")
+        started = time.perf_counter()
+        self.metrics.waiting.inc()
+        async with self._slots:
+            self.metrics.waiting.dec()
+            self.metrics.running.inc()
+            try:
+                async for delta in self._generate(request, depth, started):
+                    yield delta
+            finally:
+                self.metrics.running.dec()
+
+    async def _generate(self, request: GenerationRequest, depth: int | None, started: float) -> AsyncIterator[Delta]:
+        session_id = uuid.uuid4().hex
+        assignment: Assignment | None = await self.plane.call("acquire", session_id, request.request_id, depth != 0)
+        if assignment is None:
+            raise Unavailable("no healthy oracle worker is available; `specctl status` shows the workers")
+        policy: DepthPolicy | None = None
+        summary: dict = {}
+        first = True
+        try:
+            pair = await self._pair(assignment)
+            policy = self._policy(assignment, depth)
+            hook = self._round_hook(assignment.pair_id, started)
+            async for delta in stream_generation(request, pair, policy, session_id, hook):
+                if first and delta.token_ids:
+                    self.metrics.ttft.observe(time.perf_counter() - started)
+                    first = False
+                if delta.finish is not None and delta.stats is not None:
+                    summary = delta.stats.summary()
+                    self.metrics.requests.labels(delta.finish.value).inc()
+                    self.metrics.generation_tokens.inc(delta.completion_tokens)
+                    self.metrics.prompt_tokens.inc(delta.prompt_tokens)
+                    self.metrics.e2e.observe(time.perf_counter() - started)
+                yield delta
+        finally:
+            state = policy.snapshot() if policy is not None and depth is None else {}
+            self.plane.tell("release", session_id, summary, state)

@@ -1,0 +1,89 @@
+"""Prometheus metrics, named like vLLM's under the `specd_` prefix.
+
+Each server owns a registry (several servers may share a process in tests and local runs)
+and exposes it on its own HTTP port.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+DEPTH_BUCKETS = tuple(float(k) for k in range(0, 17))
+
+
+def serve_metrics(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> int:
+    """Start the /metrics HTTP endpoint; returns the bound port (port 0 picks one)."""
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server.server_port
+
+
+class SpecDecodeCounters:
+    """The speculative-decoding counters, recorded per verification round."""
+
+    def __init__(self, registry: CollectorRegistry, labels: tuple[str, ...]):
+        self.drafts = Counter("specd_spec_decode_num_drafts", "Rounds that verified a draft block.", labels, registry=registry)
+        self.draft_tokens = Counter(
+            "specd_spec_decode_num_draft_tokens", "Draft tokens proposed.", labels, registry=registry
+        )
+        self.accepted_tokens = Counter(
+            "specd_spec_decode_num_accepted_tokens", "Draft tokens the oracle accepted.", labels, registry=registry
+        )
+        self.accepted_per_pos = Counter(
+            "specd_spec_decode_num_accepted_tokens_per_pos",
+            "Accepted draft tokens by position in the block (0 = first).",
+            (*labels, "position"),
+            registry=registry,
+        )
+
+    def record(self, k: int, accepted: int, *label_values: str) -> None:
+        if k == 0:
+            return
+        labelled = (lambda metric: metric.labels(*label_values)) if label_values else (lambda metric: metric)
+        labelled(self.drafts).inc()
+        labelled(self.draft_tokens).inc(k)
+        labelled(self.accepted_tokens).inc(accepted)
+        for position in range(accepted):
+            self.accepted_per_pos.labels(*label_values, str(position)).inc()
+
+
+class CoordinatorMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.spec = SpecDecodeCounters(r, ("pair",))
+        self.ttft = Histogram(
+            "specd_time_to_first_token_seconds", "Time to first token.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.itl = Histogram(
+            "specd_inter_token_latency_seconds", "Time between output tokens.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.e2e = Histogram(
+            "specd_e2e_request_latency_seconds", "Request latency end to end.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.running = Gauge("specd_num_requests_running", "Requests generating now.", registry=r)
+        self.waiting = Gauge("specd_num_requests_waiting", "Requests waiting for a session slot.", registry=r)
+        self.depth = Gauge("specd_spec_decode_depth", "The depth k chosen for the latest round.", ("pair",), registry=r)
+        self.depth_chosen = Histogram(
+            "specd_spec_decode_depth_chosen", "Depth k chosen per round.", ("pair",), buckets=DEPTH_BUCKETS, registry=r
+        )
+        self.requests = Counter(
+            "specd_request_success", "Finished requests by finish reason.", ("finished_reason",), registry=r
+        )
+        self.failures = Counter("specd_request_failure", "Failed requests by status code.", ("code",), registry=r)
+        self.generation_tokens = Counter("specd_generation_tokens", "Output tokens.", registry=r)
+        self.prompt_tokens = Counter("specd_prompt_tokens", "Prompt tokens.", registry=r)
+
+
+class WorkerMetrics:
+    def __init__(self, role: str) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.role = role
+        self.running = Gauge("specd_num_requests_running", "Sessions held by this worker.", registry=r)
+        self.forward = Histogram(
+            "specd_worker_step_seconds", "Model time per call (a draft block or a verification).",
+            ("call",), buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.evicted = Counter("specd_sessions_evicted", "Sessions evicted after idling past the TTL.", registry=r)
+        self.spec = SpecDecodeCounters(r, ()) if role == "oracle" else None

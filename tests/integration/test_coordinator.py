@@ -1,0 +1,228 @@
+"""The coordinator on a real local Ray with real gRPC workers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import urllib.request
+
+import grpc
+import pytest
+
+from coordinator.config import CoordinatorConfig
+from coordinator.server import start_coordinator
+from specd.client import AsyncSpecdClient
+from specd.tiny import build_tokenizer
+from specd.v1 import common_pb2
+from tests.conftest import greedy_reference
+
+PROMPT = "The quick brown fox jumps"
+
+
+@pytest.fixture(scope="module")
+def prompt_ids():
+    return build_tokenizer()(PROMPT)["input_ids"]
+
+
+async def own_coordinator(plane_name: str, oracle, draft=None, **overrides):
+    config = CoordinatorConfig(
+        port=0,
+        metrics_port=0,
+        plane_name=plane_name,
+        oracles=[oracle.address],
+        drafts=[draft.address] if draft is not None else [],
+        health_interval_seconds=0.5,
+        report_interval_seconds=0.05,
+        **overrides,
+    )
+    return await start_coordinator(config)
+
+
+async def no_sessions_left(*workers, timeout: float = 5.0) -> bool:
+    for _ in range(int(timeout / 0.05)):
+        if all(len(w.servicer.worker.sessions) == 0 for w in workers):
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_identical_pair_ends_with_a_large_k_and_is_exact(ray_local, tiny_dir, oracle, same_draft, prompt_ids):
+    # A tiny draft costs as much per token as the tiny oracle, so long blocks pay only when each
+    # oracle call is dear: rehearse a distant oracle (10 ms round trip), as in a real deployment.
+    running = await own_coordinator("plane-same", oracle, same_draft, oracle_delay_ms=10)
+    expected = greedy_reference(tiny_dir / "oracle", prompt_ids, 48)
+    try:
+        async with AsyncSpecdClient(running.address) as client:
+            for _ in range(4):
+                result = await client.generate(token_ids=prompt_ids, max_tokens=48, stop_at_eos=False)
+                assert result.token_ids == expected
+        depths = list(result.stats.depth_per_round)
+        assert result.stats.acceptance_rate == 1.0
+        assert max(depths[-3:]) >= 6, depths
+    finally:
+        await running.stop()
+
+
+async def test_unrelated_pair_ends_with_k_zero_and_is_exact(ray_local, tiny_dir, oracle, unrelated_draft, prompt_ids):
+    running = await own_coordinator("plane-unrelated", oracle, unrelated_draft)
+    expected = greedy_reference(tiny_dir / "oracle", prompt_ids, 48)
+    try:
+        async with AsyncSpecdClient(running.address) as client:
+            for _ in range(2):
+                result = await client.generate(token_ids=prompt_ids, max_tokens=48, stop_at_eos=False)
+                assert result.token_ids == expected
+        depths = list(result.stats.depth_per_round)
+        assert depths[-5:] == [0] * 5, depths
+    finally:
+        await running.stop()
+
+
+async def test_stream_delivers_rounds_and_final_stats_add_up(coordinator, prompt_ids):
+    codec = build_tokenizer()
+    async with AsyncSpecdClient(coordinator.address) as client:
+        chunks = [c async for c in client.stream(token_ids=prompt_ids, max_tokens=40, stop_at_eos=False, depth=2)]
+    final = chunks[-1]
+    assert final.finish_reason == "length"
+    assert sum(1 for c in chunks if c.token_ids) > 5  # tokens arrive as rounds complete
+    ids = [t for c in chunks for t in c.token_ids]
+    assert len(ids) == final.completion_tokens == 40
+    assert "".join(c.text for c in chunks) == codec.decode(ids, skip_special_tokens=True)
+    s = final.stats
+    assert s.accepted <= s.drafted
+    assert s.drafted == sum(s.depth_per_round) == sum(s.drafted_per_position)
+    assert s.accepted == sum(s.accepted_per_position)
+    assert s.rounds == len(s.depth_per_round)
+    drafting_rounds = sum(1 for k in s.depth_per_round if k)
+    assert s.mean_acceptance_length == pytest.approx(1 + s.accepted / drafting_rounds)
+    # Each round commits accepted + 1 tokens; the last round may be cut at max_tokens.
+    assert s.accepted + s.rounds >= 40
+
+
+async def test_cancelled_stream_and_expired_deadline_leave_no_session(coordinator, oracle, unrelated_draft, same_draft, prompt_ids):
+    async with AsyncSpecdClient(coordinator.address) as client:
+        seen = 0
+        async for chunk in client.stream(token_ids=prompt_ids, max_tokens=400, stop_at_eos=False, depth=8):
+            seen += len(chunk.token_ids)
+            if seen >= 5:
+                break  # leaving the loop cancels the call
+    assert await no_sessions_left(oracle, unrelated_draft, same_draft)
+    async with AsyncSpecdClient(coordinator.address) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await client.generate(token_ids=prompt_ids, max_tokens=450, stop_at_eos=False, depth=8, timeout=0.3)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert await no_sessions_left(oracle, unrelated_draft, same_draft)
+    assert await coordinator.plane.call("list_sessions") == []
+
+
+async def test_drained_worker_gets_no_new_sessions_and_finishes_its_own(ray_local, oracle, same_draft, unrelated_draft, prompt_ids):
+    running = await own_coordinator("plane-drain", oracle, same_draft)
+    await running.plane.call("register", common_pb2.WORKER_ROLE_DRAFT, unrelated_draft.address, "second-draft")
+    try:
+        async with AsyncSpecdClient(running.address) as client:
+            stream = client.stream(token_ids=prompt_ids, max_tokens=300, stop_at_eos=False, depth=4)
+            first = await stream.__anext__()
+            assert first.token_ids
+            status = await running.plane.call("status")
+            busy = [w["name"] for w in status["workers"] if w["role"] == common_pb2.WORKER_ROLE_DRAFT and w["assigned_sessions"]]
+            assert len(busy) == 1
+            await running.plane.call("drain", busy[0], True)
+            other = await client.generate(token_ids=prompt_ids, max_tokens=8, stop_at_eos=False, depth=2)
+            drained_address = same_draft.address if busy[0] != "second-draft" else unrelated_draft.address
+            assert other.stats.draft_worker and other.stats.draft_worker != drained_address
+            rest = [c async for c in stream]
+        assert rest[-1].finish_reason == "length"
+        assert len(first.token_ids) + sum(len(c.token_ids) for c in rest) == 300
+        assert rest[-1].stats.draft_worker == drained_address
+    finally:
+        await running.stop()
+
+
+async def run_specctl(address: str, *args: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "coordinator.specctl", "--address", address, *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    return out.decode()
+
+
+async def test_specctl_against_a_running_coordinator(ray_local, oracle, same_draft, unrelated_draft, prompt_ids):
+    # A 20 ms oracle round trip keeps one long session in flight while specctl looks at it.
+    coordinator = await own_coordinator("plane-ctl", oracle, same_draft, oracle_delay_ms=20)
+    await coordinator.plane.call("register", common_pb2.WORKER_ROLE_DRAFT, unrelated_draft.address)
+    try:
+        await specctl_checks(coordinator, prompt_ids)
+    finally:
+        await coordinator.stop()
+
+
+async def specctl_checks(coordinator, prompt_ids):
+    async with AsyncSpecdClient(coordinator.address) as client:
+        await client.generate(token_ids=prompt_ids, max_tokens=16, stop_at_eos=False)
+        stream = client.stream(token_ids=prompt_ids, max_tokens=400, stop_at_eos=False, depth=1)
+        await stream.__anext__()
+        await asyncio.sleep(0.2)
+        sessions = json.loads(await run_specctl(coordinator.address, "--json", "sessions"))
+        assert len(sessions["sessions"]) == 1 and sessions["sessions"][0]["depth"] == 1
+        assert sessions["sessions"][0]["generated_tokens"] > 0
+        async for _ in stream:
+            pass
+    status = json.loads(await run_specctl(coordinator.address, "--json", "status"))
+    roles = sorted(w["role"] for w in status["workers"])
+    assert roles == ["draft", "draft", "oracle"]
+    assert all(w["healthy"] for w in status["workers"])
+    assert len(status["pairs"]) == 3
+    table = await run_specctl(coordinator.address, "status")
+    assert "oracle-1" in table and "healthy" in table.lower()
+    pair = next(p["pair_id"] for p in status["pairs"] if p["draft"])
+    await run_specctl(coordinator.address, "depth", "set", "fixed:3", "--pair", pair)
+    policies = json.loads(await run_specctl(coordinator.address, "--json", "depth", "get", "--pair", pair))
+    assert policies["pairs"][0]["policy"] == "fixed:3"
+    stats = json.loads(await run_specctl(coordinator.address, "--json", "stats"))
+    assert any(p["draft_tokens"] > 0 and p["accepted_per_position"] for p in stats["pairs"])
+    assert "acceptance" in (await run_specctl(coordinator.address, "stats")).lower()
+    await run_specctl(coordinator.address, "depth", "set", "goodput", "--pair", pair)
+
+
+async def test_metrics_endpoint_reports_spec_decode_counters(coordinator, prompt_ids):
+    async with AsyncSpecdClient(coordinator.address) as client:
+        await client.generate(token_ids=prompt_ids, max_tokens=16, stop_at_eos=False, depth=3)
+    url = f"http://127.0.0.1:{coordinator.metrics_port}/metrics"
+    body = await asyncio.get_running_loop().run_in_executor(None, lambda: urllib.request.urlopen(url).read().decode())
+    for name in (
+        "specd_spec_decode_num_drafts_total",
+        "specd_spec_decode_num_draft_tokens_total",
+        "specd_spec_decode_num_accepted_tokens_total",
+        "specd_spec_decode_num_accepted_tokens_per_pos_total",
+        "specd_time_to_first_token_seconds",
+        "specd_inter_token_latency_seconds",
+        "specd_e2e_request_latency_seconds",
+        "specd_num_requests_running",
+        "specd_num_requests_waiting",
+        "specd_spec_decode_depth",
+    ):
+        assert name in body, name
+    drafts = [line for line in body.splitlines() if line.startswith("specd_spec_decode_num_drafts_total")]
+    assert drafts and float(drafts[0].split()[-1]) > 0
+
+
+async def test_bad_requests_get_clear_statuses(coordinator, prompt_ids):
+    async with AsyncSpecdClient(coordinator.address) as client:
+        cases = [
+            (dict(token_ids=prompt_ids, max_tokens=0), grpc.StatusCode.INVALID_ARGUMENT, "max_tokens"),
+            (dict(token_ids=prompt_ids, max_tokens=10**6), grpc.StatusCode.OUT_OF_RANGE, "max_tokens"),
+            (dict(prompt="", max_tokens=4), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+            (dict(token_ids=[1] * 900, max_tokens=4), grpc.StatusCode.OUT_OF_RANGE, "context"),
+            (dict(token_ids=prompt_ids, max_tokens=4, temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+            (dict(token_ids=prompt_ids, max_tokens=4, temperature=1.0, top_p=2.0), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+            (dict(token_ids=prompt_ids, max_tokens=4, depth=99), grpc.StatusCode.OUT_OF_RANGE, "depth"),
+        ]
+        for kwargs, code, fragment in cases:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await client.generate(**kwargs)
+            assert info.value.code() == code, (kwargs, info.value.details())
+            assert fragment in info.value.details()
+        ok = await client.generate(token_ids=prompt_ids, max_tokens=4)
+        assert ok.completion_tokens <= 4

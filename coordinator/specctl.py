@@ -7,6 +7,7 @@
     specctl drain WORKER | undrain WORKER
     specctl stats                        acceptance per pair and per position, k over time
     specctl register draft|oracle ADDRESS [--name N]
+    specctl deregister WORKER
 
 Human tables by default; --json prints one JSON object for scripts.
 """
@@ -126,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     put = depth.add_parser("set")
     put.add_argument("policy", help="goodput | heuristic | fixed:K (parameters: goodput:k_max=8,smoothing=0.3)")
     put.add_argument("--pair", default="", help="one pair; without it, the default for all pairs")
-    for name in ("drain", "undrain"):
+    for name in ("drain", "undrain", "deregister"):
         commands.add_parser(name).add_argument("worker")
     register = commands.add_parser("register")
     register.add_argument("role", choices=sorted(ROLES))
@@ -156,6 +157,9 @@ def run(args: argparse.Namespace, stub: admin_pb2_grpc.AdminServiceStub) -> tupl
         call = stub.Drain if args.command == "drain" else stub.Undrain
         reply = call(admin_pb2.DrainRequest(worker=args.worker), timeout=t)
         return reply, f"{reply.name}: {'draining (no new sessions)' if reply.draining else 'accepting sessions'}"
+    if args.command == "deregister":
+        reply = stub.DeregisterWorker(admin_pb2.DeregisterWorkerRequest(worker=args.worker), timeout=t)
+        return reply, f"deregistered {reply.name} ({reply.address})"
     reply = stub.RegisterWorker(
         admin_pb2.RegisterWorkerRequest(role=ROLES[args.role], address=args.address, name=args.name), timeout=t
     )

@@ -1,9 +1,10 @@
 """`specd`: serve the workers and the coordinator, generate, benchmark, distill.
 
-    specd serve oracle|draft [--port ...]   run one worker (flags mirror its config)
-    specd generate PROMPT [--json]          complete a prompt (local workers, or --address COORDINATOR)
-    specd demo                              the default pair on one prompt, with speculation stats
-    specd health ADDRESS                    exit 0 when grpc.health.v1 reports SERVING
+    specd serve oracle|draft|coordinator [--port ...]  run one service (flags mirror its config)
+    specd up                                 Ray + oracle + draft + coordinator on this machine (or --address)
+    specd generate PROMPT [--address A] [--json]   complete a prompt (streams text by default)
+    specd demo                               `specd up`, one completion with speculation stats, shut down
+    specd health ADDRESS                     exit 0 when grpc.health.v1 reports SERVING
 """
 
 from __future__ import annotations
@@ -50,6 +51,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve_coordinator(args: argparse.Namespace) -> int:
+    from coordinator.config import CoordinatorConfig
+    from coordinator.server import start_coordinator
+    from specd.procs import announce_ready
+
+    config = config_from_args(CoordinatorConfig, args)
+
+    async def serve() -> None:
+        running = await start_coordinator(config)
+        running.host.install_signal_handlers()
+        announce_ready("coordinator", running.address)
+        await running.host.wait()
+
+    asyncio.run(serve())
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from coordinator.up import run
+
+    return run(args)
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -84,15 +108,18 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from specd.client_local import run_local_generation
+    from specd import generate_cmd
 
-    return asyncio.run(run_local_generation(args))
+    if args.address:
+        return generate_cmd.remote(args, args.address)
+    return asyncio.run(generate_cmd.local(args))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    args.prompt = DEMO_PROMPT
-    args.json = False
-    return cmd_generate(args)
+    from specd import generate_cmd
+
+    args.prompt = args.prompt or DEMO_PROMPT
+    return generate_cmd.demo(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,13 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
         sub = roles.add_parser(role, help=f"run a{'n' if role == 'oracle' else ''} {role} worker")
         add_config_arguments(sub, config_cls)
         sub.set_defaults(func=cmd_serve)
+    from coordinator.config import CoordinatorConfig
+
+    sub = roles.add_parser("coordinator", help="run the coordinator (client and admin APIs) on Ray")
+    add_config_arguments(sub, CoordinatorConfig)
+    sub.set_defaults(func=cmd_serve_coordinator)
+
+    up = commands.add_parser("up", help="start Ray, an oracle, a draft and the coordinator, and wait")
+    from coordinator.up import add_arguments as add_up_arguments
+
+    add_up_arguments(up)
+    up.set_defaults(func=cmd_up)
 
     generate = commands.add_parser("generate", help="complete a prompt")
     generate.add_argument("prompt")
     add_generation_arguments(generate)
     generate.set_defaults(func=cmd_generate)
 
-    demo = commands.add_parser("demo", help="run the default pair on one prompt and show speculation stats")
+    demo = commands.add_parser("demo", help="start everything, complete one prompt with speculation stats, stop")
+    demo.add_argument("prompt", nargs="?", default=None)
     add_generation_arguments(demo)
     demo.set_defaults(func=cmd_demo)
 

@@ -25,7 +25,7 @@ class WorkerProcess:
     address: str
     log_path: Path
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
         if self.process.poll() is None:
             self.process.terminate()
             try:
@@ -35,9 +35,10 @@ class WorkerProcess:
                 self.process.wait()
 
 
-def spawn(role: str, options: dict[str, object], timeout: float = 600.0) -> WorkerProcess:
-    """Start `specd serve ROLE` with --flag value options; returns once it is serving."""
-    args = [sys.executable, "-m", "specd.cli", "serve", role]
+def spawn(role: str, options: dict[str, object], timeout: float = 600.0, command: list[str] | None = None) -> WorkerProcess:
+    """Start `specd serve ROLE` (or `specd COMMAND...`) with --flag value options; returns once
+    it announced that it serves."""
+    args = [sys.executable, "-m", "specd.cli", *(command or ["serve", role])]
     for key, value in options.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
     log = tempfile.NamedTemporaryFile(prefix=f"specd-{role}-", suffix=".log", delete=False)

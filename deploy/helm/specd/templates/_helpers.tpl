@@ -76,8 +76,6 @@ helm.sh/chart: {{ include "specd.chart" .root }}
 {{- printf "%s:%d" (include "specd.serviceHost" (dict "root" . "component" "coordinator")) (int .Values.coordinator.port) -}}
 {{- end -}}
 
-
-
 {{- define "specd.raySecurityContext" -}}
 allowPrivilegeEscalation: false
 capabilities:

@@ -110,8 +110,8 @@ spec:
         {{- with $w.extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
-        # Health is grpc.health.v1 on the gRPC port, overall status (service "").
-        # It turns NOT_SERVING at SIGTERM, which takes the pod out of the Service at once.
+        # grpc.health.v1 on the gRPC port, overall status (service ""): SERVING once the
+        # model is loaded, NOT_SERVING from SIGTERM on.
         startupProbe:
           grpc:
             port: {{ $w.port }}

@@ -1,0 +1,154 @@
+"""`specd generate` and `specd demo`: print a completion and its speculation stats.
+
+With --address the command talks to a running coordinator and streams the text as rounds
+complete. Without it, it starts a draft and an oracle worker as separate local processes on
+loopback ports, runs the session loop itself, and stops them afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from coordinator.depth import FixedDepth
+from coordinator.generation import GenerationRequest, stream_generation
+from coordinator.pairing import connect_pair
+from specd.client import SpecdClient
+from specd.defaults import EMBEDDED_ORACLE
+from specd.drafts import default_draft_source
+from specd.procs import spawn
+from specd.v1 import common_pb2
+
+LOCAL_DEFAULT_DEPTH = 4
+
+
+def stats_line(result: dict[str, Any], seconds: float) -> str:
+    stats, usage = result["stats"], result["usage"]
+    tokens = usage["completion_tokens"]
+    return (
+        f"{tokens} tokens in {seconds:.2f}s ({tokens / max(seconds, 1e-9):.1f} tok/s), finish: {result['finish_reason']}\n"
+        f"drafted {stats.get('drafted', 0)}, accepted {stats.get('accepted', 0)}, "
+        f"acceptance rate {stats.get('acceptance_rate', 0):.2f}, "
+        f"mean acceptance length {stats.get('mean_acceptance_length', 1):.2f}, rounds {stats.get('rounds', 0)}, "
+        f"k per round {compact(stats.get('depth_per_round', []))}"
+    )
+
+
+def compact(depths: list[int]) -> str:
+    """Run-length form of the k sequence: 4x3 8x12 ..."""
+    runs: list[list[int]] = []
+    for k in depths:
+        if runs and runs[-1][0] == k:
+            runs[-1][1] += 1
+        else:
+            runs.append([k, 1])
+    return " ".join(f"{k}x{n}" if n > 1 else str(k) for k, n in runs) or "-"
+
+
+def emit(args: argparse.Namespace, result: dict[str, Any], seconds: float) -> None:
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print("\n--\n" + stats_line(result, seconds))
+
+
+def proto_stats(stats: Any) -> dict[str, Any]:
+    return {
+        "rounds": stats.rounds, "drafted": stats.drafted, "accepted": stats.accepted,
+        "acceptance_rate": round(stats.acceptance_rate, 4),
+        "mean_acceptance_length": round(stats.mean_acceptance_length, 4),
+        "depth_per_round": list(stats.depth_per_round),
+        "accepted_per_position": list(stats.accepted_per_position),
+        "drafted_per_position": list(stats.drafted_per_position),
+        "draft_seconds": round(stats.draft_seconds, 4), "verify_seconds": round(stats.verify_seconds, 4),
+        "network_seconds": round(stats.network_seconds, 4), "total_seconds": round(stats.total_seconds, 4),
+        "time_to_first_token_seconds": round(stats.time_to_first_token_seconds, 4),
+        "draft_worker": stats.draft_worker, "oracle_worker": stats.oracle_worker,
+    }
+
+
+def remote(args: argparse.Namespace, address: str) -> int:
+    """Stream from a running coordinator."""
+    prompt: dict[str, Any] = {"prompt": args.prompt} if args.raw else {"messages": [{"role": "user", "content": args.prompt}]}
+    text, ids, final = "", [], None
+    started = time.perf_counter()
+    with SpecdClient(address) as client:
+        for chunk in client.stream(
+            **prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+            seed=args.seed, stop=args.stop, depth=args.depth,
+        ):
+            text += chunk.text
+            ids += chunk.token_ids
+            if not args.json:
+                print(chunk.text, end="", flush=True)
+            if chunk.finish_reason is not None:
+                final = chunk
+    assert final is not None and final.stats is not None
+    result = {
+        "text": text, "token_ids": ids, "finish_reason": final.finish_reason,
+        "usage": {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.completion_tokens},
+        "stats": proto_stats(final.stats),
+    }
+    emit(args, result, time.perf_counter() - started)
+    return 0
+
+
+async def local(args: argparse.Namespace) -> int:
+    """Start both workers here, run the loop in this process."""
+    if args.draft_model:
+        draft_model, draft_layers = args.draft_model, 0
+    else:
+        draft_model, draft_layers = default_draft_source()
+    if args.draft_layers is not None:
+        draft_layers = args.draft_layers
+    if not args.json:
+        print(f"starting the oracle and draft ({draft_model}) workers ...", file=sys.stderr, flush=True)
+    oracle_proc = spawn("oracle", {"model": args.oracle_model or EMBEDDED_ORACLE, "port": 0, "layers": 0})
+    workers = [oracle_proc]
+    try:
+        draft_proc = spawn("draft", {"model": draft_model, "port": 0, "layers": draft_layers})
+        workers.append(draft_proc)
+        pair = await connect_pair(oracle_proc.address, draft_proc.address)
+        sampling = common_pb2.SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        if args.seed is not None:
+            sampling.seed = args.seed
+        request = GenerationRequest(sampling=sampling, max_tokens=args.max_tokens, stop=list(args.stop))
+        if args.raw:
+            request.text = args.prompt
+        else:
+            request.chat = [{"role": "user", "content": args.prompt}]
+        policy = FixedDepth(args.depth if args.depth is not None else LOCAL_DEFAULT_DEPTH)
+        text, token_ids, final = "", [], None
+        started = time.perf_counter()
+        async for delta in stream_generation(request, pair, policy):
+            text += delta.text
+            token_ids += delta.token_ids
+            if not args.json:
+                print(delta.text, end="", flush=True)
+            if delta.finish is not None:
+                final = delta
+        assert final is not None and final.stats is not None
+        result = {
+            "text": text, "token_ids": token_ids, "finish_reason": final.finish.value,
+            "usage": {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.completion_tokens},
+            "stats": final.stats.summary(),
+        }
+        emit(args, result, time.perf_counter() - started)
+        return 0
+    finally:
+        for worker in workers:
+            worker.stop()
+
+
+def demo(args: argparse.Namespace) -> int:
+    """`specd up` in the background, one streamed completion through the coordinator, shut down."""
+    print("specd demo: starting Ray, the default oracle and draft, and the coordinator (specd up) ...", flush=True)
+    up = spawn("coordinator", {"port": 0}, command=["up"])
+    try:
+        print(f"coordinator ready at {up.address}\n\nprompt: {args.prompt}\n", flush=True)
+        return remote(args, up.address)
+    finally:
+        up.stop()

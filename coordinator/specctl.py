@@ -64,7 +64,8 @@ def show_status(reply: admin_pb2.ClusterStatus) -> str:
         [
             w.name, "draft" if w.role == common_pb2.WORKER_ROLE_DRAFT else "oracle", w.address,
             "healthy" if w.healthy else f"UNHEALTHY ({w.error})", "draining" if w.draining else "-",
-            f"{w.assigned_sessions}/{w.max_sessions}", w.model_id, w.node_ip or "-", w.launched_by,
+            f"{w.assigned_sessions}/{w.max_sessions}", w.model_id,
+            f"{w.node_ip} {w.node_id[:8]}" if w.node_id else "-", w.launched_by,
         ]
         for w in reply.workers
     ]

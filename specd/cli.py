@@ -163,7 +163,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _uses_local_ray(argv: list[str]) -> bool:
+    """Whether this command starts a Ray of its own on this machine (rather than joining one)."""
+    import os
+
+    if argv[:1] == ["demo"]:
+        return True
+    if argv[:1] == ["up"]:
+        return "--address" not in argv and not any(a.startswith("--address=") for a in argv)
+    if argv[:2] == ["serve", "coordinator"]:
+        joined = "--ray-address" in argv or any(a.startswith("--ray-address=") for a in argv)
+        return not joined and not os.environ.get("SPECD_COORDINATOR_RAY_ADDRESS")
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if _uses_local_ray([a for a in argv if a not in ("-v", "--verbose")]):
+        from specd.defaults import keep_local_ray_on_loopback
+
+        keep_local_ray_on_loopback()
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose or args.command == "serve" else logging.WARNING,

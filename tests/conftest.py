@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-import torch
+from specd.defaults import keep_local_ray_on_loopback
+
+keep_local_ray_on_loopback()  # before anything imports ray
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from specd.config import DraftConfig, OracleConfig
 from specd.local import start_worker

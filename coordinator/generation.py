@@ -120,13 +120,19 @@ def prompt_ids(request: GenerationRequest, pair: Pair) -> list[int]:
     return ids
 
 
-class _TextTracker:
-    """Incremental detokenization with stop strings: text is released only once it can no
-    longer turn out to be part of a stop string or an unfinished multi-byte character."""
+class TextTracker:
+    """Incremental detokenization with stop strings.
+
+    Text is released only once it can no longer turn out to be the start of a stop string or an
+    unfinished multi-byte character, and token ids only together with the text they spell. On a
+    stop string the text ends just before it; the ids end with the token that completes the
+    text (which may also hold the first characters of the stop string).
+    """
 
     def __init__(self, codec: TextCodec, stop: list[str]):
         self.codec = codec
         self.stop = stop
+        self.hold = max([len(s) - 1 for s in stop] + [0])
         self.ids: list[int] = []
         self.emitted_text = ""
         self.emitted_ids = 0
@@ -135,33 +141,34 @@ class _TextTracker:
     def add(self, tokens: list[int]) -> tuple[str, list[int]]:
         self.ids.extend(tokens)
         text = self.codec.decode(self.ids)
-        cut = len(text)
-        for stop in self.stop:
-            index = text.find(stop)
-            if index != -1 and index < cut:
-                cut, self.stopped = index, True
-        if self.stopped:
-            text = text[:cut]
-            # Keep only the tokens needed to spell the text before the stop string.
+        cuts = [i for i in (text.find(s) for s in self.stop) if i != -1]
+        if cuts:
+            self.stopped = True
+            text = text[: min(cuts)]
             keep = len(self.ids)
             while keep > self.emitted_ids and self.codec.decode(self.ids[: keep - 1]).startswith(text):
                 keep -= 1
-            self.ids = self.ids[:keep]
-            return self._release(text, len(text), keep)
-        hold = max([len(s) - 1 for s in self.stop] + [0])
-        if text.endswith("\ufffd"):
-            hold = max(hold, 1)
-        return self._release(text, max(len(self.emitted_text), len(text) - hold), len(self.ids))
+            del self.ids[keep:]
+            return self._release(text, len(text), every_id=True)
+        safe = len(text) - self.hold - (1 if text.endswith("\ufffd") else 0)
+        return self._release(text, max(len(self.emitted_text), safe))
 
     def flush(self) -> tuple[str, list[int]]:
+        """Everything not yet released (the generation has ended)."""
+        if self.stopped:
+            return "", []
         text = self.codec.decode(self.ids)
-        return self._release(text, len(text), len(self.ids))
+        return self._release(text, len(text), every_id=True)
 
-    def _release(self, text: str, upto: int, ids_upto: int) -> tuple[str, list[int]]:
+    def _release(self, text: str, upto: int, every_id: bool = False) -> tuple[str, list[int]]:
         delta = text[len(self.emitted_text) : upto]
         self.emitted_text = text[:upto]
-        new_ids = self.ids[self.emitted_ids : ids_upto]
-        self.emitted_ids = ids_upto
+        count = len(self.ids)
+        if not every_id:
+            while count > self.emitted_ids and not self.emitted_text.startswith(self.codec.decode(self.ids[:count])):
+                count -= 1
+        new_ids = self.ids[self.emitted_ids : count]
+        self.emitted_ids = count
         return delta, new_ids
 
 
@@ -186,7 +193,7 @@ async def stream_generation(
     if session_id:
         session_request.session_id = session_id
     session = SpeculativeSession(session_request, pair.draft, pair.oracle, policy, on_round)
-    tracker = _TextTracker(pair.codec, request.stop)
+    tracker = TextTracker(pair.codec, request.stop)
     started = time.perf_counter()
     try:
         await session.open()

@@ -72,6 +72,7 @@ class ServiceHost:
         self.port = 0
         self._service_names: list[str] = []
         self._stopping = asyncio.Event()
+        self._stopped = asyncio.Event()
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
 
     @property
@@ -111,6 +112,7 @@ class ServiceHost:
         for callback in self._on_stop:
             await callback()
         log.info("stopped %s", self.address)
+        self._stopped.set()
 
     def install_signal_handlers(self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
         loop = asyncio.get_running_loop()
@@ -118,7 +120,10 @@ class ServiceHost:
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
 
     async def wait(self) -> None:
+        """Until the server has stopped and, after a stop(), its whole shutdown has run."""
         await self.server.wait_for_termination()
+        if self._stopping.is_set():
+            await self._stopped.wait()
 
 
 async def periodic(interval_seconds: float, fn: Callable[[], Awaitable[None]]) -> None:

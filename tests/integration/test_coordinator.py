@@ -226,3 +226,20 @@ async def test_bad_requests_get_clear_statuses(coordinator, prompt_ids):
             assert fragment in info.value.details()
         ok = await client.generate(token_ids=prompt_ids, max_tokens=4)
         assert ok.completion_tokens <= 4
+
+
+async def test_stop_strings_and_chat_template(coordinator, prompt_ids):
+    codec = build_tokenizer()
+    async with AsyncSpecdClient(coordinator.address) as client:
+        full = await client.generate(token_ids=prompt_ids, max_tokens=30, stop_at_eos=False)
+        # Random weights emit arbitrary bytes; pick a stop string of plain ASCII letters.
+        stop = next(full.text[i : i + 3] for i in range(4, len(full.text) - 3) if full.text[i : i + 3].isascii()
+                    and full.text[i : i + 3].isalpha())
+        cut = await client.generate(token_ids=prompt_ids, max_tokens=30, stop_at_eos=False, stop=[stop])
+        assert cut.finish_reason == "stop"
+        assert cut.text == full.text[: full.text.index(stop)]
+        assert full.token_ids[: len(cut.token_ids)] == cut.token_ids
+        chat = await client.generate(messages=[{"role": "user", "content": "hello"}], max_tokens=5, stop_at_eos=False)
+    expected_prompt = codec.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True)
+    expected_prompt = expected_prompt["input_ids"] if hasattr(expected_prompt, "keys") else expected_prompt
+    assert chat.prompt_tokens == len(expected_prompt)

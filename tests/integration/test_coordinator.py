@@ -243,3 +243,27 @@ async def test_stop_strings_and_chat_template(coordinator, prompt_ids):
     expected_prompt = codec.apply_chat_template([{"role": "user", "content": "hello"}], add_generation_prompt=True)
     expected_prompt = expected_prompt["input_ids"] if hasattr(expected_prompt, "keys") else expected_prompt
     assert chat.prompt_tokens == len(expected_prompt)
+
+
+async def test_a_draft_dying_mid_stream_does_not_fail_the_request(ray_local, tiny_dir, oracle, prompt_ids):
+    from specd.local import start_worker
+    from tests.conftest import draft_config
+
+    draft = await start_worker(draft_config(tiny_dir, "oracle"))
+    running = await own_coordinator("plane-draft-dies", oracle, draft, oracle_delay_ms=5)
+    expected = greedy_reference(tiny_dir / "oracle", prompt_ids, 120)
+    try:
+        async with AsyncSpecdClient(running.address) as client:
+            chunks = []
+            async for chunk in client.stream(token_ids=prompt_ids, max_tokens=120, stop_at_eos=False, depth=2):
+                chunks.append(chunk)
+                if len(chunks) == 3:
+                    await draft.stop()  # the draft goes away mid-session
+        ids = [t for c in chunks for t in c.token_ids]
+        assert ids == expected
+        assert chunks[-1].finish_reason == "length"
+        depths = list(chunks[-1].stats.depth_per_round)
+        assert depths[0] == 2 and depths[-1] == 0  # went on with the oracle alone
+        assert await no_sessions_left(oracle)
+    finally:
+        await running.stop()

@@ -99,3 +99,25 @@ def test_cli_generate_json_with_local_workers(tiny_dir):
     assert len(result["token_ids"]) == result["usage"]["completion_tokens"]
     assert result["stats"]["accepted"] == result["stats"]["drafted"] > 0
     assert {"text", "token_ids", "stats", "finish_reason"} <= set(result)
+
+
+async def test_worker_metrics_endpoint(tiny_dir):
+    import urllib.request
+
+    from tests.conftest import oracle_config
+
+    worker = await start_worker(oracle_config(tiny_dir, metrics_port=0))
+    try:
+        async with grpc.aio.insecure_channel(worker.address) as channel:
+            from specd.v1 import oracle_pb2, oracle_pb2_grpc
+
+            stub = oracle_pb2_grpc.OracleServiceStub(channel)
+            await stub.OpenSession(oracle_pb2.OpenOracleSessionRequest(session_id="m", prompt_token_ids=[1, 2, 3]))
+            await stub.Verify(oracle_pb2.VerifyRequest(session_id="m", draft_token_ids=[4, 5], committed_length=3))
+        url = f"http://127.0.0.1:{worker.metrics_port}/metrics"
+        body = await asyncio.get_running_loop().run_in_executor(None, lambda: urllib.request.urlopen(url).read().decode())
+    finally:
+        await worker.stop()
+    assert "specd_num_requests_running 1.0" in body
+    assert "specd_spec_decode_num_draft_tokens_total 2.0" in body
+    assert 'specd_worker_step_seconds_count{call="verify"} 1.0' in body

@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.depth import make_policy
 from specd.errors import InvalidArgument, NotFound
+from specd.security import Security
 from specd.v1 import common_pb2, draft_pb2_grpc, oracle_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ class ControlPlane:
         self.stats: dict[str, PairStats] = {}
         self.sessions: dict[str, SessionRecord] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._security = Security.from_env()
         self._health_task: asyncio.Task | None = None
         self._counter = {common_pb2.WORKER_ROLE_DRAFT: 0, common_pb2.WORKER_ROLE_ORACLE: 0}
 
@@ -186,7 +188,7 @@ class ControlPlane:
     # -- health -----------------------------------------------------------------------------
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address)
+            self._channels[address] = self._security.aio_channel(address)
         return self._channels[address]
 
     async def _check(self, worker: Worker) -> None:
@@ -194,7 +196,9 @@ class ControlPlane:
         try:
             health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2.0)
             stub_cls = draft_pb2_grpc.DraftServiceStub if worker.role == common_pb2.WORKER_ROLE_DRAFT else oracle_pb2_grpc.OracleServiceStub
-            info = await stub_cls(channel).GetInfo(common_pb2.GetInfoRequest(), timeout=2.0)
+            info = await stub_cls(channel).GetInfo(
+                common_pb2.GetInfoRequest(), timeout=2.0, metadata=self._security.call_metadata()
+            )
         except grpc.aio.AioRpcError as error:
             worker.healthy = False
             worker.error = f"{error.code().name}: {error.details()}"

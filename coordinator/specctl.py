@@ -25,6 +25,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from specd.defaults import COORDINATOR_PORT
+from specd.security import Security
 from specd.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
 ROLES = {"draft": common_pb2.WORKER_ROLE_DRAFT, "oracle": common_pb2.WORKER_ROLE_ORACLE}
@@ -138,38 +139,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, stub: admin_pb2_grpc.AdminServiceStub) -> tuple[Message, str]:
-    t = args.timeout
+    options = {"timeout": args.timeout, "metadata": Security.from_env().call_metadata()}
     if args.command == "status":
-        reply = stub.GetStatus(admin_pb2.GetStatusRequest(), timeout=t)
+        reply = stub.GetStatus(admin_pb2.GetStatusRequest(), **options)
         return reply, show_status(reply)
     if args.command == "sessions":
-        reply = stub.ListSessions(admin_pb2.ListSessionsRequest(), timeout=t)
+        reply = stub.ListSessions(admin_pb2.ListSessionsRequest(), **options)
         return reply, show_sessions(reply)
     if args.command == "stats":
-        reply = stub.GetStats(admin_pb2.GetStatsRequest(), timeout=t)
+        reply = stub.GetStats(admin_pb2.GetStatsRequest(), **options)
         return reply, show_stats(reply)
     if args.command == "depth":
         if args.action == "get":
-            reply = stub.GetDepthPolicy(admin_pb2.GetDepthPolicyRequest(pair_id=args.pair), timeout=t)
+            reply = stub.GetDepthPolicy(admin_pb2.GetDepthPolicyRequest(pair_id=args.pair), **options)
         else:
-            reply = stub.SetDepthPolicy(admin_pb2.SetDepthPolicyRequest(pair_id=args.pair, policy=args.policy), timeout=t)
+            reply = stub.SetDepthPolicy(admin_pb2.SetDepthPolicyRequest(pair_id=args.pair, policy=args.policy), **options)
         return reply, show_policies(reply)
     if args.command in ("drain", "undrain"):
-        call = stub.Drain if args.command == "drain" else stub.Undrain
-        reply = call(admin_pb2.DrainRequest(worker=args.worker), timeout=t)
+        method = stub.Drain if args.command == "drain" else stub.Undrain
+        reply = method(admin_pb2.DrainRequest(worker=args.worker), **options)
         return reply, f"{reply.name}: {'draining (no new sessions)' if reply.draining else 'accepting sessions'}"
     if args.command == "deregister":
-        reply = stub.DeregisterWorker(admin_pb2.DeregisterWorkerRequest(worker=args.worker), timeout=t)
+        reply = stub.DeregisterWorker(admin_pb2.DeregisterWorkerRequest(worker=args.worker), **options)
         return reply, f"deregistered {reply.name} ({reply.address})"
     reply = stub.RegisterWorker(
-        admin_pb2.RegisterWorkerRequest(role=ROLES[args.role], address=args.address, name=args.name), timeout=t
+        admin_pb2.RegisterWorkerRequest(role=ROLES[args.role], address=args.address, name=args.name), **options
     )
     return reply, f"registered {reply.name} at {reply.address} ({'healthy' if reply.healthy else 'not healthy yet'})"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with grpc.insecure_channel(args.address) as channel:
+    with Security.from_env().channel(args.address) as channel:
         try:
             reply, text = run(args, admin_pb2_grpc.AdminServiceStub(channel))
         except grpc.RpcError as error:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from specd.security import Security
 from specd.server import channel_options
 from specd.v1 import common_pb2, draft_pb2, draft_pb2_grpc, oracle_pb2, oracle_pb2_grpc
 
@@ -32,7 +33,9 @@ class TimedVerdict:
 class WorkerClient:
     def __init__(self, address: str, max_message_bytes: int = 16 << 20, delay_seconds: float = 0.0):
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes))
+        security = Security.from_env()
+        self.channel = security.aio_channel(address, options=channel_options(max_message_bytes))
+        self.metadata = security.call_metadata()
         # An added round trip per session call, to rehearse a distant worker (benchmarks, tests).
         self.delay_seconds = delay_seconds
 
@@ -41,10 +44,12 @@ class WorkerClient:
             await asyncio.sleep(self.delay_seconds)
 
     async def info(self, timeout: float | None = 10.0) -> common_pb2.ModelInfo:
-        return await self.stub.GetInfo(common_pb2.GetInfoRequest(), timeout=timeout)
+        return await self.stub.GetInfo(common_pb2.GetInfoRequest(), timeout=timeout, metadata=self.metadata)
 
     async def close_session(self, session_id: str, timeout: float | None = 5.0) -> bool:
-        reply = await self.stub.CloseSession(common_pb2.CloseSessionRequest(session_id=session_id), timeout=timeout)
+        reply = await self.stub.CloseSession(
+            common_pb2.CloseSessionRequest(session_id=session_id), timeout=timeout, metadata=self.metadata
+        )
         return reply.existed
 
     async def close(self) -> None:
@@ -62,6 +67,7 @@ class DraftClient(WorkerClient):
         await self.stub.OpenSession(
             draft_pb2.OpenDraftSessionRequest(session_id=session_id, prompt_token_ids=prompt, sampling=sampling),
             timeout=timeout,
+            metadata=self.metadata,
         )
 
     async def propose(
@@ -74,6 +80,7 @@ class DraftClient(WorkerClient):
                 session_id=session_id, append_token_ids=append, committed_length=committed_length, depth=k
             ),
             timeout=timeout,
+            metadata=self.metadata,
         )
         return TimedProposal(
             tokens=list(reply.token_ids),
@@ -89,7 +96,7 @@ class OracleClient(WorkerClient):
         self.stub = oracle_pb2_grpc.OracleServiceStub(self.channel)
 
     async def tokenizer(self, timeout: float | None = 30.0) -> oracle_pb2.TokenizerSpec:
-        return await self.stub.GetTokenizer(oracle_pb2.GetTokenizerRequest(), timeout=timeout)
+        return await self.stub.GetTokenizer(oracle_pb2.GetTokenizerRequest(), timeout=timeout, metadata=self.metadata)
 
     async def open_session(
         self, session_id: str, prompt: list[int], sampling: common_pb2.SamplingParams, timeout: float | None
@@ -97,6 +104,7 @@ class OracleClient(WorkerClient):
         await self.stub.OpenSession(
             oracle_pb2.OpenOracleSessionRequest(session_id=session_id, prompt_token_ids=prompt, sampling=sampling),
             timeout=timeout,
+            metadata=self.metadata,
         )
 
     async def verify(
@@ -117,6 +125,7 @@ class OracleClient(WorkerClient):
                 committed_length=committed_length,
             ),
             timeout=timeout,
+            metadata=self.metadata,
         )
         return TimedVerdict(
             accepted=reply.accepted,

@@ -15,8 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterator
 
-import grpc
-
+from specd.security import Security
 from specd.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 FINISH_NAMES = {
@@ -104,16 +103,23 @@ def _chunk(message: generation_pb2.GenerateStreamResponse) -> Chunk:
 
 
 class SpecdClient:
-    def __init__(self, address: str, timeout: float | None = None):
-        self.channel = grpc.insecure_channel(address)
+    """Blocking client. Token and TLS settings come from the environment (specd.security)
+    unless a Security is given."""
+
+    def __init__(self, address: str, timeout: float | None = None, security: Security | None = None):
+        security = security or Security.from_env()
+        self.channel = security.channel(address)
+        self.metadata = security.call_metadata()
         self.stub = generation_pb2_grpc.GenerationServiceStub(self.channel)
         self.timeout = timeout
 
     def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs) -> Result:
-        return _result(self.stub.Generate(build_request(prompt, **kwargs), timeout=timeout or self.timeout))
+        request = build_request(prompt, **kwargs)
+        return _result(self.stub.Generate(request, timeout=timeout or self.timeout, metadata=self.metadata))
 
     def stream(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs) -> Iterator[Chunk]:
-        for message in self.stub.GenerateStream(build_request(prompt, **kwargs), timeout=timeout or self.timeout):
+        request = build_request(prompt, **kwargs)
+        for message in self.stub.GenerateStream(request, timeout=timeout or self.timeout, metadata=self.metadata):
             yield _chunk(message)
 
     def close(self) -> None:
@@ -127,16 +133,22 @@ class SpecdClient:
 
 
 class AsyncSpecdClient:
-    def __init__(self, address: str, timeout: float | None = None):
-        self.channel = grpc.aio.insecure_channel(address)
+    """asyncio client; same settings as SpecdClient."""
+
+    def __init__(self, address: str, timeout: float | None = None, security: Security | None = None):
+        security = security or Security.from_env()
+        self.channel = security.aio_channel(address)
+        self.metadata = security.call_metadata()
         self.stub = generation_pb2_grpc.GenerationServiceStub(self.channel)
         self.timeout = timeout
 
     async def generate(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs) -> Result:
-        return _result(await self.stub.Generate(build_request(prompt, **kwargs), timeout=timeout or self.timeout))
+        request = build_request(prompt, **kwargs)
+        return _result(await self.stub.Generate(request, timeout=timeout or self.timeout, metadata=self.metadata))
 
     async def stream(self, prompt: str | None = None, *, timeout: float | None = None, **kwargs) -> AsyncIterator[Chunk]:
-        call = self.stub.GenerateStream(build_request(prompt, **kwargs), timeout=timeout or self.timeout)
+        request = build_request(prompt, **kwargs)
+        call = self.stub.GenerateStream(request, timeout=timeout or self.timeout, metadata=self.metadata)
         async for message in call:
             yield _chunk(message)
 

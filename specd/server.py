@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from specd.errors import SpecdError
+from specd.security import Security
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,11 +63,22 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 class ServiceHost:
     """Hosts servicers on a grpc.aio server with health, reflection and graceful shutdown."""
 
-    def __init__(self, host: str, port: int, *, grace_seconds: float = 5.0, max_message_bytes: int = 16 << 20):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        grace_seconds: float = 5.0,
+        max_message_bytes: int = 16 << 20,
+        security: Security | None = None,
+    ):
         self.host = host
         self.requested_port = port
         self.grace_seconds = grace_seconds
-        self.server = grpc.aio.server(options=channel_options(max_message_bytes))
+        self.security = security or Security.from_env()
+        self.server = grpc.aio.server(
+            options=channel_options(max_message_bytes), interceptors=self.security.server_interceptors()
+        )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = 0
@@ -89,7 +101,12 @@ class ServiceHost:
     async def start(self) -> int:
         names = [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, self.server)
-        self.port = self.server.add_insecure_port(f"{self.host}:{self.requested_port}")
+        credentials = self.security.server_credentials()
+        address = f"{self.host}:{self.requested_port}"
+        if credentials is not None:
+            self.port = self.server.add_secure_port(address, credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"could not bind {self.host}:{self.requested_port}")
         await self.server.start()

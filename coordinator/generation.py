@@ -66,6 +66,21 @@ class Pair:
     max_depth: int
     name: str = ""
 
+    @classmethod
+    def build(
+        cls, oracle: OracleClient, draft: DraftClient | None, codec: TextCodec, oracle_info: common_pb2.ModelInfo,
+        max_depth: int, name: str,
+    ) -> "Pair":
+        return cls(
+            oracle=oracle,
+            draft=draft,
+            codec=codec,
+            eos_token_ids=frozenset(oracle_info.eos_token_ids),
+            max_context=oracle_info.max_context,
+            max_depth=max_depth,
+            name=name,
+        )
+
 
 @dataclass
 class GenerationRequest:

@@ -30,12 +30,4 @@ async def connect_pair(oracle_address: str, draft_address: str | None, codec: Te
         if draft is not None:
             await draft.close()
         raise
-    return Pair(
-        oracle=oracle,
-        draft=draft,
-        codec=codec,
-        eos_token_ids=frozenset(oracle_info.eos_token_ids),
-        max_context=oracle_info.max_context,
-        max_depth=max_depth,
-        name=f"{draft_address or '-'}->{oracle_address}",
-    )
+    return Pair.build(oracle, draft, codec, oracle_info, max_depth, f"{draft_address or '-'}->{oracle_address}")

@@ -63,15 +63,7 @@ class Coordinator:
         codec = self._codecs.get(oracle_info.vocab_fingerprint)
         if codec is None:
             codec = self._codecs[oracle_info.vocab_fingerprint] = TextCodec(await oracle.tokenizer())
-        return Pair(
-            oracle=oracle,
-            draft=draft,
-            codec=codec,
-            eos_token_ids=frozenset(oracle_info.eos_token_ids),
-            max_context=oracle_info.max_context,
-            max_depth=a.max_depth,
-            name=a.pair_id,
-        )
+        return Pair.build(oracle, draft, codec, oracle_info, a.max_depth, a.pair_id)
 
     def _policy(self, a: Assignment, depth: int | None) -> DepthPolicy:
         if depth is not None:

@@ -48,11 +48,33 @@ def compact(depths: list[int]) -> str:
     return " ".join(f"{k}x{n}" if n > 1 else str(k) for k, n in runs) or "-"
 
 
-def emit(args: argparse.Namespace, result: dict[str, Any], seconds: float) -> None:
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print("\n--\n" + stats_line(result, seconds))
+class Output:
+    """Prints text as it arrives (or one JSON object at the end with --json)."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.text = ""
+        self.ids: list[int] = []
+        self.started = time.perf_counter()
+
+    def add(self, text: str, ids: list[int]) -> None:
+        self.text += text
+        self.ids += ids
+        if not self.args.json:
+            print(text, end="", flush=True)
+
+    def finish(self, finish_reason: str, prompt_tokens: int, completion_tokens: int, stats: Any) -> None:
+        result = {
+            "text": self.text,
+            "token_ids": self.ids,
+            "finish_reason": finish_reason,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens},
+            "stats": proto_stats(stats),
+        }
+        if self.args.json:
+            print(json.dumps(result))
+        else:
+            print("\n--\n" + stats_line(result, time.perf_counter() - self.started))
 
 
 def proto_stats(stats: Any) -> dict[str, Any]:
@@ -73,26 +95,17 @@ def proto_stats(stats: Any) -> dict[str, Any]:
 def remote(args: argparse.Namespace, address: str) -> int:
     """Stream from a running coordinator."""
     prompt: dict[str, Any] = {"prompt": args.prompt} if args.raw else {"messages": [{"role": "user", "content": args.prompt}]}
-    text, ids, final = "", [], None
-    started = time.perf_counter()
+    output, final = Output(args), None
     with SpecdClient(address) as client:
         for chunk in client.stream(
             **prompt, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
             seed=args.seed, stop=args.stop, depth=args.depth,
         ):
-            text += chunk.text
-            ids += chunk.token_ids
-            if not args.json:
-                print(chunk.text, end="", flush=True)
+            output.add(chunk.text, chunk.token_ids)
             if chunk.finish_reason is not None:
                 final = chunk
     assert final is not None and final.stats is not None
-    result = {
-        "text": text, "token_ids": ids, "finish_reason": final.finish_reason,
-        "usage": {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.completion_tokens},
-        "stats": proto_stats(final.stats),
-    }
-    emit(args, result, time.perf_counter() - started)
+    output.finish(final.finish_reason, final.prompt_tokens, final.completion_tokens, final.stats)
     return 0
 
 
@@ -121,22 +134,13 @@ async def local(args: argparse.Namespace) -> int:
         else:
             request.chat = [{"role": "user", "content": args.prompt}]
         policy = FixedDepth(args.depth if args.depth is not None else LOCAL_DEFAULT_DEPTH)
-        text, token_ids, final = "", [], None
-        started = time.perf_counter()
+        output, final = Output(args), None
         async for delta in stream_generation(request, pair, policy):
-            text += delta.text
-            token_ids += delta.token_ids
-            if not args.json:
-                print(delta.text, end="", flush=True)
+            output.add(delta.text, delta.token_ids)
             if delta.finish is not None:
                 final = delta
-        assert final is not None and final.stats is not None
-        result = {
-            "text": text, "token_ids": token_ids, "finish_reason": final.finish.value,
-            "usage": {"prompt_tokens": final.prompt_tokens, "completion_tokens": final.completion_tokens},
-            "stats": final.stats.summary(),
-        }
-        emit(args, result, time.perf_counter() - started)
+        assert final is not None and final.finish is not None and final.stats is not None
+        output.finish(final.finish.value, final.prompt_tokens, final.completion_tokens, final.stats.to_proto())
         return 0
     finally:
         for worker in workers:

@@ -81,5 +81,4 @@ class Drafter(ModelWorker):
                 distributions.append(SparseDistribution(ids.tolist(), q.tolist()))
             tokens.append(token)
             feed = [token]
-        session.rounds += 1
         return DraftProposal(tokens=tokens, distributions=distributions, seconds=time.perf_counter() - started)

@@ -56,7 +56,6 @@ class Verifier(ModelWorker):
             verdict = verify_sampled(draft_tokens, q, p, session.params.seed, start_position=len(session.committed))
         session.committed.extend(verdict.committed(draft_tokens))
         session.kv.sync(session.committed)  # drop the rejected suffix now, freeing its memory
-        session.rounds += 1
         return VerifyResult(
             verdict=verdict, k=k, committed_length=len(session.committed), seconds=time.perf_counter() - started
         )

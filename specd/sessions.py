@@ -20,7 +20,7 @@ class _Entry(Generic[T]):
 class SessionTable(Generic[T]):
     """Session id -> state; evicts sessions idle longer than `ttl_seconds`.
 
-    Not thread-safe on purpose: each service touches it only from its event loop.
+    Not thread-safe on purpose: a worker touches it only from its single model thread.
     """
 
     def __init__(self, max_sessions: int, ttl_seconds: float, clock: Callable[[], float] = time.monotonic):

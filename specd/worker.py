@@ -7,7 +7,7 @@ table needs no lock. The servicers translate protobuf to these calls and back.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from specd.errors import FailedPrecondition, OutOfRange
 from specd.kv import KVSession
@@ -23,8 +23,6 @@ class WorkerSession:
     params: SamplingParams
     committed: list[int]  # prompt + generated tokens, as agreed with the oracle
     prompt_length: int
-    rounds: int = 0
-    opened_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True)

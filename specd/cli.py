@@ -4,6 +4,8 @@
     specd up                                 Ray + oracle + draft + coordinator on this machine (or --address)
     specd generate PROMPT [--address A] [--json]   complete a prompt (streams text by default)
     specd demo                               `specd up`, one completion with speculation stats, shut down
+    specd bench [--quick]                    the benchmark (results/latest: JSON, Markdown, plots)
+    specd distill --oracle M --out DIR       train a draft for an oracle, offline
     specd health ADDRESS                     exit 0 when grpc.health.v1 reports SERVING
 """
 
@@ -156,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("prompt", nargs="?", default=None)
     add_generation_arguments(demo)
     demo.set_defaults(func=cmd_demo)
+
+    from specd import bench, distill
+
+    bench.register(commands)
+    distill.register(commands)
 
     health = commands.add_parser("health", help="check a server's grpc.health.v1 status")
     health.add_argument("address")

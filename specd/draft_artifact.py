@@ -21,7 +21,6 @@ to shared token ids. Verification stays lossless; the draft simply never propose
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,8 +31,6 @@ from safetensors.torch import load_file, save_file
 
 from specd.errors import IncompatiblePair, InvalidArgument
 from specd.models import DRAFT_ARTIFACT_MANIFEST, LoadedModel, load_model
-
-log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "draft.safetensors"

@@ -1,0 +1,158 @@
+"""`specd bench`: the benchmark that measures what speculation buys, in one run.
+
+    specd bench [--out results/latest] [--quick] [--sections speed,sampled,rtt,concurrency]
+
+On the default pair (or --oracle/--draft), over the shipped prompt set (chat, code, extraction,
+creative), it measures with one client the oracle alone through specd (k=0), plain transformers
+`generate`, transformers assisted generation with the same draft, specd with fixed k = 1..8 and
+with the adaptive policy, at temperature 0 and at a seeded temperature; then an injected round
+trip to the oracle (0, 2, 10, 50 ms) and 1, 4 and 8 concurrent streaming clients. It writes
+results.json, results.md (tables, the goals with PASS/FAIL) and PNG plots into --out.
+
+The workers run as separate processes; the coordinator and the clients run in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import warnings
+from contextlib import ExitStack
+from pathlib import Path
+
+from specd.defaults import EMBEDDED_ORACLE
+
+FULL_MAX_TOKENS = 96
+FULL_PROMPTS_PER_CATEGORY = 3
+FULL_DELAYS = "0,2,10,50"
+QUICK_MAX_TOKENS = 8
+QUICK_DELAYS = "0,50"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=Path("results/latest"), help="results folder (default: results/latest)")
+    parser.add_argument("--quick", action="store_true", help="tiny random models and a few tokens: checks every path in well under a minute")
+    parser.add_argument("--oracle", default=None, help=f"oracle model source (default: {EMBEDDED_ORACLE}; --quick: a tiny model)")
+    parser.add_argument("--draft", default=None, help="draft model source (default: the default draft for the oracle)")
+    parser.add_argument("--draft-layers", type=int, default=None, help="keep the draft's first N layers (0 keeps all)")
+    parser.add_argument("--max-tokens", type=int, default=None, help=f"output tokens per request (default {FULL_MAX_TOKENS}; --quick {QUICK_MAX_TOKENS})")
+    parser.add_argument("--prompts-per-category", type=int, default=None, help=f"measured prompts per category (default {FULL_PROMPTS_PER_CATEGORY}; --quick 1)")
+    parser.add_argument("--rtt-prompts-per-category", type=int, default=1, help="prompts per category in the round-trip section")
+    parser.add_argument("--sections", default="speed,sampled,rtt,concurrency", help="comma-separated subset of speed,sampled,rtt,concurrency")
+    parser.add_argument("--seed", type=int, default=0, help="base seed of sampled requests (prompt i uses seed + i)")
+    parser.add_argument("--temperature", type=float, default=0.7, help="temperature of the sampled section")
+    parser.add_argument("--delays", default=None, help=f"injected coordinator-oracle round trips, ms (default {FULL_DELAYS}; --quick {QUICK_DELAYS})")
+    parser.add_argument("--clients", default="1,4,8", help="concurrency levels")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: all cores)")
+    parser.add_argument("--prompts", type=Path, default=None, help="prompt set (JSONL; default: the shipped one)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("bench", help="benchmark specd against the oracle alone and transformers")
+    add_arguments(parser)
+    parser.set_defaults(func=run)
+    return parser
+
+
+def _numbers(text: str, kind: type) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def build_options(args: argparse.Namespace, workdir: Path | None = None):
+    """BenchOptions from the command line; --quick writes tiny models under `workdir`."""
+    from specd.bench.runner import SECTIONS, BenchOptions
+    from specd.drafts import default_draft_source
+
+    sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
+    unknown = set(sections) - set(SECTIONS)
+    if unknown or not sections:
+        raise SystemExit(f"--sections takes a comma-separated subset of {','.join(SECTIONS)}; got {args.sections!r}")
+    oracle, draft, draft_layers = args.oracle, args.draft, args.draft_layers
+    if args.quick and oracle is None:
+        from specd.tiny import write_tiny_model
+
+        assert workdir is not None
+        oracle = str(write_tiny_model(workdir / "oracle", seed=1, layers=4, hidden=64, max_context=4096))
+        if draft is None:
+            draft, draft_layers = oracle, 1 if draft_layers is None else draft_layers
+    oracle = oracle or EMBEDDED_ORACLE
+    if draft is None:
+        draft, default_layers = default_draft_source() if oracle == EMBEDDED_ORACLE else (oracle, 1)
+        draft_layers = default_layers if draft_layers is None else draft_layers
+    quick = args.quick
+    max_tokens = args.max_tokens or (QUICK_MAX_TOKENS if quick else FULL_MAX_TOKENS)
+    per_category = args.prompts_per_category or (1 if quick else FULL_PROMPTS_PER_CATEGORY)
+    note = "" if quick else (
+        f"sizes: {max_tokens} tokens x {per_category} prompts per category, {args.rtt_prompts_per_category} per category "
+        "in the round-trip section, chosen so the whole run takes about 20-30 minutes on a 2-core CPU"
+    )
+    return BenchOptions(
+        out=args.out,
+        oracle=oracle,
+        draft=draft,
+        draft_layers=draft_layers or 0,
+        max_tokens=max_tokens,
+        prompts_per_category=per_category,
+        rtt_prompts_per_category=args.rtt_prompts_per_category,
+        sections=sections,
+        seed=args.seed,
+        temperature=args.temperature,
+        delays_ms=_numbers(args.delays or (QUICK_DELAYS if quick else FULL_DELAYS), float),
+        clients=_numbers(args.clients, int),
+        min_requests_per_level=1 if quick else 8,
+        requests_per_client=1 if quick else 2,
+        threads=args.threads or os.cpu_count() or 1,
+        quick=quick,
+        note=note,
+        **({"prompts_path": args.prompts} if args.prompts else {}),
+    )
+
+
+async def _run(options):
+    from specd.bench.runner import run_bench
+
+    return await run_bench(options)
+
+
+def run(args: argparse.Namespace) -> int:
+    # A Ray call made after the benchmark shut its Ray down must fail, not start another cluster.
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
+    warnings.filterwarnings("ignore")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    from specd.bench.plots import write_plots
+    from specd.bench.report import write_markdown
+    from specd.bench.results import write_json
+
+    with ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="specd-bench-"))) if args.quick else None
+        options = build_options(args, workdir)
+        try:
+            results = asyncio.run(_run(options))
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            print("\nspecd bench: interrupted; the workers, coordinators and Ray it started were stopped", file=sys.stderr)
+            return 130
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(results, out / "results.json")
+    write_markdown(results, out / "results.md")
+    write_plots(results, out)
+    print(f"\nspecd bench: {results.duration_seconds / 60:.1f} min; results in {out}/ (results.md, results.json, *.png)")
+    for goal in results.goals:
+        verdict = "n/a " if goal.passed is None else ("PASS" if goal.passed else "FAIL")
+        print(f"  {verdict}  {goal.goal}: {goal.measured}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="specd bench", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))

@@ -1,0 +1,192 @@
+"""One benchmark run: start the stack, load the transformers baselines, run the chosen sections,
+check the goals. Everything started here is stopped on the way out, also on error or Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import platform
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from tqdm import tqdm
+
+from specd.bench.baselines import TransformersBaselines
+from specd.bench.goals import check_goals
+from specd.bench.prompts import PROMPTS_PATH, PromptSet, load_prompt_set
+from specd.bench.results import BenchResults
+from specd.bench.sections import (
+    BenchContext,
+    concurrency_requests,
+    concurrency_section,
+    rtt_requests,
+    rtt_section,
+    speed_requests,
+    speed_section,
+)
+from specd.bench.stack import BenchStack, StackSettings
+from specd.models import DRAFT_ARTIFACT_MANIFEST, LoadedModel, load_model
+
+SECTIONS = ("speed", "sampled", "rtt", "concurrency")
+
+
+@dataclass
+class BenchOptions:
+    out: Path
+    oracle: str
+    draft: str
+    draft_layers: int
+    max_tokens: int
+    prompts_per_category: int
+    rtt_prompts_per_category: int
+    sections: tuple[str, ...] = SECTIONS
+    seed: int = 0
+    temperature: float = 0.7  # of the sampled section
+    delays_ms: list[float] = field(default_factory=lambda: [0.0, 2.0, 10.0, 50.0])
+    clients: list[int] = field(default_factory=lambda: [1, 4, 8])
+    min_requests_per_level: int = 8  # concurrency: at least this many requests per level ...
+    requests_per_client: int = 2  # ... and this many per client
+    threads: int = os.cpu_count() or 1
+    max_depth: int = 8
+    prompts_path: Path = PROMPTS_PATH
+    quick: bool = False
+    note: str = ""  # why these sizes (written into results.md)
+
+    def requests_for(self, clients: int) -> int:
+        return max(self.min_requests_per_level, clients * self.requests_per_client)
+
+
+def machine_info() -> dict[str, Any]:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_average_at_start": list(os.getloadavg()),
+    }
+
+
+def describe_draft(source: str, layers: int) -> str:
+    manifest = Path(source) / DRAFT_ARTIFACT_MANIFEST
+    if manifest.exists():
+        from specd.draft_artifact import DraftManifest
+
+        m = DraftManifest.read(Path(source))
+        head = f"{len(m.head_token_ids)}-token head" if m.head_token_ids else "full-vocabulary head"
+        return f"distilled draft {source} ({m.layers} layers of {m.base}, {head})"
+    return f"{source}" + (f", first {layers} layers" if layers else "")
+
+
+def tokenize(oracle: LoadedModel, prompts: PromptSet) -> dict[str, list[int]]:
+    ids = {}
+    for prompt in [*prompts.measured, prompts.warmup]:
+        encoded = oracle.tokenizer.apply_chat_template(prompt.chat(), add_generation_prompt=True, tokenize=True)
+        if hasattr(encoded, "keys"):
+            encoded = encoded["input_ids"]
+        ids[prompt.id] = [int(t) for t in encoded]
+    return ids
+
+
+def planned_requests(options: BenchOptions, prompts: PromptSet, with_transformers: bool) -> int:
+    total = 0
+    for section in ("speed", "sampled"):
+        if section in options.sections:
+            total += speed_requests(len(prompts.measured), options.max_depth, with_transformers)
+    if "rtt" in options.sections:
+        total += rtt_requests(options.delays_ms, len(prompts.first_of_each(options.rtt_prompts_per_category)))
+    if "concurrency" in options.sections:
+        total += concurrency_requests(options.clients, options.requests_for)
+    return total
+
+
+def cancel_on_signals() -> None:
+    """SIGTERM and SIGINT cancel the run, so that everything started is stopped on the way out.
+    Installed again once Ray runs: Ray's driver puts its own handlers in place when it starts."""
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    if task is not None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
+
+
+async def run_bench(options: BenchOptions) -> BenchResults:
+    started = time.perf_counter()
+    cancel_on_signals()
+    torch.set_num_threads(options.threads)
+    prompts = load_prompt_set(options.prompts_per_category, options.prompts_path)
+    results = BenchResults(
+        machine=machine_info(),
+        setup={
+            "oracle": options.oracle,
+            "draft": describe_draft(options.draft, options.draft_layers),
+            "draft_source": options.draft,
+            "draft_layers": options.draft_layers,
+            "quick": options.quick,
+            "max_tokens": options.max_tokens,
+            "prompts_per_category": options.prompts_per_category,
+            "rtt_prompts_per_category": options.rtt_prompts_per_category,
+            "categories": prompts.categories,
+            "prompt_ids": [p.id for p in prompts.measured],
+            "sections": list(options.sections),
+            "seed": options.seed,
+            "sampled_temperature": options.temperature,
+            "delays_ms": options.delays_ms,
+            "clients": options.clients,
+            "concurrency_requests": {str(n): options.requests_for(n) for n in options.clients},
+            "torch_threads": options.threads,
+            "max_depth": options.max_depth,
+            "note": options.note,
+        },
+    )
+    with_transformers = "speed" in options.sections or "sampled" in options.sections
+    settings = StackSettings(options.oracle, options.draft, options.draft_layers, options.threads, options.max_depth)
+    async with BenchStack(settings) as stack:
+        cancel_on_signals()
+        oracle = await asyncio.to_thread(load_model, options.oracle)
+        baselines = None
+        if with_transformers:
+            draft = await asyncio.to_thread(load_model, options.draft, layers=options.draft_layers)
+            baselines = TransformersBaselines(oracle, draft)
+            results.setup["transformers_assisted"] = baselines.settings()
+        with tqdm(total=planned_requests(options, prompts, with_transformers), desc="specd bench", unit="req") as progress:
+            ctx = BenchContext(
+                stack=stack,
+                prompts=prompts,
+                prompt_ids=tokenize(oracle, prompts),
+                baselines=baselines,
+                max_tokens=options.max_tokens,
+                max_depth=options.max_depth,
+                seed=options.seed,
+                progress=progress,
+            )
+            if "speed" in options.sections:
+                results.speed = await speed_section(ctx, 0.0)
+            if "sampled" in options.sections:
+                results.sampled = await speed_section(ctx, options.temperature)
+            if "rtt" in options.sections:
+                results.rtt = await rtt_section(ctx, options.delays_ms, options.rtt_prompts_per_category)
+            if "concurrency" in options.sections:
+                results.concurrency = await concurrency_section(ctx, options.clients, options.requests_for)
+        if baselines is not None:
+            baselines.close()
+    results.goals = check_goals(results)
+    results.machine["load_average_at_end"] = list(os.getloadavg())
+    results.duration_seconds = time.perf_counter() - started
+    return results

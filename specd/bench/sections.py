@@ -1,0 +1,358 @@
+"""The benchmark's sections. Each runs against coordinators of a `BenchStack` and returns typed
+results (specd.bench.results).
+
+- speed: one client, every configuration on every prompt, at one temperature. Configurations
+  take turns prompt by prompt (round robin), so a change in background load hits them all alike.
+- rtt: an injected round trip on every coordinator -> oracle call; the adaptive policy against
+  the oracle alone at the same delay.
+- concurrency: 1, 4, 8 clients streaming at once; aggregate throughput and latency percentiles.
+
+Prompts are tokenized once here with the oracle's chat template and sent as token ids, so specd
+and the transformers baselines decode exactly the same input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from tqdm import tqdm
+
+from coordinator.server import RunningCoordinator
+from specd.bench.baselines import TransformersBaselines
+from specd.bench.measure import RequestRecord, StreamRecord, StreamSummary, set_ratios, summarise, summarise_streams
+from specd.bench.prompts import BenchPrompt, PromptSet
+from specd.bench.results import (
+    ADAPTIVE,
+    HF_ASSISTED,
+    HF_PLAIN,
+    ORACLE_ALONE,
+    BestFixed,
+    ConcurrencyPoint,
+    ConcurrencyResult,
+    ConfigResult,
+    RttPoint,
+    RttResult,
+    SpeedResult,
+    fixed_key,
+)
+from specd.bench.stack import BenchStack
+from specd.client import AsyncSpecdClient, Result
+
+REQUEST_TIMEOUT_SECONDS = 900.0
+WARMUP_SHORT_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class Config:
+    key: str
+    label: str
+    engine: str  # "specd" or "transformers"
+    depth: int | None = None  # specd: fixed k, None = the coordinator's policy
+    assisted: bool = False  # transformers: with the draft as assistant
+
+
+def speed_configs(max_depth: int, with_transformers: bool) -> list[Config]:
+    configs = []
+    if with_transformers:
+        configs += [
+            Config(HF_PLAIN, "transformers generate (oracle alone)", "transformers"),
+            Config(HF_ASSISTED, "transformers assisted generation (same draft)", "transformers", assisted=True),
+        ]
+    configs.append(Config(ORACLE_ALONE, "specd, oracle alone (k=0)", "specd", depth=0))
+    configs += [Config(fixed_key(k), f"specd, fixed k={k}", "specd", depth=k) for k in range(1, max_depth + 1)]
+    configs.append(Config(ADAPTIVE, "specd, adaptive (goodput)", "specd", depth=None))
+    return configs
+
+
+@dataclass
+class BenchContext:
+    stack: BenchStack
+    prompts: PromptSet
+    prompt_ids: dict[str, list[int]]  # prompt id -> token ids (chat template applied)
+    baselines: TransformersBaselines | None
+    max_tokens: int
+    max_depth: int
+    seed: int
+    progress: tqdm
+
+    def step(self, what: str) -> None:
+        self.progress.set_postfix_str(what, refresh=False)
+        self.progress.update(1)
+
+
+# -- single requests ---------------------------------------------------------------------------
+
+
+def _specd_record(prompt: BenchPrompt, result: Result, seconds: float, depth: int | None) -> RequestRecord:
+    s = result.stats
+    depths = list(s.depth_per_round)
+    return RequestRecord(
+        prompt_id=prompt.id,
+        category=prompt.category,
+        tokens=len(result.token_ids),
+        seconds=seconds,
+        finish=result.finish_reason,
+        drafted=s.drafted,
+        accepted=s.accepted,
+        rounds=s.rounds,
+        rounds_with_draft=sum(1 for k in depths if k > 0),
+        depths=depths,
+        draft_seconds=s.draft_seconds,
+        verify_seconds=s.verify_seconds,
+        network_seconds=s.network_seconds,
+        loop_seconds=s.total_seconds,
+        speculative=depth != 0,
+    )
+
+
+async def specd_request(
+    client: AsyncSpecdClient, ctx: BenchContext, prompt: BenchPrompt, *, depth: int | None, temperature: float,
+    seed: int | None, max_tokens: int | None = None,
+) -> tuple[RequestRecord, list[int]]:
+    started = time.perf_counter()
+    result = await client.generate(
+        token_ids=ctx.prompt_ids[prompt.id],
+        max_tokens=max_tokens or ctx.max_tokens,
+        temperature=temperature,
+        seed=seed if temperature > 0 else None,
+        depth=depth,
+        timeout=REQUEST_TIMEOUT_SECONDS,
+    )
+    seconds = time.perf_counter() - started
+    return _specd_record(prompt, result, seconds, depth), result.token_ids
+
+
+async def baseline_request(
+    ctx: BenchContext, prompt: BenchPrompt, *, assisted: bool, temperature: float, seed: int, max_tokens: int | None = None
+) -> tuple[RequestRecord, list[int]]:
+    assert ctx.baselines is not None
+    run = await asyncio.to_thread(
+        ctx.baselines.generate, ctx.prompt_ids[prompt.id], assisted=assisted,
+        max_tokens=max_tokens or ctx.max_tokens, temperature=temperature, seed=seed,
+    )
+    drafted = sum(run.depths)
+    record = RequestRecord(
+        prompt_id=prompt.id,
+        category=prompt.category,
+        tokens=len(run.token_ids),
+        seconds=run.seconds,
+        finish=run.finish,
+        rounds=run.oracle_calls,
+        speculative=assisted,
+    )
+    if assisted:
+        # Every verification round commits the accepted draft tokens and one token of the oracle's own.
+        record.drafted = drafted
+        record.accepted = max(0, min(drafted, run.emitted - run.oracle_calls))
+        record.rounds_with_draft = sum(1 for k in run.depths if k > 0)
+        record.depths = run.depths
+    return record, run.token_ids
+
+
+async def run_config(
+    client: AsyncSpecdClient, ctx: BenchContext, config: Config, prompt: BenchPrompt, temperature: float, seed: int
+) -> tuple[RequestRecord, list[int]]:
+    if config.engine == "transformers":
+        return await baseline_request(ctx, prompt, assisted=config.assisted, temperature=temperature, seed=seed)
+    return await specd_request(client, ctx, prompt, depth=config.depth, temperature=temperature, seed=seed)
+
+
+def config_result(config: Config, records: list[RequestRecord], categories: list[str]) -> ConfigResult:
+    return ConfigResult(
+        key=config.key,
+        label=config.label,
+        engine=config.engine,
+        depth=config.depth,
+        by_category={c: summarise([r for r in records if r.category == c]) for c in categories if any(r.category == c for r in records)},
+        overall=summarise(records),
+        requests=records,
+    )
+
+
+def set_config_ratios(configs: list[ConfigResult], reference: ConfigResult) -> None:
+    for config in configs:
+        set_ratios(config.by_category, reference.by_category)
+        set_ratios({"all": config.overall}, {"all": reference.overall})
+
+
+# -- warm-up -------------------------------------------------------------------------------------
+
+
+async def warm_up(client: AsyncSpecdClient, ctx: BenchContext, temperature: float, *, kernels: bool) -> str:
+    """Warm the models' first calls (kernels=True) and the adaptive policy: one adaptive request
+    on the warm-up prompt, whose learned state the coordinator keeps for the measured requests."""
+    prompt = ctx.prompts.warmup
+    if kernels:
+        short = min(WARMUP_SHORT_TOKENS, ctx.max_tokens)
+        for depth in (0, ctx.max_depth):
+            await specd_request(client, ctx, prompt, depth=depth, temperature=temperature, seed=ctx.seed, max_tokens=short)
+            ctx.step("warm-up")
+        if ctx.baselines is not None:
+            for assisted in (False, True):
+                await baseline_request(ctx, prompt, assisted=assisted, temperature=temperature, seed=ctx.seed, max_tokens=short)
+                ctx.step("warm-up")
+    await specd_request(client, ctx, prompt, depth=None, temperature=temperature, seed=ctx.seed)
+    ctx.step("warm-up")
+    return (
+        f"the adaptive policy was warmed up with one request ({ctx.max_tokens} tokens) on a warm-up prompt that is "
+        "not measured; the coordinator keeps what it learned"
+    )
+
+
+def warmup_requests(with_transformers: bool, kernels: bool) -> int:
+    return 1 + (2 + (2 if with_transformers else 0) if kernels else 0)
+
+
+# -- sections ------------------------------------------------------------------------------------
+
+
+def speed_requests(ctx_prompts: int, max_depth: int, with_transformers: bool) -> int:
+    return warmup_requests(with_transformers, True) + ctx_prompts * len(speed_configs(max_depth, with_transformers))
+
+
+async def speed_section(ctx: BenchContext, temperature: float) -> SpeedResult:
+    configs = speed_configs(ctx.max_depth, ctx.baselines is not None)
+    records: dict[str, list[RequestRecord]] = {c.key: [] for c in configs}
+    running = await ctx.stack.coordinator(f"speed-t{temperature:g}")
+    try:
+        async with AsyncSpecdClient(running.address) as client:
+            warmup = await warm_up(client, ctx, temperature, kernels=True)
+            for index, prompt in enumerate(ctx.prompts.measured):
+                seed = ctx.seed + index
+                outputs: dict[str, list[int]] = {}
+                for config in configs:
+                    record, tokens = await run_config(client, ctx, config, prompt, temperature, seed)
+                    records[config.key].append(record)
+                    outputs[config.key] = tokens
+                    ctx.step(f"T={temperature:g} {prompt.id} {config.key}")
+                if temperature == 0 and HF_PLAIN in outputs:
+                    for key, tokens in outputs.items():
+                        if key != HF_PLAIN:
+                            records[key][-1].same_as_reference = tokens == outputs[HF_PLAIN]
+    finally:
+        await ctx.stack.close_coordinator(running)
+    categories = ctx.prompts.categories
+    results = [config_result(c, records[c.key], categories) for c in configs]
+    reference = next(r for r in results if r.key == ORACLE_ALONE)
+    set_config_ratios(results, reference)
+    return SpeedResult(
+        temperature=temperature,
+        seed=ctx.seed if temperature > 0 else None,
+        warmup=warmup,
+        configs=results,
+        best_fixed=best_fixed(results, categories),
+    )
+
+
+def best_fixed(results: list[ConfigResult], categories: list[str]) -> list[BestFixed]:
+    """Per category (and over all), the fastest fixed k (0 included) and adaptive's share of it."""
+    fixed = [r for r in results if r.engine == "specd" and r.depth is not None]
+    adaptive = next((r for r in results if r.key == ADAPTIVE), None)
+    if not fixed or adaptive is None:
+        return []
+    out = []
+    for category in [*categories, "all"]:
+        cell = (lambda r: r.overall) if category == "all" else (lambda r: r.by_category[category])
+        winner = max(fixed, key=lambda r: cell(r).tokens_per_second)
+        best, mine = cell(winner).tokens_per_second, cell(adaptive).tokens_per_second
+        out.append(BestFixed(category, int(winner.depth or 0), best, mine, mine / best if best > 0 else 0.0))
+    return out
+
+
+def rtt_requests(delays: list[float], prompts: int) -> int:
+    return len(delays) * (warmup_requests(False, False) + 2 * prompts)
+
+
+async def rtt_section(ctx: BenchContext, delays_ms: list[float], per_category: int) -> RttResult:
+    prompts = ctx.prompts.first_of_each(per_category)
+    categories = ctx.prompts.categories
+    alone = Config(ORACLE_ALONE, "specd, oracle alone (k=0)", "specd", depth=0)
+    adaptive = Config(ADAPTIVE, "specd, adaptive (goodput)", "specd", depth=None)
+    points, warmup = [], ""
+    for delay in delays_ms:
+        running = await ctx.stack.coordinator(f"rtt-{delay:g}ms", oracle_delay_ms=delay)
+        records: dict[str, list[RequestRecord]] = {alone.key: [], adaptive.key: []}
+        try:
+            async with AsyncSpecdClient(running.address) as client:
+                warmup = await warm_up(client, ctx, 0.0, kernels=False)
+                for prompt in prompts:
+                    for config in (alone, adaptive):
+                        record, _ = await run_config(client, ctx, config, prompt, 0.0, ctx.seed)
+                        records[config.key].append(record)
+                        ctx.step(f"RTT {delay:g} ms {prompt.id} {config.key}")
+        finally:
+            await ctx.stack.close_coordinator(running)
+        base = config_result(alone, records[alone.key], categories)
+        mine = config_result(adaptive, records[adaptive.key], categories)
+        set_config_ratios([base, mine], base)
+        points.append(RttPoint(
+            delay_ms=delay,
+            oracle_alone=base,
+            adaptive=mine,
+            ratio_by_category={c: cell.ratio for c, cell in mine.by_category.items() if cell.ratio is not None},
+            ratio_overall=mine.overall.ratio or 0.0,
+        ))
+    return RttResult(prompts_per_category=per_category, warmup=warmup, points=points)
+
+
+CONCURRENCY_POLICIES = (("adaptive", None), ("oracle alone", 0))
+
+
+def concurrency_requests(levels: list[int], requests_for: Callable[[int], int]) -> int:
+    return warmup_requests(False, False) + len(CONCURRENCY_POLICIES) * sum(requests_for(n) for n in levels)
+
+
+async def _stream(client: AsyncSpecdClient, ctx: BenchContext, prompt: BenchPrompt, depth: int | None) -> StreamRecord:
+    record = StreamRecord(prompt_id=prompt.id, sent=time.perf_counter())
+    try:
+        async for chunk in client.stream(
+            token_ids=ctx.prompt_ids[prompt.id], max_tokens=ctx.max_tokens, temperature=0.0, depth=depth,
+            timeout=REQUEST_TIMEOUT_SECONDS,
+        ):
+            now = time.perf_counter()
+            if chunk.token_ids:
+                record.arrivals.append((now, len(chunk.token_ids)))
+            if chunk.stats is not None:
+                record.depths = list(chunk.stats.depth_per_round)
+    except grpc.aio.AioRpcError as error:
+        record.error = f"{error.code().name}: {error.details()}"
+    record.finished = time.perf_counter()
+    return record
+
+
+async def concurrency_section(ctx: BenchContext, levels: list[int], requests_for: Callable[[int], int]) -> ConcurrencyResult:
+    """Each level: `clients` tasks share a queue of requests_for(clients) prompts (cycling through
+    the prompt set) and stream them one after another; temperature 0."""
+    running = await ctx.stack.coordinator("concurrency")
+    points = []
+    try:
+        async with AsyncSpecdClient(running.address) as client:
+            warmup = await warm_up(client, ctx, 0.0, kernels=False)
+        for clients in levels:
+            for policy, depth in CONCURRENCY_POLICIES:
+                summary = await _level(running, ctx, clients, requests_for(clients), depth, policy)
+                points.append(ConcurrencyPoint(policy, clients, summary))
+    finally:
+        await ctx.stack.close_coordinator(running)
+    return ConcurrencyResult(warmup=warmup, points=points)
+
+
+async def _level(
+    running: RunningCoordinator, ctx: BenchContext, clients: int, requests: int, depth: int | None, policy: str
+) -> StreamSummary:
+    queue = iter(list(itertools.islice(itertools.cycle(ctx.prompts.measured), requests)))
+    records: list[StreamRecord] = []
+
+    async def one_client() -> None:
+        async with AsyncSpecdClient(running.address) as client:  # a channel of its own, like a separate user
+            for prompt in queue:  # the clients share the iterator: each request is taken once
+                records.append(await _stream(client, ctx, prompt, depth))
+                ctx.step(f"{clients} clients, {policy}")
+
+    await asyncio.gather(*(one_client() for _ in range(clients)))
+    return summarise_streams(records)

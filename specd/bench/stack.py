@@ -1,0 +1,122 @@
+"""The system under test: an oracle and a draft worker as separate processes, a private local
+Ray, and coordinators started in this process, one per scenario.
+
+Every scenario gets its own coordinator with its own control-plane actor (a unique name), so
+the depth policy starts from fresh state and nothing learned in one scenario leaks into the
+next. `stop()` takes everything down, and is safe to call after a failed or interrupted start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+
+import ray
+
+from coordinator.config import CoordinatorConfig
+from coordinator.server import RunningCoordinator, start_coordinator
+from specd.procs import WorkerProcess, spawn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StackSettings:
+    oracle: str
+    draft: str
+    draft_layers: int
+    torch_threads: int
+    max_depth: int = 8
+
+
+class BenchStack:
+    def __init__(self, settings: StackSettings):
+        self.settings = settings
+        self.namespace = f"specd-bench-{os.getpid()}"
+        self.oracle: WorkerProcess | None = None
+        self.draft: WorkerProcess | None = None
+        self._coordinators: list[RunningCoordinator] = []
+        self._started_ray = False
+
+    async def start(self) -> None:
+        """Start both workers (in parallel) and a local Ray of our own."""
+        s = self.settings
+        common = {"port": 0, "torch_threads": s.torch_threads}
+        spawns = [
+            asyncio.create_task(asyncio.to_thread(spawn, "oracle", {"model": s.oracle, "layers": 0, **common})),
+            asyncio.create_task(asyncio.to_thread(spawn, "draft", {"model": s.draft, "layers": s.draft_layers, **common})),
+        ]
+        try:
+            if not ray.is_initialized():
+                # address="local": a Ray of our own even when another cluster runs on this machine.
+                # Off the main thread, so that Ray leaves the benchmark's own SIGTERM handling alone.
+                await asyncio.to_thread(
+                    ray.init,
+                    address="local",
+                    namespace=self.namespace,
+                    include_dashboard=False,
+                    logging_level="ERROR",
+                    log_to_driver=False,
+                    _node_ip_address="127.0.0.1",
+                )
+                self._started_ray = True
+        finally:
+            results = await asyncio.gather(*spawns, return_exceptions=True)
+            self.oracle, self.draft = (r if isinstance(r, WorkerProcess) else None for r in results)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def coordinator(self, label: str, *, oracle_delay_ms: float = 0.0) -> RunningCoordinator:
+        """A fresh coordinator (own control plane, fresh policy state) over both workers."""
+        assert self.oracle is not None and self.draft is not None, "start() first"
+        config = CoordinatorConfig(
+            port=0,
+            metrics_port=-1,
+            oracles=[self.oracle.address],
+            drafts=[self.draft.address],
+            depth_policy="goodput",
+            max_depth=self.settings.max_depth,
+            oracle_delay_ms=oracle_delay_ms,
+            ray_namespace=self.namespace,
+            plane_name=f"bench-{label}-{uuid.uuid4().hex[:8]}",
+        )
+        running = await start_coordinator(config)
+        self._coordinators.append(running)
+        return running
+
+    async def close_coordinator(self, running: RunningCoordinator) -> None:
+        if running in self._coordinators:
+            self._coordinators.remove(running)
+        try:
+            await running.stop()
+        finally:
+            ray.kill(running.plane.handle)
+
+    async def stop(self) -> None:
+        for running in list(self._coordinators):
+            try:
+                await self.close_coordinator(running)
+            except Exception as error:  # noqa: BLE001 - best effort on the way down
+                log.warning("stopping a coordinator: %s", error)
+        # Requests cancelled on the way out report to the control plane as they unwind: let them.
+        await asyncio.sleep(0.5)
+        if self._started_ray and ray.is_initialized():
+            ray.shutdown()
+        for worker in (self.draft, self.oracle):
+            if worker is not None:
+                worker.stop()
+
+    async def __aenter__(self) -> "BenchStack":
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

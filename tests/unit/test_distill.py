@@ -1,0 +1,159 @@
+"""`specd distill` end to end on a tiny oracle, and the pieces it is built from."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from specd import distill
+from specd.draft_artifact import DraftManifest, slice_output_head
+from specd.models import DRAFT_ARTIFACT_MANIFEST, load_model
+from specd.tiny import write_tiny_model
+
+WORDS = ["fox", "dog", "sea", "code", "tea", "rain", "moon", "cake", "bird", "tree", "lamp", "road"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("distill")
+    write_tiny_model(root / "oracle", seed=3, layers=4, hidden=64)
+    with (root / "prompts.jsonl").open("w") as f:
+        for i in range(48):
+            prompt = f"Tell me about the {WORDS[i % 12]} and the {WORDS[(5 * i + 1) % 12]}, number {i}."
+            f.write(json.dumps({"kind": "chat", "prompt": prompt}) + "\n")
+    return root
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="specd")
+    distill.register(parser.add_subparsers(required=True))
+    return parser.parse_args(["distill", *argv])
+
+
+def tiny_args(root: Path, *extra: str) -> argparse.Namespace:
+    return parse(
+        "--oracle", str(root / "oracle"), "--out", str(root / "draft"), "--prompts", str(root / "prompts.jsonl"),
+        "--layers", "1", "--head-vocab", "128", "--answers-per-prompt", "2", "--max-new-tokens", "24",
+        "--gen-batch-size", "16", "--batch-size", "8", "--lr", "3e-3", "--held-out", "0.2",
+        "--eval-tokens", "24", "--checkpoint-every", "10", "--seed", "1", *extra,
+    )
+
+
+def test_distill_end_to_end_then_resume(setup: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    args = tiny_args(setup, "--steps", "40")
+    assert args.func is distill.run
+    assert args.func(args) == 0
+    out = setup / "draft"
+
+    draft = load_model(str(out))
+    oracle = load_model(str(setup / "oracle"))
+    assert draft.vocab_fingerprint == oracle.vocab_fingerprint
+    assert draft.vocab_size == oracle.vocab_size
+    assert draft.model.config.num_hidden_layers == 1
+    manifest = DraftManifest.read(out)
+    assert manifest.layers == 1
+    assert draft.head_token_ids == manifest.head_token_ids
+    assert len(draft.head_token_ids) >= 128 and set(oracle.eos_token_ids) <= set(draft.head_token_ids)
+    logits = draft.model(input_ids=torch.tensor([[1, 2, 3]])).logits
+    assert logits.shape[-1] == len(draft.head_token_ids)  # [1, 3, head vocab]
+
+    # Only the retrained tensors are stored: the layer and the final norm, not the embedding or the head.
+    stored = load_file(str(out / manifest.weights))
+    assert stored and all(name.startswith(("model.layers.0.", "model.norm.")) for name in stored)
+
+    training = manifest.training
+    assert training["steps"] == 40 and training["seed"] == 1 and training["tokens"] > 0
+    assert training["held_out_prompts"] > 0
+    assert training["held_out_acceptance"] > training["untrained_acceptance"] + 0.2
+    assert training["draft_ms_per_token"] > 0 and training["oracle_ms_per_token"] > 0
+
+    # The replayed acceptance the command reports equals a live drafter/verifier loop, for the
+    # distilled draft (reduced head) and for the untrained truncated one.
+    _, held_out = distill.split_held_out(distill.load_prompts(setup / "prompts.jsonl"), 0.2)
+    prompts = [distill.encode_prompt(oracle, p, 400) for p in held_out[:4]]
+    continuations = distill.greedy_continuations(oracle, prompts, 24 + 4)
+    for candidate in (draft, load_model(str(setup / "oracle"), layers=1)):
+        live = distill.greedy_acceptance(candidate, oracle, prompts, k=4, max_new_tokens=24)
+        replayed = distill.replay_acceptance(
+            candidate, prompts, continuations, eos_token_ids=oracle.eos_token_ids, k=4, max_new_tokens=24,
+            context=oracle.max_context,
+        )
+        assert replayed == live
+
+    # A rerun with more steps continues from the checkpoint and reuses the oracle's cached answers.
+    capsys.readouterr()
+
+    def no_generation(*_args, **_kwargs):
+        raise AssertionError("the cached answers should have been reused")
+
+    monkeypatch.setattr(distill, "generate_batch", no_generation)
+    args = tiny_args(setup, "--steps", "60")
+    assert args.func(args) == 0
+    assert "resuming from" in capsys.readouterr().out
+    checkpoint = torch.load(out / distill.WORK_DIR / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 60
+    resumed = DraftManifest.read(out).training
+    assert resumed["steps"] == 60
+    assert resumed["tokens"] > training["tokens"]
+    assert resumed["held_out_acceptance"] > resumed["untrained_acceptance"]
+
+
+def test_distill_loss_is_the_kl_when_targets_cover_the_vocabulary():
+    torch.manual_seed(0)
+    vocab, hidden, n = 12, 8, 5
+    h = torch.randn(n, hidden)
+    head = torch.randn(vocab, hidden)
+    logp = torch.log_softmax(torch.randn(n, vocab) * 2, dim=-1)
+    rows = torch.arange(vocab).repeat(n, 1)
+    loss, kl = distill.distill_loss(h, head, rows, logp)
+    logq = torch.log_softmax(h @ head.T, dim=-1)
+    exact = (logp.exp() * (logp - logq)).sum(-1).mean()
+    assert torch.allclose(kl, exact, atol=1e-5)
+    # Keeping only the top tokens, the rest lumped into one bucket, gives a lower bound.
+    top = torch.topk(logp, 3, dim=-1)
+    _, kl_top = distill.distill_loss(h, head, top.indices, top.values)
+    assert 0 <= float(kl_top) <= float(exact) + 1e-6
+
+
+def test_held_out_split_is_deterministic_and_disjoint():
+    prompts = distill.load_prompts(distill.DEFAULT_PROMPTS)
+    assert len(prompts) >= 300
+    assert {"chat", "code", "extract", "creative", "qa"} <= {p.kind for p in prompts}
+    train, held_out = distill.split_held_out(prompts, 0.1)
+    again_train, again_held_out = distill.split_held_out(list(reversed(prompts)), 0.1)
+    assert {p.key for p in held_out} == {p.key for p in again_held_out}
+    assert not {p.key for p in train} & {p.key for p in held_out}
+    assert len(train) + len(held_out) == len(prompts)
+    assert 0.05 < len(held_out) / len(prompts) < 0.15
+
+
+def test_reduced_head_scores_the_chosen_rows(setup: Path):
+    loaded = load_model(str(setup / "oracle"), layers=1)
+    ids = torch.tensor([[5, 9, 40, 7]])
+    full = loaded.model(input_ids=ids).logits  # [1, 4, vocab]
+    head_ids = [0, 3, 17, 42, 200]
+    slice_output_head(loaded.model, head_ids)
+    reduced = loaded.model(input_ids=ids).logits  # [1, 4, 5]
+    assert torch.allclose(reduced, full[..., head_ids], atol=1e-5)
+
+
+def test_head_vocab_keeps_the_most_emitted_tokens_and_eos():
+    answers = [
+        distill.OracleAnswer(
+            prompt_ids=[1], answer_ids=[7, 7, 7, 4, 4, 9],
+            top_ids=torch.tensor([[7, 4]] * 6, dtype=torch.int32),
+            top_logprobs=torch.log(torch.tensor([[0.6, 0.4]] * 6)).half(),
+        )
+    ]
+    assert distill.choose_head_vocab(answers, 2, eos_token_ids=[0], vocab_size=50) == [0, 4, 7]
+
+
+def test_manifest_is_checked(tmp_path: Path):
+    (tmp_path / DRAFT_ARTIFACT_MANIFEST).write_text(json.dumps({"format": 99, "base": "x", "layers": 1}))
+    with pytest.raises(Exception, match="unsupported draft format"):
+        load_model(str(tmp_path))

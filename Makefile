@@ -47,7 +47,7 @@ bench: setup
 draft: setup
 	$(VENV)/bin/specd distill --oracle smollm2-135m-instruct --out $(DRAFT_WORK) --layers 2 --head-vocab 8192 \
 		--answers-per-prompt 1 --max-new-tokens 96 --temperature 0.7 --gen-batch-size 64 --minutes 11 \
-		--batch-size 16 --lr 4e-3 --seed 0
+		--batch-size 16 --lr 4e-3 --seed 0 --threads 1
 	mkdir -p $(DRAFT)
 	cp $(DRAFT_WORK)/specd_draft.json $(DRAFT_WORK)/draft.safetensors $(DRAFT)/
 

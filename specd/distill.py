@@ -234,7 +234,9 @@ def generate_batch(
     return answers
 
 
-def oracle_answers(oracle: LoadedModel, prompts: list[list[int]], cache: Path, settings: AnswerSettings) -> list[OracleAnswer]:
+def oracle_answers(
+    oracle: LoadedModel, prompts: list[list[int]], cache: Path, settings: AnswerSettings
+) -> list[OracleAnswer]:
     """Answers for every (prompt, i < answers_per_prompt), generated once and cached per batch."""
     meta = cache / "settings.json"
     wanted = json.dumps(asdict(settings), sort_keys=True)
@@ -255,7 +257,8 @@ def oracle_answers(oracle: LoadedModel, prompts: list[list[int]], cache: Path, s
                 records = torch.load(path, weights_only=True)
             else:
                 started = time.perf_counter()
-                generated = generate_batch(oracle, [prompts[i] for i in batch], settings, settings.seed * 1_000_003 + number)
+                seed = settings.seed * 1_000_003 + number
+                generated = generate_batch(oracle, [prompts[i] for i in batch], settings, seed)
                 records = [asdict(answer) for answer in generated]
                 tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
                 torch.save(records, tmp)
@@ -294,7 +297,8 @@ def choose_head_vocab(answers: list[OracleAnswer], size: int, eos_token_ids: lis
     counts = torch.zeros(vocab_size, dtype=torch.float64)
     mass = torch.zeros(vocab_size, dtype=torch.float64)
     for answer in answers:
-        counts.index_add_(0, torch.tensor(answer.answer_ids, dtype=torch.long), torch.ones(len(answer.answer_ids), dtype=torch.float64))
+        emitted = torch.tensor(answer.answer_ids, dtype=torch.long)
+        counts.index_add_(0, emitted, torch.ones(len(emitted), dtype=torch.float64))
         mass.index_add_(0, answer.top_ids.flatten().long(), answer.top_logprobs.flatten().double().exp())
     # mass < number of positions, so it only orders tokens with equal counts.
     score = counts * (1 + sum(len(a.answer_ids) for a in answers)) + mass
@@ -378,7 +382,7 @@ class TrainingSet:
         shuffle = torch.randperm(len(batches), generator=generator).tolist()
         return [batches[i] for i in shuffle]
 
-    def collate(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def collate(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
         """Right-padded inputs [B, T], the answer positions (rows [N], columns [N]) and p's top-K [N, K]."""
         width = max(len(self.inputs[i]) for i in indices)
         input_ids = torch.zeros((len(indices), width), dtype=torch.long)
@@ -494,7 +498,8 @@ def train_draft(
             seconds += time.perf_counter() - started
             recent = (recent + [float(kl)])[-20:]
             bar.update(1)
-            bar.set_postfix(kl=f"{statistics.fmean(recent):.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
+            speed = tokens / max(seconds, 1e-9)
+            bar.set_postfix(kl=f"{statistics.fmean(recent):.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
             if step - saved_at >= settings.checkpoint_every:
                 save()
                 saved_at = step
@@ -503,7 +508,8 @@ def train_draft(
     model.eval()
     for param in params.values():
         param.requires_grad_(False)
-    return TrainResult(steps=step, tokens=tokens, seconds=seconds, kl=statistics.fmean(recent) if recent else float("nan"))
+    kl = statistics.fmean(recent) if recent else float("nan")
+    return TrainResult(steps=step, tokens=tokens, seconds=seconds, kl=kl)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,11 +562,15 @@ def greedy_acceptance(
         committed += produced
         drafter.close(session)
         verifier.close(session)
-    return AcceptanceReport(prompts=len(prompts), rounds=rounds, drafted=drafted, accepted=accepted, committed=committed)
+    return AcceptanceReport(
+        prompts=len(prompts), rounds=rounds, drafted=drafted, accepted=accepted, committed=committed
+    )
 
 
 @torch.inference_mode()
-def greedy_continuations(oracle: LoadedModel, prompts: list[list[int]], length: int, batch_size: int = 16) -> list[list[int]]:
+def greedy_continuations(
+    oracle: LoadedModel, prompts: list[list[int]], length: int, batch_size: int = 16
+) -> list[list[int]]:
     """The oracle's greedy continuation of each prompt, `length` tokens, not stopping at eos.
 
     Greedy speculative decoding is lossless, so these are exactly the tokens any draft's session
@@ -569,7 +579,8 @@ def greedy_continuations(oracle: LoadedModel, prompts: list[list[int]], length: 
     continuations: list[list[int]] = [[] for _ in prompts]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     pad = _pad_id(oracle)
-    for start in tqdm(range(0, len(order), batch_size), desc="oracle greedy", unit="batch", dynamic_ncols=True, leave=False):
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc="oracle greedy", unit="batch", dynamic_ncols=True, leave=False):
         batch = order[start : start + batch_size]
         width = max(len(prompts[i]) for i in batch)
         input_ids = torch.full((len(batch), width), pad, dtype=torch.long)  # [batch, width], left-padded
@@ -650,7 +661,9 @@ def replay_acceptance(
             if eos.intersection(block):
                 break
         committed += produced
-    return AcceptanceReport(prompts=len(prompts), rounds=rounds, drafted=drafted, accepted=accepted, committed=committed)
+    return AcceptanceReport(
+        prompts=len(prompts), rounds=rounds, drafted=drafted, accepted=accepted, committed=committed
+    )
 
 
 def ms_per_token(models: list[LoadedModel], prompt: list[int], *, rounds: int = 7, reps: int = 8) -> list[float]:
@@ -686,20 +699,22 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "over the oracle's own answers. Writes a draft artifact directory the draft service loads by path.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--oracle", default=EMBEDDED_ORACLE, help="the oracle's model source (as for the oracle service)")
+    parser.add_argument("--oracle", default=EMBEDDED_ORACLE, help="the oracle's model source")
     parser.add_argument("--out", required=True, type=Path, help="artifact directory (work files go to OUT/work)")
     parser.add_argument("--layers", type=int, default=2, help="decoder layers the draft keeps from the oracle")
     parser.add_argument("--head-vocab", type=int, default=0, help="tokens the draft's output head scores (0: all)")
     parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="JSONL prompt set")
-    parser.add_argument("--held-out", type=float, default=0.1, help="fraction of prompts kept out of training, for evaluation")
+    parser.add_argument("--held-out", type=float, default=0.1, help="fraction of prompts kept for evaluation only")
     parser.add_argument("--answers-per-prompt", type=int, default=1, help="sampled oracle answers per training prompt")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="longest oracle answer")
+    parser.add_argument("--max-new-tokens", type=int, default=96, help="longest oracle answer")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the oracle's answers")
     parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling of the oracle's answers")
     parser.add_argument("--gen-batch-size", type=int, default=64, help="prompts per batched oracle generate")
     parser.add_argument("--targets", type=int, default=64, help="top-K tokens of the oracle kept per answer position")
     parser.add_argument("--minutes", type=float, default=15.0, help="training time budget in minutes (0: none)")
-    parser.add_argument("--steps", type=int, default=0, help="training steps; training stops at --steps or --minutes, whichever comes first (0: no step limit)")
+    parser.add_argument(
+        "--steps", type=int, default=0, help="training steps (0: no limit); training ends at --steps or --minutes"
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="answers per training step")
     parser.add_argument("--lr", type=float, default=4e-3, help="peak learning rate (AdamW, cosine decay)")
     parser.add_argument("--seed", type=int, default=0, help="seeds the oracle's sampling and the data order")
@@ -708,7 +723,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--resume", action=argparse.BooleanOptionalAction, default=True,
         help="continue from the checkpoint in OUT/work (the oracle's cached answers are reused either way)",
     )
-    parser.add_argument("--eval-prompts", type=int, default=64, help="held-out prompts used to measure acceptance (at most)")
+    parser.add_argument("--eval-prompts", type=int, default=64, help="most held-out prompts used to measure acceptance")
     parser.add_argument("--eval-tokens", type=int, default=96, help="tokens generated per held-out prompt")
     parser.add_argument("--k", type=int, default=4, help="draft depth for the acceptance measurement")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -750,9 +765,12 @@ def run(args: argparse.Namespace) -> int:
         targets=args.targets,
         seed=args.seed,
     )
-    answers = oracle_answers(oracle, [encode_prompt(oracle, p, max_prompt) for p in train_prompts], work / "answers", settings)
+    train_ids = [encode_prompt(oracle, p, max_prompt) for p in train_prompts]
+    answers = oracle_answers(oracle, train_ids, work / "answers", settings)
 
-    head_ids = choose_head_vocab(answers, args.head_vocab, oracle.eos_token_ids, oracle.vocab_size) if args.head_vocab else None
+    head_ids = None
+    if args.head_vocab:
+        head_ids = choose_head_vocab(answers, args.head_vocab, oracle.eos_token_ids, oracle.vocab_size)
     draft = load_model(args.oracle, layers=args.layers)
     if head_ids is not None:
         slice_output_head(draft.model, head_ids)

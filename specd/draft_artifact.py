@@ -80,7 +80,7 @@ def trained_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
         if name.startswith("layers.") or name.startswith("norm."):
             params[f"{prefix}{name}"] = param
     if not any(name.startswith(f"{prefix}norm.") for name in params):
-        raise InvalidArgument("the model's decoder has no final norm named 'norm'; distillation supports llama-style models")
+        raise InvalidArgument("the decoder has no final norm named 'norm'; distillation supports llama-style models")
     return params
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import ray
 
 from specd.config import DraftConfig, OracleConfig
+from specd.defaults import IDLE_THREADS_ENV
 
 
 class WorkerHost:
@@ -61,7 +62,12 @@ async def launch_worker(
     num_gpus: float = 0, accelerator_type: str | None = None,
 ) -> LaunchedWorker:
     """Start a worker actor where Ray finds the resources asked for; returns once it serves."""
-    options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": resources or {}}
+    options: dict[str, Any] = {
+        "num_cpus": num_cpus,
+        "num_gpus": num_gpus,
+        "resources": resources or {},
+        "runtime_env": {"env_vars": dict(IDLE_THREADS_ENV)},
+    }
     if accelerator_type:
         options["accelerator_type"] = accelerator_type
     handle = ray.remote(WorkerHost).options(**options).remote()

@@ -187,6 +187,9 @@ def _uses_local_ray(argv: list[str]) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from specd.defaults import quiet_idle_threads
+
+    quiet_idle_threads()
     argv = sys.argv[1:] if argv is None else argv
     if _uses_local_ray([a for a in argv if a not in ("-v", "--verbose")]):
         from specd.defaults import keep_local_ray_on_loopback

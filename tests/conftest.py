@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from specd.defaults import keep_local_ray_on_loopback
+from specd.defaults import keep_local_ray_on_loopback, quiet_idle_threads
 
 keep_local_ray_on_loopback()  # before anything imports ray
+quiet_idle_threads()  # before anything imports torch
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

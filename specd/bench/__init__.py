@@ -40,13 +40,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-layers", type=int, default=None, help="keep the draft's first N layers (0 keeps all)")
     parser.add_argument("--max-tokens", type=int, default=None, help=f"output tokens per request (default {FULL_MAX_TOKENS}; --quick {QUICK_MAX_TOKENS})")
     parser.add_argument("--prompts-per-category", type=int, default=None, help=f"measured prompts per category (default {FULL_PROMPTS_PER_CATEGORY}; --quick 1)")
+    parser.add_argument("--sampled-prompts-per-category", type=int, default=1, help="prompts per category at the sampled temperature")
     parser.add_argument("--rtt-prompts-per-category", type=int, default=1, help="prompts per category in the round-trip section")
     parser.add_argument("--sections", default="speed,sampled,rtt,concurrency", help="comma-separated subset of speed,sampled,rtt,concurrency")
     parser.add_argument("--seed", type=int, default=0, help="base seed of sampled requests (prompt i uses seed + i)")
     parser.add_argument("--temperature", type=float, default=0.7, help="temperature of the sampled section")
     parser.add_argument("--delays", default=None, help=f"injected coordinator-oracle round trips, ms (default {FULL_DELAYS}; --quick {QUICK_DELAYS})")
     parser.add_argument("--clients", default="1,4,8", help="concurrency levels")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: all cores)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: all cores; --quick 1)")
     parser.add_argument("--prompts", type=Path, default=None, help="prompt set (JSONL; default: the shipped one)")
 
 
@@ -88,9 +89,9 @@ def build_options(args: argparse.Namespace, workdir: Path | None = None):
     quick = args.quick
     max_tokens = args.max_tokens or (QUICK_MAX_TOKENS if quick else FULL_MAX_TOKENS)
     per_category = args.prompts_per_category or (1 if quick else FULL_PROMPTS_PER_CATEGORY)
-    note = "" if quick else (
-        f"sizes: {max_tokens} tokens x {per_category} prompts per category, {args.rtt_prompts_per_category} per category "
-        "in the round-trip section, chosen so the whole run takes about 20-30 minutes on a 2-core CPU"
+    defaults = args.max_tokens is None and args.prompts_per_category is None
+    note = "" if quick or not defaults else (
+        "the default sizes, chosen so that the whole run takes about 20-30 minutes on a 2-core CPU"
     )
     return BenchOptions(
         out=args.out,
@@ -99,15 +100,17 @@ def build_options(args: argparse.Namespace, workdir: Path | None = None):
         draft_layers=draft_layers or 0,
         max_tokens=max_tokens,
         prompts_per_category=per_category,
-        rtt_prompts_per_category=args.rtt_prompts_per_category,
+        sampled_prompts_per_category=min(args.sampled_prompts_per_category, per_category),
+        rtt_prompts_per_category=min(args.rtt_prompts_per_category, per_category),
         sections=sections,
         seed=args.seed,
         temperature=args.temperature,
         delays_ms=_numbers(args.delays or (QUICK_DELAYS if quick else FULL_DELAYS), float),
         clients=_numbers(args.clients, int),
-        min_requests_per_level=1 if quick else 8,
-        requests_per_client=1 if quick else 2,
-        threads=args.threads or os.cpu_count() or 1,
+        min_requests_per_level=1 if quick else 4,
+        requests_per_client=1,
+        # Tiny models gain nothing from intra-op threads; they only add synchronisation.
+        threads=args.threads or (1 if quick else os.cpu_count() or 1),
         quick=quick,
         note=note,
         **({"prompts_path": args.prompts} if args.prompts else {}),

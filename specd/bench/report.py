@@ -43,14 +43,19 @@ def render(results: BenchResults) -> str:
     lines = [
         "# specd benchmark",
         "",
-        f"- date: {m['date']}; run took {results.duration_seconds / 60:.1f} min",
+        f"- date: {m['date']}; run took {results.duration_seconds / 60:.1f} min ("
+        + ", ".join(f"{name} {seconds / 60:.1f}" for name, seconds in results.section_seconds.items())
+        + " min)",
         f"- machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, transformers {m['transformers']}, "
         f"Python {m['python']}",
         f"- load average (1/5/15 min) at start {_load(m.get('load_average_at_start'))}, "
         f"at end {_load(m.get('load_average_at_end'))} (other work on the machine shows up here)",
         f"- oracle: {s['oracle']}; draft: {s['draft']}",
-        f"- {s['max_tokens']} output tokens at most per request (stops at EOS); {s['prompts_per_category']} prompts per "
-        f"category ({', '.join(s['categories'])}); torch threads per process: {s['torch_threads']}; seed {s['seed']}",
+        f"- {s['max_tokens']} output tokens at most per request (stops at EOS); prompts per category "
+        f"({', '.join(s['categories'])}): {s['prompts_per_category']} at temperature 0, "
+        f"{s['sampled_prompts_per_category']} at temperature {s['sampled_temperature']:g}, "
+        f"{s['rtt_prompts_per_category']} per injected round trip; torch threads per process: {s['torch_threads']}; "
+        f"seed {s['seed']}",
         "- the oracle and the draft are separate worker processes (gRPC on loopback); the coordinator and the "
         "clients run in the benchmark process; the transformers baselines run in the benchmark process too, "
         "while the workers are idle",
@@ -58,7 +63,7 @@ def render(results: BenchResults) -> str:
     if s.get("quick"):
         lines.append("- **quick mode**: tiny random models, a few tokens; the figures only show that every path works")
     if s.get("note"):
-        lines.append(f"- {s['note']}")
+        lines.append(f"- sizes: {s['note']}")
     lines += ["", "## Goals (temperature 0, one client)", ""]
     lines += _table(
         ["goal", "measured", "result"],

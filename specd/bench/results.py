@@ -47,6 +47,7 @@ class SpeedResult:
     """Single client, every configuration, one temperature."""
 
     temperature: float
+    prompts_per_category: int
     seed: int | None  # base seed of sampled requests (prompt i uses seed + i)
     warmup: str
     configs: list[ConfigResult]
@@ -105,6 +106,7 @@ class BenchResults:
     concurrency: ConcurrencyResult | None = None
     goals: list[GoalCheck] = field(default_factory=list)
     duration_seconds: float = 0.0
+    section_seconds: dict[str, float] = field(default_factory=dict)  # start (workers, Ray) and each section
 
 
 def _clean(value: Any) -> Any:

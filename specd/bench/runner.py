@@ -44,14 +44,15 @@ class BenchOptions:
     draft_layers: int
     max_tokens: int
     prompts_per_category: int
+    sampled_prompts_per_category: int
     rtt_prompts_per_category: int
     sections: tuple[str, ...] = SECTIONS
     seed: int = 0
     temperature: float = 0.7  # of the sampled section
     delays_ms: list[float] = field(default_factory=lambda: [0.0, 2.0, 10.0, 50.0])
     clients: list[int] = field(default_factory=lambda: [1, 4, 8])
-    min_requests_per_level: int = 8  # concurrency: at least this many requests per level ...
-    requests_per_client: int = 2  # ... and this many per client
+    min_requests_per_level: int = 4  # concurrency: at least this many requests per level ...
+    requests_per_client: int = 1  # ... and this many per client
     threads: int = os.cpu_count() or 1
     max_depth: int = 8
     prompts_path: Path = PROMPTS_PATH
@@ -106,9 +107,11 @@ def tokenize(oracle: LoadedModel, prompts: PromptSet) -> dict[str, list[int]]:
 
 def planned_requests(options: BenchOptions, prompts: PromptSet, with_transformers: bool) -> int:
     total = 0
-    for section in ("speed", "sampled"):
-        if section in options.sections:
-            total += speed_requests(len(prompts.measured), options.max_depth, with_transformers)
+    if "speed" in options.sections:
+        total += speed_requests(len(prompts.measured), options.max_depth, with_transformers)
+    if "sampled" in options.sections:
+        sampled = len(prompts.first_of_each(options.sampled_prompts_per_category))
+        total += speed_requests(sampled, options.max_depth, with_transformers)
     if "rtt" in options.sections:
         total += rtt_requests(options.delays_ms, len(prompts.first_of_each(options.rtt_prompts_per_category)))
     if "concurrency" in options.sections:
@@ -141,6 +144,7 @@ async def run_bench(options: BenchOptions) -> BenchResults:
             "quick": options.quick,
             "max_tokens": options.max_tokens,
             "prompts_per_category": options.prompts_per_category,
+            "sampled_prompts_per_category": options.sampled_prompts_per_category,
             "rtt_prompts_per_category": options.rtt_prompts_per_category,
             "categories": prompts.categories,
             "prompt_ids": [p.id for p in prompts.measured],
@@ -158,6 +162,7 @@ async def run_bench(options: BenchOptions) -> BenchResults:
     with_transformers = "speed" in options.sections or "sampled" in options.sections
     settings = StackSettings(options.oracle, options.draft, options.draft_layers, options.threads, options.max_depth)
     async with BenchStack(settings) as stack:
+        results.section_seconds["start"] = time.perf_counter() - started
         cancel_on_signals()
         oracle = await asyncio.to_thread(load_model, options.oracle)
         baselines = None
@@ -176,14 +181,17 @@ async def run_bench(options: BenchOptions) -> BenchResults:
                 seed=options.seed,
                 progress=progress,
             )
-            if "speed" in options.sections:
-                results.speed = await speed_section(ctx, 0.0)
-            if "sampled" in options.sections:
-                results.sampled = await speed_section(ctx, options.temperature)
-            if "rtt" in options.sections:
-                results.rtt = await rtt_section(ctx, options.delays_ms, options.rtt_prompts_per_category)
-            if "concurrency" in options.sections:
-                results.concurrency = await concurrency_section(ctx, options.clients, options.requests_for)
+            sections = {
+                "speed": lambda: speed_section(ctx, 0.0),
+                "sampled": lambda: speed_section(ctx, options.temperature, options.sampled_prompts_per_category),
+                "rtt": lambda: rtt_section(ctx, options.delays_ms, options.rtt_prompts_per_category),
+                "concurrency": lambda: concurrency_section(ctx, options.clients, options.requests_for),
+            }
+            for name in SECTIONS:
+                if name in options.sections:
+                    section_started = time.perf_counter()
+                    setattr(results, name, await sections[name]())
+                    results.section_seconds[name] = time.perf_counter() - section_started
         if baselines is not None:
             baselines.close()
     results.goals = check_goals(results)

@@ -215,14 +215,16 @@ def speed_requests(ctx_prompts: int, max_depth: int, with_transformers: bool) ->
     return warmup_requests(with_transformers, True) + ctx_prompts * len(speed_configs(max_depth, with_transformers))
 
 
-async def speed_section(ctx: BenchContext, temperature: float) -> SpeedResult:
+async def speed_section(ctx: BenchContext, temperature: float, per_category: int | None = None) -> SpeedResult:
+    """Every configuration on the first `per_category` prompts of each category (default: all)."""
+    prompts = ctx.prompts.first_of_each(per_category) if per_category else ctx.prompts.measured
     configs = speed_configs(ctx.max_depth, ctx.baselines is not None)
     records: dict[str, list[RequestRecord]] = {c.key: [] for c in configs}
     running = await ctx.stack.coordinator(f"speed-t{temperature:g}")
     try:
         async with AsyncSpecdClient(running.address) as client:
             warmup = await warm_up(client, ctx, temperature, kernels=True)
-            for index, prompt in enumerate(ctx.prompts.measured):
+            for index, prompt in enumerate(prompts):
                 seed = ctx.seed + index
                 outputs: dict[str, list[int]] = {}
                 for config in configs:
@@ -242,6 +244,7 @@ async def speed_section(ctx: BenchContext, temperature: float) -> SpeedResult:
     set_config_ratios(results, reference)
     return SpeedResult(
         temperature=temperature,
+        prompts_per_category=len(prompts) // len(categories),
         seed=ctx.seed if temperature > 0 else None,
         warmup=warmup,
         configs=results,

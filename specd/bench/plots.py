@@ -81,6 +81,8 @@ def _ratio_vs_rtt(results: BenchResults, categories: list[str], path: Path) -> P
         ax.axhline(1.0, color="gray", linewidth=1)
         ax.axhline(0.95, color="red", linestyle="--", linewidth=1, label="0.95")
         ax.set_xscale("symlog", linthresh=2)
+        ax.set_xlim(left=0)
+        ax.set_xticks(delays, [f"{d:g}" for d in delays])
         ax.set_xlabel("injected coordinator-oracle round trip (ms)")
         ax.set_ylabel("adaptive / oracle alone (tokens per second)")
         ax.set_title("Speculation against a distant oracle (temperature 0)")
@@ -99,15 +101,17 @@ def _latency_vs_concurrency(results: BenchResults, path: Path) -> Path:
         for ax in axes:
             _empty(ax, "concurrency: not measured")
     else:
-        for policy in dict.fromkeys(p.policy for p in conc.points):
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for i, policy in enumerate(dict.fromkeys(p.policy for p in conc.points)):
+            color = colors[i % len(colors)]
             points = [p for p in conc.points if p.policy == policy]
             clients = [p.clients for p in points]
-            axes[0].plot(clients, [p.summary.tokens_per_second for p in points], marker="o", label=policy)
+            axes[0].plot(clients, [p.summary.tokens_per_second for p in points], marker="o", color=color, label=policy)
             for q, style in (("p50", "-"), ("p99", "--")):
                 axes[1].plot(clients, [_nan(getattr(p.summary, f"ttft_{q}_ms")) for p in points], marker="o",
-                             linestyle=style, label=f"{policy} {q}")
+                             color=color, linestyle=style, label=f"{policy} {q}")
                 axes[2].plot(clients, [_nan(getattr(p.summary, f"itl_{q}_ms")) for p in points], marker="o",
-                             linestyle=style, label=f"{policy} {q}")
+                             color=color, linestyle=style, label=f"{policy} {q}")
         for ax, title, unit in (
             (axes[0], "aggregate throughput", "output tokens per second"),
             (axes[1], "time to first token", "ms"),

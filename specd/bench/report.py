@@ -199,7 +199,7 @@ def _rtt(results: BenchResults) -> list[str]:
         "## Injected round trip between the coordinator and the oracle (temperature 0, one client)",
         "",
         f"Every Verify call waits the given time first (coordinator oracle_delay_ms); {rtt.prompts_per_category} "
-        f"prompt(s) per category; a fresh coordinator per delay; {rtt.warmup}.",
+        f"prompt(s) per category; a fresh coordinator per delay. {rtt.warmup}.",
         "",
     ]
     rows = []

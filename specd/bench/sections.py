@@ -199,7 +199,7 @@ async def warm_up(client: AsyncSpecdClient, ctx: BenchContext, temperature: floa
     await specd_request(client, ctx, prompt, depth=None, temperature=temperature, seed=ctx.seed)
     ctx.step("warm-up")
     return (
-        f"the adaptive policy was warmed up with one request ({ctx.max_tokens} tokens) on a warm-up prompt that is "
+        f"The adaptive policy was warmed up with one request ({ctx.max_tokens} tokens) on a warm-up prompt that is "
         "not measured; the coordinator keeps what it learned"
     )
 

@@ -5,7 +5,8 @@ a session starts (`acquire`), occasionally while it runs (`report`, fire-and-for
 when it ends (`release`) — never per token: per-token traffic goes straight from the session
 loop to the workers over gRPC.
 
-Pairs: every healthy draft whose vocabulary fingerprint equals an oracle's forms a pair with it.
+Pairs: every healthy draft whose vocabulary fingerprint equals an oracle's forms a pair with it
+(a feature draft also needs the oracle's feature width, ModelInfo.feature_dim).
 A new session goes to the least-loaded healthy, undrained oracle, and to the least-loaded
 compatible draft; with no usable draft it runs on the oracle alone (k = 0).
 """
@@ -43,6 +44,7 @@ class Worker:
     model_id: str = ""
     vocab_fingerprint: str = ""
     vocab_size: int = 0
+    feature_dim: int = 0  # see ModelInfo.feature_dim
     max_depth: int = 0
     max_context: int = 0
     max_sessions: int = 0
@@ -208,6 +210,7 @@ class ControlPlane:
             worker.model_id = info.model_id
             worker.vocab_fingerprint = info.vocab_fingerprint
             worker.vocab_size = info.vocab_size
+            worker.feature_dim = info.feature_dim
             worker.max_depth = info.max_depth
             worker.max_context = info.max_context
             worker.max_sessions = info.max_sessions
@@ -230,7 +233,7 @@ class ControlPlane:
     def _compatible(self, draft: Worker, oracle: Worker) -> bool:
         return bool(draft.vocab_fingerprint) and draft.vocab_fingerprint == oracle.vocab_fingerprint and (
             draft.vocab_size == oracle.vocab_size
-        )
+        ) and (not draft.feature_dim or draft.feature_dim == oracle.feature_dim)
 
     def policy_for(self, pid: str) -> str:
         return self.policies.get(pid, self.default_policy)

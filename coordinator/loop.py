@@ -5,6 +5,10 @@
              k > 0: draft.Propose(tokens committed since last time, k) -> d_1..d_k, q
              oracle.Verify(d_1..d_k, q) -> m accepted + the oracle's own token
              commit d_1..d_m + that token; both workers roll their caches back to it
+
+A feature draft (ModelInfo.feature_dim > 0) reads the oracle's final hidden states: its
+session opens after the oracle's, with the prompt's features, and each Propose carries the
+features of the positions committed since the previous one (returned by the verdicts).
     close both sessions (always: on completion, error, cancellation or deadline)
 
 Per-token traffic is these two RPCs; nothing here touches Ray.
@@ -24,7 +28,7 @@ import grpc
 
 from coordinator.depth import DepthPolicy
 from coordinator.stats import RoundObservation, SpeculationStats
-from coordinator.workers import DraftClient, OracleClient
+from coordinator.workers import DraftClient, OracleClient, join_features
 from specd.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -79,6 +83,8 @@ class SpeculativeSession:
         self.current_k = 0
         self._committed_length = len(request.prompt)
         self._draft_pending: list[int] = []  # committed tokens the draft has not been told about
+        self._features_pending: list[common_pb2.Features] = []  # their features, for a feature draft
+        self._feature_draft = False
         self._draft_open = False
         self._oracle_open = False
         self.draft_error = ""
@@ -97,6 +103,15 @@ class SpeculativeSession:
 
     async def open(self) -> None:
         sid, prompt, sampling = self.session_id, self.request.prompt, self.request.sampling
+        if self.draft is not None:
+            try:
+                self._feature_draft = await self.draft.feature_dim(self._timeout()) > 0
+            except grpc.aio.AioRpcError as error:
+                self._draft_lost(error)
+                self.draft = None
+        if self._feature_draft:
+            await self._open_in_turn(sid, prompt, sampling)
+            return
         opens = [self.oracle.open_session(sid, prompt, sampling, self._timeout())]
         if self.draft is not None:
             opens.append(self.draft.open_session(sid, prompt, sampling, self._timeout()))
@@ -107,6 +122,18 @@ class SpeculativeSession:
             raise results[0]
         if self.draft is not None and not self._draft_open:
             self._draft_lost(results[-1])
+
+    async def _open_in_turn(self, sid: str, prompt: list[int], sampling: common_pb2.SamplingParams) -> None:
+        """A feature draft needs the prompt's features, so it opens after the oracle has prefilled."""
+        assert self.draft is not None
+        features = await self.oracle.open_session(sid, prompt, sampling, self._timeout(), return_features=True)
+        self._oracle_open = True
+        try:
+            await self.draft.open_session(sid, prompt, sampling, self._timeout(), features)
+        except grpc.aio.AioRpcError as error:
+            self._draft_lost(error)
+        else:
+            self._draft_open = True
 
     def _draft_lost(self, error: BaseException) -> None:
         """A draft failure never fails the request: the session goes on with the oracle alone."""
@@ -165,13 +192,15 @@ class SpeculativeSession:
             assert self.draft is not None
             try:
                 proposal = await self.draft.propose(
-                    self.session_id, self._draft_pending, self._committed_length, k, self._timeout()
+                    self.session_id, self._draft_pending, self._committed_length, k, self._timeout(),
+                    join_features(self._features_pending),
                 )
             except grpc.aio.AioRpcError as error:
                 self._draft_lost(error)
                 k = 0
             else:
                 self._draft_pending = []
+                self._features_pending = []
                 draft_tokens, distributions = proposal.tokens, proposal.distributions
                 draft_compute, draft_wall = proposal.compute_seconds, proposal.wall_seconds
         verdict = await self.oracle.verify(
@@ -180,6 +209,8 @@ class SpeculativeSession:
         committed = draft_tokens[: verdict.accepted] + [verdict.next_token]
         self._committed_length += len(committed)
         self._draft_pending.extend(committed)
+        if verdict.features is not None and self._draft_open:
+            self._features_pending.append(verdict.features)
         return committed, RoundObservation(
             k=k,
             accepted=verdict.accepted,

@@ -1,15 +1,21 @@
-"""Forming a draft/oracle pair: fetch both workers' info, refuse a vocabulary mismatch."""
+"""Forming a draft/oracle pair: fetch both workers' info, refuse a vocabulary or feature-width mismatch."""
 
 from __future__ import annotations
 
 from coordinator.generation import Pair, TextCodec
 from coordinator.workers import DraftClient, OracleClient
+from specd.errors import IncompatiblePair
 from specd.models import check_pair
 from specd.v1 import common_pb2
 
 
 def check_infos(draft: common_pb2.ModelInfo, oracle: common_pb2.ModelInfo) -> None:
     check_pair(draft.vocab_fingerprint, draft.vocab_size, oracle.vocab_fingerprint, oracle.vocab_size)
+    if draft.feature_dim and draft.feature_dim != oracle.feature_dim:
+        raise IncompatiblePair(
+            f"the draft reads oracle features of width {draft.feature_dim}, but this oracle's are "
+            f"{oracle.feature_dim} wide; a feature draft pairs only with the oracle it was distilled from"
+        )
 
 
 async def connect_pair(oracle_address: str, draft_address: str | None, codec: TextCodec | None = None) -> Pair:

@@ -22,7 +22,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.plane import connect_ray, get_or_create_plane
 from coordinator.ray_workers import LaunchedWorker, launch_worker, stop_worker
 from coordinator.server import start_coordinator
-from specd.config import DEFAULT_DRAFT_LAYERS, DraftConfig
+from specd.config import DraftConfig
 from specd.defaults import COORDINATOR_PORT, EMBEDDED_ORACLE
 from specd.procs import announce_ready
 from specd.v1 import common_pb2

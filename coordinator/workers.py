@@ -6,8 +6,6 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-import grpc
-
 from specd.security import Security
 from specd.server import channel_options
 from specd.v1 import common_pb2, draft_pb2, draft_pb2_grpc, oracle_pb2, oracle_pb2_grpc
@@ -28,6 +26,22 @@ class TimedVerdict:
     committed_length: int
     compute_seconds: float
     wall_seconds: float
+    features: common_pb2.Features | None = None  # sessions opened with return_features
+
+
+def join_features(parts: list[common_pb2.Features]) -> common_pb2.Features | None:
+    """Consecutive feature blocks (as verdicts return them) as one block; None when there are none."""
+    parts = [part for part in parts if part.rows]
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    return common_pb2.Features(
+        start=parts[0].start,
+        rows=sum(part.rows for part in parts),
+        dim=parts[0].dim,
+        data=b"".join(part.data for part in parts),
+    )
 
 
 class WorkerClient:
@@ -60,24 +74,36 @@ class DraftClient(WorkerClient):
     def __init__(self, address: str, max_message_bytes: int = 16 << 20, delay_seconds: float = 0.0):
         super().__init__(address, max_message_bytes, delay_seconds)
         self.stub = draft_pb2_grpc.DraftServiceStub(self.channel)
+        self._feature_dim: int | None = None
+
+    async def feature_dim(self, timeout: float | None = 10.0) -> int:
+        """Width of the oracle features the draft reads (0: standalone); asked once per client."""
+        if self._feature_dim is None:
+            self._feature_dim = (await self.info(timeout)).feature_dim
+        return self._feature_dim
 
     async def open_session(
-        self, session_id: str, prompt: list[int], sampling: common_pb2.SamplingParams, timeout: float | None
+        self, session_id: str, prompt: list[int], sampling: common_pb2.SamplingParams, timeout: float | None,
+        features: common_pb2.Features | None = None,
     ) -> None:
         await self.stub.OpenSession(
-            draft_pb2.OpenDraftSessionRequest(session_id=session_id, prompt_token_ids=prompt, sampling=sampling),
+            draft_pb2.OpenDraftSessionRequest(
+                session_id=session_id, prompt_token_ids=prompt, sampling=sampling, features=features
+            ),
             timeout=timeout,
             metadata=self.metadata,
         )
 
     async def propose(
-        self, session_id: str, append: list[int], committed_length: int, k: int, timeout: float | None
+        self, session_id: str, append: list[int], committed_length: int, k: int, timeout: float | None,
+        features: common_pb2.Features | None = None,
     ) -> TimedProposal:
         started = time.perf_counter()
         await self._delay()
         reply = await self.stub.Propose(
             draft_pb2.ProposeRequest(
-                session_id=session_id, append_token_ids=append, committed_length=committed_length, depth=k
+                session_id=session_id, append_token_ids=append, committed_length=committed_length, depth=k,
+                features=features,
             ),
             timeout=timeout,
             metadata=self.metadata,
@@ -99,13 +125,18 @@ class OracleClient(WorkerClient):
         return await self.stub.GetTokenizer(oracle_pb2.GetTokenizerRequest(), timeout=timeout, metadata=self.metadata)
 
     async def open_session(
-        self, session_id: str, prompt: list[int], sampling: common_pb2.SamplingParams, timeout: float | None
-    ) -> None:
-        await self.stub.OpenSession(
-            oracle_pb2.OpenOracleSessionRequest(session_id=session_id, prompt_token_ids=prompt, sampling=sampling),
+        self, session_id: str, prompt: list[int], sampling: common_pb2.SamplingParams, timeout: float | None,
+        return_features: bool = False,
+    ) -> common_pb2.Features | None:
+        """Open and prefill; with return_features, the prompt's features for a feature draft."""
+        reply = await self.stub.OpenSession(
+            oracle_pb2.OpenOracleSessionRequest(
+                session_id=session_id, prompt_token_ids=prompt, sampling=sampling, return_features=return_features
+            ),
             timeout=timeout,
             metadata=self.metadata,
         )
+        return reply.features if reply.HasField("features") else None
 
     async def verify(
         self,
@@ -133,4 +164,5 @@ class OracleClient(WorkerClient):
             committed_length=reply.committed_length,
             compute_seconds=reply.verify_seconds,
             wall_seconds=time.perf_counter() - started,
+            features=reply.features if reply.HasField("features") else None,
         )

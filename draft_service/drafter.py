@@ -2,7 +2,8 @@
 
 No gRPC here. Each round the coordinator sends the tokens committed since the last round
 (accepted draft tokens and the oracle's own token); the drafter rolls its cache back to them
-and proposes the next block. For sampled sessions each token is drawn from a proposal
+and proposes the next block. A feature draft (specd.feature_draft) also receives the oracle's
+final hidden states for the committed positions and drafts from them. For sampled sessions each token is drawn from a proposal
 distribution q (the warped distribution restricted to the top-N tokens, renormalised), and q
 is returned exactly, so the oracle's rejection sampling stays lossless.
 """
@@ -16,9 +17,10 @@ import torch
 
 from specd import validation
 from specd.errors import InvalidArgument
+from specd.feature_draft import FeatureSession
 from specd.models import LoadedModel
-from specd.sampling import Stream, keyed_uniform, sample_from, warp_probs
-from specd.worker import ModelWorker
+from specd.sampling import SamplingParams, Stream, keyed_uniform, sample_from, warp_probs
+from specd.worker import ModelWorker, OpenResult, PositionFeatures, WorkerSession
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,32 @@ class Drafter(ModelWorker):
     def _token_id(self, head_index: int) -> int:
         return head_index if self._head_ids is None else int(self._head_ids[head_index])
 
-    def propose(self, session_id: str, append: list[int], committed_length: int, k: int) -> DraftProposal:
+    @property
+    def feature_dim(self) -> int:
+        return self.loaded.feature_dim
+
+    def open(
+        self, session_id: str, prompt: list[int], params: SamplingParams, *,
+        features: PositionFeatures | None = None,
+    ) -> OpenResult:
+        """Standalone drafts prefill the prompt; feature drafts take the prompt's features."""
+        if not self.feature_dim:
+            return super().open(session_id, prompt, params)
+        self.validate_open(session_id, prompt)
+        started = time.perf_counter()
+        state = FeatureSession(self.loaded.model, self.loaded.device)
+        if features is not None:
+            state.receive(features.start, features.rows)
+        self._check_features(state, len(prompt))
+        state.catch_up(prompt)
+        session = WorkerSession(kv=state, params=params, committed=list(prompt), prompt_length=len(prompt))
+        self.sessions.add(session_id, session)
+        return OpenResult(prefill_tokens=len(prompt), prefill_seconds=time.perf_counter() - started)
+
+    def propose(
+        self, session_id: str, append: list[int], committed_length: int, k: int,
+        features: PositionFeatures | None = None,
+    ) -> DraftProposal:
         session = self.sessions.get(session_id)
         if any(not 0 <= t < self.vocab_size for t in append):
             raise InvalidArgument(f"appended token ids must be in [0, {self.vocab_size})")
@@ -60,14 +87,23 @@ class Drafter(ModelWorker):
                 f"session out of sync: appending gives {expected} committed tokens, caller says {committed_length}"
             )
         self.check_room(expected, k)
+        state = session.kv
+        if isinstance(state, FeatureSession) and features is not None:
+            state.receive(features.start, features.rows)
+            self._check_features(state, expected)
         session.committed.extend(append)
         started = time.perf_counter()
-        feed = session.kv.sync(session.committed)
+        if isinstance(state, FeatureSession):
+            state.catch_up(session.committed)
+            next_logits = self._feature_steps(state, session.committed)
+        else:
+            next_logits = self._token_steps(session)
         tokens: list[int] = []
         distributions: list[SparseDistribution] = []
         position = len(session.committed)
+        logits = next_logits(None)
         for i in range(k):
-            logits = session.kv.forward(feed)[-1, : self._head_size]  # [head vocab]
+            logits = logits[: self._head_size]  # [head vocab]
             if session.params.greedy:
                 token = self._token_id(int(logits.argmax()))
             else:
@@ -80,5 +116,40 @@ class Drafter(ModelWorker):
                 token = int(ids[sample_from(q, keyed_uniform(session.params.seed, position + i, Stream.DRAFT))])
                 distributions.append(SparseDistribution(ids.tolist(), q.tolist()))
             tokens.append(token)
-            feed = [token]
+            if i + 1 < k:
+                logits = next_logits(token)
         return DraftProposal(tokens=tokens, distributions=distributions, seconds=time.perf_counter() - started)
+
+    @staticmethod
+    def _token_steps(session: WorkerSession):
+        """A standalone draft's next logits: the first call feeds what the cache lacks, then one token each."""
+        feed = session.kv.sync(session.committed)
+
+        def next_logits(token: int | None) -> torch.Tensor:
+            return session.kv.forward(feed if token is None else [token])[-1]
+
+        return next_logits
+
+    def _feature_steps(self, state: FeatureSession, committed: list[int]):
+        """A feature draft's next logits: first from the last real position, then from its own features."""
+        if state.last is None:  # a one-token prompt: no feature exists yet, so start from a zero feature
+            state.last = state.step(torch.zeros(1, self.feature_dim, device=self.loaded.device), committed[-1])
+        current = {"g": state.last[0]}
+
+        def next_logits(token: int | None) -> torch.Tensor:
+            if token is None:
+                return state.last[1]
+            g, logits = state.step(current["g"], token)
+            current["g"] = g
+            return logits
+
+        return next_logits
+
+    @staticmethod
+    def _check_features(state: FeatureSession, committed_length: int) -> None:
+        """Every committed position but the last must have its feature (the oracle returns them all)."""
+        if state.received != committed_length - 1:
+            raise InvalidArgument(
+                f"a feature draft needs the oracle's features for positions 0..{committed_length - 2}, "
+                f"it holds {state.received}; open the oracle session with return_features and pass them on"
+            )

@@ -7,7 +7,7 @@ import grpc
 from draft_service.drafter import Drafter
 from specd.server import ModelExecutor, grpc_errors
 from specd.v1 import common_pb2, draft_pb2, draft_pb2_grpc
-from specd.worker_service import WorkerServicerMixin, session_id_from
+from specd.worker_service import WorkerServicerMixin, features_from_proto, session_id_from
 from specd.config import DraftConfig
 
 SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
@@ -21,6 +21,9 @@ class DraftServicer(WorkerServicerMixin, draft_pb2_grpc.DraftServiceServicer):
     def __init__(self, drafter: Drafter, executor: ModelExecutor, config: DraftConfig):
         super().__init__(drafter, executor, config)
 
+    def open_options(self, request: draft_pb2.OpenDraftSessionRequest) -> dict:
+        return {"features": features_from_proto(request.features)}
+
     @grpc_errors
     async def Propose(self, request: draft_pb2.ProposeRequest, context: grpc.aio.ServicerContext) -> draft_pb2.Proposal:
         session_id = session_id_from(request)
@@ -31,6 +34,7 @@ class DraftServicer(WorkerServicerMixin, draft_pb2_grpc.DraftServiceServicer):
             list(request.append_token_ids),
             request.committed_length,
             request.depth,
+            features_from_proto(request.features),
         )
         self.metrics.forward.labels("propose").observe(proposal.seconds)
         return draft_pb2.Proposal(

@@ -8,7 +8,7 @@ from oracle_service.verifier import Verifier
 from specd.config import OracleConfig
 from specd.server import ModelExecutor, grpc_errors
 from specd.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
-from specd.worker_service import WorkerServicerMixin, session_id_from
+from specd.worker_service import WorkerServicerMixin, features_to_proto, session_id_from
 
 SERVICE_NAME = oracle_pb2.DESCRIPTOR.services_by_name["OracleService"].full_name
 
@@ -36,6 +36,13 @@ class OracleServicer(WorkerServicerMixin, oracle_pb2_grpc.OracleServiceServicer)
             vocab_fingerprint=self.worker.loaded.vocab_fingerprint,
         )
 
+    def feature_dim(self) -> int:
+        """The width of the final hidden states this oracle returns to feature drafts."""
+        return int(self.worker.loaded.model.config.hidden_size)
+
+    def open_options(self, request: oracle_pb2.OpenOracleSessionRequest) -> dict:
+        return {"return_features": request.return_features}
+
     @grpc_errors
     async def Verify(self, request: oracle_pb2.VerifyRequest, context: grpc.aio.ServicerContext) -> oracle_pb2.Verdict:
         session_id = session_id_from(request)
@@ -50,10 +57,13 @@ class OracleServicer(WorkerServicerMixin, oracle_pb2_grpc.OracleServiceServicer)
         self.metrics.forward.labels("verify").observe(result.seconds)
         assert self.metrics.spec is not None
         self.metrics.spec.record(result.k, result.verdict.accepted)
-        return oracle_pb2.Verdict(
+        reply = oracle_pb2.Verdict(
             accepted=result.verdict.accepted,
             next_token_id=result.verdict.next_token,
             bonus=result.verdict.is_bonus(result.k),
             committed_length=result.committed_length,
             verify_seconds=result.seconds,
         )
+        if result.features is not None:
+            reply.features.CopyFrom(features_to_proto(result.features))
+        return reply

@@ -16,7 +16,7 @@ import torch
 from specd.errors import InvalidArgument
 from specd.sampling import warp_probs
 from specd.verification import Verdict, sparse_to_dense, verify_greedy, verify_sampled
-from specd.worker import ModelWorker
+from specd.worker import ModelWorker, PositionFeatures
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,7 @@ class VerifyResult:
     k: int
     committed_length: int
     seconds: float
+    features: PositionFeatures | None = None  # sessions opened with return_features
 
 
 class Verifier(ModelWorker):
@@ -46,7 +47,13 @@ class Verifier(ModelWorker):
             q = self._proposal_matrix(draft_tokens, draft_distributions)
         started = time.perf_counter()
         feed = session.kv.sync(session.committed)
-        logits = session.kv.forward(feed + draft_tokens)[-(k + 1) :, : self.vocab_size]  # [k+1, vocab]
+        first_position = len(session.committed) - len(feed)
+        hidden = None
+        if session.return_features:
+            logits, hidden = session.kv.forward_with_features(feed + draft_tokens)  # [n, vocab], [n, H]
+        else:
+            logits = session.kv.forward(feed + draft_tokens)
+        logits = logits[-(k + 1) :, : self.vocab_size]  # [k+1, vocab]
         if session.params.greedy:
             verdict = verify_greedy(draft_tokens, logits)
         else:
@@ -56,8 +63,13 @@ class Verifier(ModelWorker):
             verdict = verify_sampled(draft_tokens, q, p, session.params.seed, start_position=len(session.committed))
         session.committed.extend(verdict.committed(draft_tokens))
         session.kv.sync(session.committed)  # drop the rejected suffix now, freeing its memory
+        features = None
+        if hidden is not None:
+            # Rows whose input token is now committed: the fed tokens and the accepted draft tokens.
+            features = PositionFeatures(first_position, hidden[: len(feed) + verdict.accepted])
         return VerifyResult(
-            verdict=verdict, k=k, committed_length=len(session.committed), seconds=time.perf_counter() - started
+            verdict=verdict, k=k, committed_length=len(session.committed), seconds=time.perf_counter() - started,
+            features=features,
         )
 
     def _proposal_matrix(

@@ -24,6 +24,7 @@ gives the same counts as a live drafter/verifier loop (`greedy_acceptance`) at a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -32,6 +33,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -41,6 +43,7 @@ from draft_service.drafter import Drafter
 from oracle_service.verifier import Verifier
 from specd.draft_artifact import DraftManifest, save_draft_artifact, slice_output_head, trained_parameters
 from specd.errors import InvalidArgument
+from specd.feature_draft import FeatureDraftModel
 from specd.kv import KVSession
 from specd.models import EMBEDDED_ORACLE, LoadedModel, load_model, resolve_source
 from specd.sampling import SamplingParams
@@ -370,18 +373,6 @@ class TrainingSet:
     def answer_tokens(self) -> int:
         return sum(len(rows) for rows in self.target_rows)
 
-    def epoch(self, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-        """Batches of sequence indices for one epoch: shuffled, with similar lengths grouped."""
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self), generator=generator).tolist()
-        group = batch_size * 8
-        batches = []
-        for start in range(0, len(order), group):
-            chunk = sorted(order[start : start + group], key=lambda i: len(self.inputs[i]))
-            batches.extend(chunk[s : s + batch_size] for s in range(0, len(chunk), batch_size))
-        shuffle = torch.randperm(len(batches), generator=generator).tolist()
-        return [batches[i] for i in shuffle]
-
     def collate(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
         """Right-padded inputs [B, T], the answer positions (rows [N], columns [N]) and p's top-K [N, K]."""
         width = max(len(self.inputs[i]) for i in indices)
@@ -435,19 +426,36 @@ def _learning_rate(step: int, progress: float, settings: TrainSettings) -> float
     return settings.lr * min(1.0, (step + 1) / warmup) * decay
 
 
-def train_draft(
-    model: torch.nn.Module, data: TrainingSet, head_weight: torch.Tensor, checkpoint: Path, identity: dict,
+def grouped_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Batches of sequence indices for one epoch: shuffled, with similar lengths grouped (less padding)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    group = batch_size * 8
+    batches = []
+    for start in range(0, len(order), group):
+        chunk = sorted(order[start : start + group], key=lambda i: lengths[i])
+        batches.extend(chunk[s : s + batch_size] for s in range(0, len(chunk), batch_size))
+    shuffle = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffle]
+
+
+# One training step on a batch of sequence indices: (loss, answer positions, KL figures to show).
+Step = Callable[[list[int]], tuple[torch.Tensor, int, dict[str, float]]]
+
+
+def run_training(
+    params: dict[str, torch.nn.Parameter], lengths: list[int], step_fn: Step, checkpoint: Path, identity: dict,
     settings: TrainSettings,
 ) -> TrainResult:
-    """Retrain the kept layers and the final norm of `model` on KL(oracle || draft)."""
-    params = trained_parameters(model)
-    for param in model.parameters():
-        param.requires_grad_(False)
+    """AdamW on `params` over epochs of grouped batches, with a progress bar, checkpoints and resume.
+
+    The reported KL is the mean of the first figure step_fn returns, over the last 20 steps.
+    """
     for param in params.values():
         param.requires_grad_(True)
     optimizer = torch.optim.AdamW(list(params.values()), lr=settings.lr, betas=(0.9, 0.95), weight_decay=0.0)
     step, seconds, tokens = 0, 0.0, 0
-    recent: list[float] = []
+    recent: list[dict[str, float]] = []
     if settings.resume and checkpoint.exists():
         state = torch.load(checkpoint, weights_only=True)
         if state["identity"] == identity:
@@ -470,46 +478,65 @@ def train_draft(
         torch.save(state, tmp)
         tmp.replace(checkpoint)
 
-    decoder = model.get_decoder()
-    head_weight = head_weight.detach()
-    batches_per_epoch = len(data.epoch(settings.batch_size, settings.seed, 0))
+    batches_per_epoch = len(grouped_batches(lengths, settings.batch_size, settings.seed, 0))
     epoch_number, batches = -1, []
-    model.train()
     saved_at = step
     with tqdm(total=settings.steps or None, initial=step, desc="distill", unit="step", dynamic_ncols=True) as bar:
         while _progress(step, seconds, settings) < 1.0:
             started = time.perf_counter()
             if step // batches_per_epoch != epoch_number:
                 epoch_number = step // batches_per_epoch
-                batches = data.epoch(settings.batch_size, settings.seed, epoch_number)
-            input_ids, rows, cols, target_rows, target_logprobs = data.collate(batches[step % batches_per_epoch])
+                batches = grouped_batches(lengths, settings.batch_size, settings.seed, epoch_number)
             lr = _learning_rate(step, _progress(step, seconds, settings), settings)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            # Right padding under a causal mask: no real position attends to padding, so no mask is needed.
-            hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, T, H]
-            loss, kl = distill_loss(hidden[rows, cols], head_weight, target_rows, target_logprobs)
+            loss, positions, figures = step_fn(batches[step % batches_per_epoch])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
             optimizer.step()
             step += 1
-            tokens += len(rows)
+            tokens += positions
             seconds += time.perf_counter() - started
-            recent = (recent + [float(kl)])[-20:]
+            recent = (recent + [figures])[-20:]
             bar.update(1)
-            speed = tokens / max(seconds, 1e-9)
-            bar.set_postfix(kl=f"{statistics.fmean(recent):.3f}", lr=f"{lr:.2e}", tok_s=f"{speed:.0f}")
+            shown = {name: f"{statistics.fmean(r[name] for r in recent):.3f}" for name in figures}
+            bar.set_postfix(**shown, lr=f"{lr:.2e}", tok_s=f"{tokens / max(seconds, 1e-9):.0f}")
             if step - saved_at >= settings.checkpoint_every:
                 save()
                 saved_at = step
     if step != saved_at or not checkpoint.exists():
         save()
-    model.eval()
     for param in params.values():
         param.requires_grad_(False)
-    kl = statistics.fmean(recent) if recent else float("nan")
+    first = next(iter(recent[-1])) if recent else None
+    kl = statistics.fmean(r[first] for r in recent) if recent else float("nan")
     return TrainResult(steps=step, tokens=tokens, seconds=seconds, kl=kl)
+
+
+def train_draft(
+    model: torch.nn.Module, data: TrainingSet, head_weight: torch.Tensor, checkpoint: Path, identity: dict,
+    settings: TrainSettings,
+) -> TrainResult:
+    """Retrain the kept layers and the final norm of `model` on KL(oracle || draft)."""
+    params = trained_parameters(model)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    decoder = model.get_decoder()
+    head_weight = head_weight.detach()
+
+    def step(indices: list[int]) -> tuple[torch.Tensor, int, dict[str, float]]:
+        input_ids, rows, cols, target_rows, target_logprobs = data.collate(indices)
+        # Right padding under a causal mask: no real position attends to padding, so no mask is needed.
+        hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, T, H]
+        loss, kl = distill_loss(hidden[rows, cols], head_weight, target_rows, target_logprobs)
+        return loss, len(rows), {"kl": float(kl)}
+
+    model.train()
+    try:
+        return run_training(params, [len(x) for x in data.inputs], step, checkpoint, identity, settings)
+    finally:
+        model.eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,13 +572,15 @@ def greedy_acceptance(
     rounds = drafted = accepted = committed = 0
     for number, prompt in enumerate(tqdm(prompts, desc=desc, unit="prompt", dynamic_ncols=True, leave=False)):
         session = f"{desc}-{number}"
-        drafter.open(session, prompt, SamplingParams())
-        verifier.open(session, prompt, SamplingParams())
+        opened = verifier.open(session, prompt, SamplingParams(), return_features=drafter.feature_dim > 0)
+        drafter.open(session, prompt, SamplingParams(), features=opened.features)
         append: list[int] = []
+        features = None
         produced = 0
         while produced < max_new_tokens and len(prompt) + produced + k + 1 <= context:
-            proposal = drafter.propose(session, append, 0, k)
-            verdict = verifier.verify(session, proposal.tokens, [], 0).verdict
+            proposal = drafter.propose(session, append, 0, k, features)
+            result = verifier.verify(session, proposal.tokens, [], 0)
+            verdict, features = result.verdict, result.features
             append = verdict.committed(proposal.tokens)
             rounds += 1
             drafted += k
@@ -701,6 +730,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     parser.add_argument("--oracle", default=EMBEDDED_ORACLE, help="the oracle's model source")
     parser.add_argument("--out", required=True, type=Path, help="artifact directory (work files go to OUT/work)")
+    parser.add_argument(
+        "--kind", choices=["layers", "features"], default="layers",
+        help="layers: the oracle's first --layers layers, reading tokens alone; features: one layer reading the "
+        "oracle's final hidden states, which the oracle returns with each verdict (llama-style oracles)",
+    )
     parser.add_argument("--layers", type=int, default=2, help="decoder layers the draft keeps from the oracle")
     parser.add_argument("--head-vocab", type=int, default=0, help="tokens the draft's output head scores (0: all)")
     parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="JSONL prompt set")
@@ -771,39 +805,58 @@ def run(args: argparse.Namespace) -> int:
     head_ids = None
     if args.head_vocab:
         head_ids = choose_head_vocab(answers, args.head_vocab, oracle.eos_token_ids, oracle.vocab_size)
-    draft = load_model(args.oracle, layers=args.layers)
-    if head_ids is not None:
-        slice_output_head(draft.model, head_ids)
-    data = TrainingSet.build(answers, head_ids, oracle.vocab_size)
+    train_settings = TrainSettings(
+        steps=args.steps, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, resume=args.resume,
+    )
     identity = {
         "answers": hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode()).hexdigest(),
+        "kind": args.kind,
         "layers": args.layers,
         "head": hashlib.sha256(json.dumps(head_ids).encode()).hexdigest(),
         "seed": args.seed,
         "batch_size": args.batch_size,
     }
-    tqdm.write(
-        f"training a {args.layers}-layer draft on {data.answer_tokens} answer tokens from {len(train_prompts)} prompts "
-        f"({len(held_out)} held out); head: {len(head_ids) if head_ids else oracle.vocab_size} tokens"
-    )
-    train_settings = TrainSettings(
-        steps=args.steps, minutes=args.minutes, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, resume=args.resume,
-    )
-    result = train_draft(
-        draft.model, data, draft.model.get_output_embeddings().weight, work / "checkpoint.pt", identity, train_settings
-    )
+    if args.kind == "features":
+        from specd.feature_distill import oracle_features, train_feature_draft
+
+        data = oracle_features(
+            oracle, answers, work / "features", head_token_ids=head_ids, targets=args.targets,
+            batch_size=args.gen_batch_size // 4 or 1,
+        )
+        model = FeatureDraftModel(oracle.model, head_ids)
+        tqdm.write(
+            f"training a feature draft on {data.answer_tokens} answer tokens from {len(train_prompts)} prompts "
+            f"({len(held_out)} held out); head: {len(head_ids) if head_ids else oracle.vocab_size} tokens"
+        )
+        result = train_feature_draft(model, data, work / "checkpoint.pt", identity, train_settings)
+        layers, answer_tokens = 1, data.answer_tokens
+    else:
+        draft = load_model(args.oracle, layers=args.layers)
+        if head_ids is not None:
+            slice_output_head(draft.model, head_ids)
+        data = TrainingSet.build(answers, head_ids, oracle.vocab_size)
+        tqdm.write(
+            f"training a {args.layers}-layer draft on {data.answer_tokens} answer tokens from {len(train_prompts)} "
+            f"prompts ({len(held_out)} held out); head: {len(head_ids) if head_ids else oracle.vocab_size} tokens"
+        )
+        model = draft.model
+        result = train_draft(
+            model, data, model.get_output_embeddings().weight, work / "checkpoint.pt", identity, train_settings
+        )
+        layers, answer_tokens = args.layers, data.answer_tokens
 
     manifest = DraftManifest(
         base=_portable_source(args.oracle),
-        layers=args.layers,
+        layers=layers,
         vocab_fingerprint=oracle.vocab_fingerprint,
         head_token_ids=head_ids,
+        kind=args.kind,
         training={
             "seed": args.seed,
             "steps": result.steps,
             "tokens": result.tokens,
-            "answer_tokens": data.answer_tokens,
+            "answer_tokens": answer_tokens,
             "answers": len(data),
             "train_prompts": len(train_prompts),
             "held_out_prompts": len(held_out),
@@ -814,14 +867,16 @@ def run(args: argparse.Namespace) -> int:
             "answer_settings": {k: v for k, v in asdict(settings).items() if k not in ("oracle", "prompts_sha256")},
         },
     )
-    save_draft_artifact(out, draft.model, manifest)
-    del draft
+    save_draft_artifact(out, model, manifest)
+    del model
 
     # Measure what ships: the artifact as the draft service loads it.
     shipped = load_model(str(out))
     eval_prompts = [encode_prompt(oracle, p, max_prompt) for p in held_out[: args.eval_prompts]]
     figures: dict = {"k": args.k, "eval_prompts": len(eval_prompts), "eval_tokens": args.eval_tokens}
-    if eval_prompts:
+    if eval_prompts and args.kind == "features":
+        figures.update(_evaluate_feature_draft(shipped, oracle, eval_prompts, head_ids, args, work))
+    elif eval_prompts:
         untrained = load_model(args.oracle, layers=args.layers)
         continuations = _cached_continuations(oracle, eval_prompts, args.eval_tokens + args.k, work / "greedy.json")
         replay = {
@@ -833,18 +888,8 @@ def run(args: argparse.Namespace) -> int:
         agreement = [token_agreement(d, eval_prompts, continuations, args.eval_tokens) for d in (shipped, untrained)]
         timing = [shipped, untrained, oracle]
         draft_ms, untrained_ms, oracle_ms = ms_per_token(timing, max(eval_prompts, key=len))
-        figures.update(
-            held_out_acceptance=round(trained.acceptance_rate, 4),
-            held_out_mean_acceptance_length=round(trained.mean_acceptance_length, 3),
-            untrained_acceptance=round(baseline.acceptance_rate, 4),
-            untrained_mean_acceptance_length=round(baseline.mean_acceptance_length, 3),
-            held_out_token_agreement=round(agreement[0], 4),
-            untrained_token_agreement=round(agreement[1], 4),
-            draft_ms_per_token=round(draft_ms, 2),
-            full_head_draft_ms_per_token=round(untrained_ms, 2),
-            oracle_ms_per_token=round(oracle_ms, 2),
-            cost_ratio=round(draft_ms / oracle_ms, 3),
-        )
+        figures.update(_figures(trained, baseline, agreement, draft_ms, oracle_ms))
+        figures["full_head_draft_ms_per_token"] = round(untrained_ms, 2)
     figures["answering_minutes"] = round(answering_seconds(work / "answers") / 60, 2)
     figures["this_run_minutes"] = round((time.perf_counter() - started) / 60, 2)
     manifest.training.update(figures)
@@ -860,12 +905,56 @@ def run(args: argparse.Namespace) -> int:
             f"mean acceptance length {figures['held_out_mean_acceptance_length']:.2f}; per-token agreement "
             f"{figures['held_out_token_agreement']:.3f} vs {figures['untrained_token_agreement']:.3f}"
         )
-        print(
-            f"ms per token: draft {figures['draft_ms_per_token']:.2f}, full-head {args.layers}-layer draft "
-            f"{figures['full_head_draft_ms_per_token']:.2f}, oracle {figures['oracle_ms_per_token']:.2f} "
-            f"(draft/oracle {figures['cost_ratio']:.3f})"
-        )
+        if args.kind == "features":
+            print(
+                f"ms per token: draft {figures['draft_ms_per_token']:.2f}, oracle {figures['oracle_ms_per_token']:.2f} "
+                f"(draft/oracle {figures['cost_ratio']:.3f})"
+            )
+        else:
+            print(
+                f"ms per token: draft {figures['draft_ms_per_token']:.2f}, full-head {args.layers}-layer draft "
+                f"{figures['full_head_draft_ms_per_token']:.2f}, oracle {figures['oracle_ms_per_token']:.2f} "
+                f"(draft/oracle {figures['cost_ratio']:.3f})"
+            )
     return 0
+
+
+def _evaluate_feature_draft(
+    shipped: LoadedModel, oracle: LoadedModel, prompts: list[list[int]], head_ids: list[int] | None,
+    args: argparse.Namespace, work: Path,
+) -> dict:
+    """Live greedy acceptance (a feature draft's later guesses read its own features, so there is
+    no replay) against the untrained draft, first-token agreement, and the cost of one draft step."""
+    from specd.feature_distill import first_token_agreement, step_ms
+
+    untrained = dataclasses.replace(shipped, model=FeatureDraftModel(oracle.model, head_ids).eval())
+    trained = greedy_acceptance(shipped, oracle, prompts, k=args.k, max_new_tokens=args.eval_tokens, desc="trained")
+    baseline = greedy_acceptance(
+        untrained, oracle, prompts, k=args.k, max_new_tokens=args.eval_tokens, desc="untrained"
+    )
+    continuations = _cached_continuations(oracle, prompts, args.eval_tokens + args.k, work / "greedy.json")
+    agreement = [first_token_agreement(d, oracle, prompts, continuations, args.eval_tokens) for d in (shipped, untrained)]
+    longest = max(prompts, key=len)
+    draft_ms = step_ms(shipped, oracle, longest)
+    (oracle_ms,) = ms_per_token([oracle], longest)
+    return _figures(trained, baseline, agreement, draft_ms, oracle_ms)
+
+
+def _figures(
+    trained: AcceptanceReport, untrained: AcceptanceReport, agreement: list[float], draft_ms: float, oracle_ms: float
+) -> dict:
+    """The held-out figures a manifest records, trained draft against untrained."""
+    return dict(
+        held_out_acceptance=round(trained.acceptance_rate, 4),
+        held_out_mean_acceptance_length=round(trained.mean_acceptance_length, 3),
+        untrained_acceptance=round(untrained.acceptance_rate, 4),
+        untrained_mean_acceptance_length=round(untrained.mean_acceptance_length, 3),
+        held_out_token_agreement=round(agreement[0], 4),
+        untrained_token_agreement=round(agreement[1], 4),
+        draft_ms_per_token=round(draft_ms, 2),
+        oracle_ms_per_token=round(oracle_ms, 2),
+        cost_ratio=round(draft_ms / oracle_ms, 3),
+    )
 
 
 def _cached_continuations(oracle: LoadedModel, prompts: list[list[int]], length: int, cache: Path) -> list[list[int]]:

@@ -1,7 +1,10 @@
 """A distilled draft stored as a small delta on its oracle.
 
-A draft made by `specd distill` is the oracle's own embedding and output head over its first
-L decoder layers, with those layers and the final norm retrained to imitate the full oracle.
+`specd distill` makes two kinds of draft (DraftManifest.kind):
+- "layers": the oracle's own embedding and output head over its first L decoder layers, with
+  those layers and the final norm retrained to imitate the full oracle. It reads tokens alone.
+- "features": one decoder layer over the oracle's final hidden states (specd.feature_draft),
+  which the oracle returns with each verdict.
 Only the retrained tensors are stored; everything else is rebuilt from the oracle at load
 time, so the artifact stays small and its vocabulary is the oracle's by construction.
 
@@ -30,10 +33,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from specd.errors import IncompatiblePair, InvalidArgument
+from specd.feature_draft import FeatureDraftModel
 from specd.models import DRAFT_ARTIFACT_MANIFEST, LoadedModel, load_model
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "draft.safetensors"
+KINDS = ("layers", "features")
 
 
 @dataclass
@@ -41,12 +46,13 @@ class DraftManifest:
     """Contents of specd_draft.json."""
 
     base: str  # the oracle's model source, as load_model accepts it
-    layers: int  # decoder layers kept from the oracle (and retrained)
+    layers: int  # decoder layers kept from the oracle (and retrained); 1 for a feature draft
     vocab_fingerprint: str  # the oracle's; a rebuilt draft must match it
     head_token_ids: list[int] | None = None  # None: the head scores the whole vocabulary
     weights: str = WEIGHTS_FILE
     format: int = FORMAT_VERSION
     training: dict[str, Any] = field(default_factory=dict)  # seed, steps, tokens, held-out acceptance, ...
+    kind: str = "layers"  # see the module docstring
 
     @classmethod
     def read(cls, directory: Path) -> DraftManifest:
@@ -61,6 +67,8 @@ class DraftManifest:
         missing = {"base", "layers", "vocab_fingerprint"} - set(raw)
         if missing:
             raise InvalidArgument(f"{path}: missing fields {sorted(missing)}")
+        if raw.get("kind", "layers") not in KINDS:
+            raise InvalidArgument(f"{path}: unknown draft kind {raw.get('kind')!r} (known: {', '.join(KINDS)})")
         return cls(**{key: value for key, value in raw.items() if key in known})
 
     def write(self, directory: Path) -> None:
@@ -69,10 +77,13 @@ class DraftManifest:
 
 
 def trained_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """The tensors a distilled draft retrains: every kept decoder layer and the final norm.
+    """The tensors a distilled draft retrains: every kept decoder layer and the final norm
+    (a feature draft: its fuse projection, layer and norm).
 
     The embedding (and the output head tied to it) stays frozen and is not stored.
     """
+    if isinstance(model, FeatureDraftModel):
+        return model.trained_parameters()
     decoder = model.get_decoder()
     prefix = _decoder_prefix(model)
     params: dict[str, torch.nn.Parameter] = {}
@@ -87,7 +98,7 @@ def trained_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 def save_draft_artifact(
     directory: Path, model: torch.nn.Module, manifest: DraftManifest, *, dtype: torch.dtype = torch.bfloat16
 ) -> Path:
-    """Write the retrained tensors of `model` (a truncated oracle) and the manifest."""
+    """Write the retrained tensors of `model` (a truncated oracle or a feature draft) and the manifest."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: param.detach().to("cpu", dtype).contiguous() for name, param in trained_parameters(model).items()}
     tmp = directory / f".{manifest.weights}.tmp{os.getpid()}"
@@ -106,16 +117,21 @@ def load_draft_artifact(
     max_context: int = 0,
     cache_dir: Path | None = None,
 ) -> LoadedModel:
-    """Rebuild a distilled draft: the oracle's first L layers, overlaid with the retrained tensors."""
+    """Rebuild a distilled draft from its oracle, overlaid with the retrained tensors."""
     path = Path(path)
     manifest = DraftManifest.read(path)
-    loaded = load_model(manifest.base, dtype=dtype, device="cpu", layers=manifest.layers, cache_dir=cache_dir)
+    features = manifest.kind == "features"
+    layers = 0 if features else manifest.layers
+    loaded = load_model(manifest.base, dtype=dtype, device="cpu", layers=layers, cache_dir=cache_dir)
     if loaded.vocab_fingerprint != manifest.vocab_fingerprint:
         raise IncompatiblePair(
             f"draft {path} was distilled from an oracle with vocabulary {manifest.vocab_fingerprint[:12]}, "
             f"but {manifest.base!r} now has {loaded.vocab_fingerprint[:12]}"
         )
-    model = loaded.model
+    head_ids = manifest.head_token_ids
+    if head_ids is not None:
+        _check_head_ids(head_ids, loaded.vocab_size)
+    model = FeatureDraftModel(loaded.model, head_ids) if features else loaded.model
     expected = trained_parameters(model)
     stored = load_file(str(path / manifest.weights))
     missing = sorted(set(expected) - set(stored))
@@ -130,15 +146,15 @@ def load_draft_artifact(
             if stored[name].shape != param.shape:
                 raise InvalidArgument(f"{name}: stored shape {tuple(stored[name].shape)} != {tuple(param.shape)}")
             param.copy_(stored[name].to(param.dtype))
-    head_ids = manifest.head_token_ids
-    if head_ids is not None:
-        _check_head_ids(head_ids, loaded.vocab_size)
+    if head_ids is not None and not features:
         slice_output_head(model, head_ids)
     torch_device = torch.device(device)
-    model.to(torch_device).eval()
+    model.to(device=torch_device, dtype=loaded.dtype).eval()
     context = loaded.max_context if not max_context else min(loaded.max_context, max_context)
     loaded.model = model
-    loaded.model_id = f"{path.name} (distilled from {manifest.base}, {manifest.layers} layers)"
+    shape = "reads the oracle's features" if features else f"{manifest.layers} layers"
+    loaded.model_id = f"{path.name} (distilled from {manifest.base}, {shape})"
+    loaded.feature_dim = model.hidden_size if features else 0
     loaded.head_token_ids = list(head_ids) if head_ids is not None else None
     loaded.max_context = context
     loaded.device = torch_device

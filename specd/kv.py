@@ -25,15 +25,36 @@ class KVSession:
         return len(self.cached_ids)
 
     @torch.inference_mode()
-    def forward(self, token_ids: list[int], output_hidden: bool = False) -> torch.Tensor:
+    def forward(self, token_ids: list[int]) -> torch.Tensor:
         """Feed tokens after the cached ones; returns logits [len(token_ids), vocab]."""
+        input_ids = self._input(token_ids)
+        out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True)
+        self._fed(token_ids)
+        return out.logits[0].float()  # [n, vocab]
+
+    @torch.inference_mode()
+    def forward_with_features(self, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like forward, and also the final hidden states the output head reads: ([n, vocab], [n, H]).
+
+        The decoder and the head are called as the model's own forward calls them, so the logits
+        are the same as forward's.
+        """
+        input_ids = self._input(token_ids)
+        hidden = self.model.get_decoder()(
+            input_ids=input_ids, past_key_values=self.cache, use_cache=True
+        ).last_hidden_state  # [1, n, H]
+        logits = self.model.get_output_embeddings()(hidden)
+        self._fed(token_ids)
+        return logits[0].float(), hidden[0]
+
+    def _input(self, token_ids: list[int]) -> torch.Tensor:
         if not token_ids:
             raise ValueError("forward needs at least one token")
-        input_ids = torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, n]
-        out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True)
+        return torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, n]
+
+    def _fed(self, token_ids: list[int]) -> None:
         self.cached_ids.extend(token_ids)
         self.forward_passes += 1
-        return out.logits[0].float()  # [n, vocab]
 
     def rollback(self, keep: int) -> None:
         """Drop cached entries beyond the first `keep` tokens."""

@@ -50,6 +50,8 @@ class LoadedModel:
     # For drafts whose output head covers only part of the vocabulary: head row i scores
     # shared token id head_token_ids[i]. None means the head covers the whole vocabulary.
     head_token_ids: list[int] | None = None
+    # For drafts that condition on the oracle's final hidden states (specd.feature_draft): their width.
+    feature_dim: int = 0
 
 
 def embedded_gguf_path() -> Path:

@@ -78,3 +78,16 @@ def write_tiny_model(path: Path, *, seed: int, layers: int = 2, hidden: int = 64
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def write_tiny_feature_draft(oracle_dir: Path, path: Path) -> Path:
+    """An untrained feature draft (specd.feature_draft) for the tiny oracle at `oracle_dir`."""
+    from specd.draft_artifact import DraftManifest, save_draft_artifact
+    from specd.feature_draft import FeatureDraftModel
+    from specd.models import load_model
+
+    oracle = load_model(str(oracle_dir))
+    manifest = DraftManifest(
+        base=str(Path(oracle_dir).resolve()), layers=1, vocab_fingerprint=oracle.vocab_fingerprint, kind="features"
+    )
+    return save_draft_artifact(path, FeatureDraftModel(oracle.model, None), manifest, dtype=torch.float32)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import torch
+
 from specd.errors import FailedPrecondition, OutOfRange
+from specd.feature_draft import FeatureSession
 from specd.kv import KVSession
 from specd.models import LoadedModel
 from specd.sampling import SamplingParams
@@ -19,16 +22,26 @@ from specd import validation
 
 @dataclass
 class WorkerSession:
-    kv: KVSession
+    kv: KVSession | FeatureSession  # FeatureSession: drafts that read the oracle's features
     params: SamplingParams
     committed: list[int]  # prompt + generated tokens, as agreed with the oracle
     prompt_length: int
+    return_features: bool = False  # oracle sessions serving a feature draft
+
+
+@dataclass(frozen=True)
+class PositionFeatures:
+    """The oracle's final hidden states at positions start..start+len(rows)-1."""
+
+    start: int
+    rows: torch.Tensor  # [n, H]
 
 
 @dataclass(frozen=True)
 class OpenResult:
     prefill_tokens: int
     prefill_seconds: float
+    features: PositionFeatures | None = None  # with return_features: prompt positions 0..n-2
 
 
 class ModelWorker:
@@ -50,16 +63,28 @@ class ModelWorker:
         validation.prompt_ids(prompt, self.vocab_size, self.max_context)
         self.sessions.reserve(session_id)
 
-    def open(self, session_id: str, prompt: list[int], params: SamplingParams) -> OpenResult:
+    def open(
+        self, session_id: str, prompt: list[int], params: SamplingParams, *, return_features: bool = False
+    ) -> OpenResult:
         """Prefill the prompt (all but its last token, which the next forward pass feeds)."""
         self.validate_open(session_id, prompt)
         started = time.perf_counter()
         kv = KVSession(self.loaded.model, self.loaded.device)
-        if len(prompt) > 1:
+        features = None
+        if return_features:
+            rows = torch.zeros(0, self.loaded.model.config.hidden_size)
+            if len(prompt) > 1:
+                _, rows = kv.forward_with_features(prompt[:-1])
+            features = PositionFeatures(0, rows)
+        elif len(prompt) > 1:
             kv.forward(prompt[:-1])
-        session = WorkerSession(kv=kv, params=params, committed=list(prompt), prompt_length=len(prompt))
+        session = WorkerSession(
+            kv=kv, params=params, committed=list(prompt), prompt_length=len(prompt), return_features=return_features
+        )
         self.sessions.add(session_id, session)
-        return OpenResult(prefill_tokens=len(prompt), prefill_seconds=time.perf_counter() - started)
+        return OpenResult(
+            prefill_tokens=len(prompt), prefill_seconds=time.perf_counter() - started, features=features
+        )
 
     def close(self, session_id: str) -> bool:
         return self.sessions.pop(session_id) is not None

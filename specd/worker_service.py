@@ -8,6 +8,7 @@ deadline) while it opens or advances a session closes that session.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from pathlib import Path
@@ -19,11 +20,12 @@ import torch
 from specd import validation
 from specd.config import WorkerConfig
 from specd.errors import InvalidArgument
+from specd.feature_draft import features_from_bytes, features_to_bytes
 from specd.metrics import WorkerMetrics
 from specd.models import LoadedModel, load_model
-from specd.server import ModelExecutor, ServiceHost, grpc_errors, periodic
+from specd.server import ModelExecutor, ServiceHost, grpc_errors
 from specd.v1 import common_pb2
-from specd.worker import ModelWorker
+from specd.worker import ModelWorker, PositionFeatures
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -79,16 +81,30 @@ class WorkerServicerMixin:
             dtype=str(loaded.dtype).removeprefix("torch."),
             active_sessions=len(self.worker.sessions),
             max_sessions=self.worker.sessions.max_sessions,
+            feature_dim=self.feature_dim(),
         )
+
+    def feature_dim(self) -> int:
+        """ModelInfo.feature_dim: what a draft reads (0: tokens alone); oracles override it."""
+        return self.worker.loaded.feature_dim
 
     @grpc_errors
     async def OpenSession(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         session_id = session_id_from(request)
         params = sampling_from_proto(request.sampling)
+        options = self.open_options(request)
         result = await self.run_for_session(
-            session_id, self.worker.open, session_id, list(request.prompt_token_ids), params
+            session_id, functools.partial(self.worker.open, **options), session_id, list(request.prompt_token_ids),
+            params,
         )
-        return self.open_response(prefill_tokens=result.prefill_tokens, prefill_seconds=result.prefill_seconds)
+        reply = self.open_response(prefill_tokens=result.prefill_tokens, prefill_seconds=result.prefill_seconds)
+        if result.features is not None:
+            reply.features.CopyFrom(features_to_proto(result.features))
+        return reply
+
+    def open_options(self, request: Any) -> dict[str, Any]:
+        """Role-specific keyword arguments of worker.open, read from the open request."""
+        return {}
 
     @grpc_errors
     async def CloseSession(self, request: Any, context: grpc.aio.ServicerContext) -> common_pb2.CloseSessionResponse:
@@ -128,3 +144,19 @@ async def serve_worker(
         if maybe is not None:
             await maybe
     await worker.host.wait()
+
+
+def features_to_proto(features: PositionFeatures) -> common_pb2.Features:
+    rows = features.rows
+    return common_pb2.Features(
+        start=features.start, rows=rows.shape[0], dim=rows.shape[1], data=features_to_bytes(rows)
+    )
+
+
+def features_from_proto(message: common_pb2.Features) -> PositionFeatures | None:
+    """None when the message is empty (a standalone draft's calls carry no features)."""
+    if not message.dim:
+        return None
+    if message.start < 0:
+        raise InvalidArgument(f"features start at a negative position ({message.start})")
+    return PositionFeatures(message.start, features_from_bytes(message.data, message.rows, message.dim))

@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 from specd.config import DraftConfig, OracleConfig
 from specd.local import start_worker
-from specd.tiny import write_tiny_model
+from specd.tiny import write_tiny_feature_draft, write_tiny_model
 
 torch.set_num_threads(1)
 
@@ -24,6 +24,7 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
     write_tiny_model(root / "oracle", seed=1, layers=2, hidden=64)
     write_tiny_model(root / "unrelated", seed=2, layers=1, hidden=32)
+    write_tiny_feature_draft(root / "oracle", root / "feature")
     return root
 
 
@@ -54,6 +55,14 @@ async def same_draft(tiny_dir: Path):
 async def unrelated_draft(tiny_dir: Path):
     """A draft with unrelated random weights (same vocabulary): almost nothing accepted."""
     worker = await start_worker(draft_config(tiny_dir, "unrelated"))
+    yield worker
+    await worker.stop()
+
+
+@pytest.fixture(scope="session")
+async def feature_draft(tiny_dir: Path):
+    """A draft that reads the oracle's features (untrained: it proposes, the oracle decides)."""
+    worker = await start_worker(draft_config(tiny_dir, "feature"))
     yield worker
     await worker.stop()
 

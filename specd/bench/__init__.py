@@ -4,7 +4,8 @@
 
 On the default pair (or --oracle/--draft), over the shipped prompt set (chat, code, extraction,
 creative), it measures with one client the oracle alone through specd (k=0), plain transformers
-`generate`, transformers assisted generation with the same draft, specd with fixed k = 1..8 and
+`generate`, transformers assisted generation (its assistant: the draft, or the shipped standalone
+draft when the draft reads the oracle's features), specd with fixed k = 1..8 and
 with the adaptive policy, at temperature 0 and at a seeded temperature; then an injected round
 trip to the oracle (0, 2, 10, 50 ms) and 1, 4 and 8 concurrent streaming clients. It writes
 results.json, results.md (tables, the goals with PASS/FAIL) and PNG plots into --out.
@@ -38,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--oracle", default=None, help=f"oracle model source (default: {EMBEDDED_ORACLE}; --quick: a tiny model)")
     parser.add_argument("--draft", default=None, help="draft model source (default: the default draft for the oracle)")
     parser.add_argument("--draft-layers", type=int, default=None, help="keep the draft's first N layers (0 keeps all)")
+    parser.add_argument(
+        "--assistant", default=None,
+        help="assistant model of transformers' assisted generation (default: the draft; for a draft that reads "
+        "the oracle's features, which transformers cannot run, the shipped standalone draft)",
+    )
     parser.add_argument("--max-tokens", type=int, default=None, help=f"output tokens per request (default {FULL_MAX_TOKENS}; --quick {QUICK_MAX_TOKENS})")
     parser.add_argument("--prompts-per-category", type=int, default=None, help=f"measured prompts per category (default {FULL_PROMPTS_PER_CATEGORY}; --quick 1)")
     parser.add_argument("--sampled-prompts-per-category", type=int, default=1, help="prompts per category at the sampled temperature")
@@ -68,7 +74,7 @@ def _numbers(text: str, kind: type) -> list:
 def build_options(args: argparse.Namespace, workdir: Path | None = None):
     """BenchOptions from the command line; --quick writes tiny models under `workdir`."""
     from specd.bench.runner import SECTIONS, BenchOptions
-    from specd.drafts import default_draft_source
+    from specd.drafts import default_draft_source, is_feature_draft, standalone_draft_source
 
     sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
     unknown = set(sections) - set(SECTIONS)
@@ -86,6 +92,11 @@ def build_options(args: argparse.Namespace, workdir: Path | None = None):
     if draft is None:
         draft, default_layers = default_draft_source() if oracle == EMBEDDED_ORACLE else (oracle, 1)
         draft_layers = default_layers if draft_layers is None else draft_layers
+    assistant, assistant_layers = args.assistant or "", 0
+    if not assistant and is_feature_draft(draft):
+        if oracle != EMBEDDED_ORACLE:
+            raise SystemExit("--draft reads the oracle's features, which transformers cannot run: give --assistant")
+        assistant, assistant_layers = standalone_draft_source()
     quick = args.quick
     max_tokens = args.max_tokens or (QUICK_MAX_TOKENS if quick else FULL_MAX_TOKENS)
     per_category = args.prompts_per_category or (1 if quick else FULL_PROMPTS_PER_CATEGORY)
@@ -113,6 +124,8 @@ def build_options(args: argparse.Namespace, workdir: Path | None = None):
         threads=args.threads or (1 if quick else os.cpu_count() or 1),
         quick=quick,
         note=note,
+        assistant=assistant,
+        assistant_layers=assistant_layers,
         **({"prompts_path": args.prompts} if args.prompts else {}),
     )
 

@@ -1,5 +1,5 @@
 """The in-process baselines a user would reach for instead of specd: Hugging Face transformers'
-`generate` with the oracle alone, and its assisted generation with the same draft
+`generate` with the oracle alone, and its assisted generation with a standalone draft
 (`model.generate(..., assistant_model=draft)`), both on the bench process's own threads.
 
 transformers does not report acceptance, so both models get a forward hook that logs each call;

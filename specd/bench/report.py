@@ -264,7 +264,8 @@ def _definitions(setup: dict) -> list[str]:
             f"- transformers assisted generation: assistant {hf.get('assistant')}; num_assistant_tokens "
             f"{hf.get('num_assistant_tokens')}, schedule {hf.get('num_assistant_tokens_schedule')}, confidence "
             f"threshold {hf.get('assistant_confidence_threshold')} (transformers' defaults); its acceptance figures come "
-            "from counting the two models' forward calls."
+            "from counting the two models' forward calls. transformers can only run a draft that reads tokens alone, "
+            "so when specd's draft reads the oracle's features, the assistant is the best standalone draft shipped."
         )
     return lines + [""]
 

@@ -58,6 +58,10 @@ class BenchOptions:
     prompts_path: Path = PROMPTS_PATH
     quick: bool = False
     note: str = ""  # why these sizes (written into results.md)
+    # transformers' assistant model: the draft itself, unless the draft reads the oracle's features
+    # (transformers cannot run such a draft); then the best standalone draft. "": the draft.
+    assistant: str = ""
+    assistant_layers: int = 0
 
     def requests_for(self, clients: int) -> int:
         return max(self.min_requests_per_level, clients * self.requests_per_client)
@@ -91,6 +95,8 @@ def describe_draft(source: str, layers: int) -> str:
 
         m = DraftManifest.read(Path(source))
         head = f"{len(m.head_token_ids)}-token head" if m.head_token_ids else "full-vocabulary head"
+        if m.kind == "features":
+            return f"distilled feature draft {source} (one layer over the final hidden states of {m.base}, {head})"
         return f"distilled draft {source} ({m.layers} layers of {m.base}, {head})"
     return f"{source}" + (f", first {layers} layers" if layers else "")
 
@@ -167,7 +173,10 @@ async def run_bench(options: BenchOptions) -> BenchResults:
         oracle = await asyncio.to_thread(load_model, options.oracle)
         baselines = None
         if with_transformers:
-            draft = await asyncio.to_thread(load_model, options.draft, layers=options.draft_layers)
+            assistant, layers = (options.assistant, options.assistant_layers) if options.assistant else (
+                options.draft, options.draft_layers
+            )
+            draft = await asyncio.to_thread(load_model, assistant, layers=layers)
             baselines = TransformersBaselines(oracle, draft)
             results.setup["transformers_assisted"] = baselines.settings()
         with tqdm(total=planned_requests(options, prompts, with_transformers), desc="specd bench", unit="req") as progress:

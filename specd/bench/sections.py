@@ -61,7 +61,7 @@ def speed_configs(max_depth: int, with_transformers: bool) -> list[Config]:
     if with_transformers:
         configs += [
             Config(HF_PLAIN, "transformers generate (oracle alone)", "transformers"),
-            Config(HF_ASSISTED, "transformers assisted generation (same draft)", "transformers", assisted=True),
+            Config(HF_ASSISTED, "transformers assisted generation (standalone draft)", "transformers", assisted=True),
         ]
     configs.append(Config(ORACLE_ALONE, "specd, oracle alone (k=0)", "specd", depth=0))
     configs += [Config(fixed_key(k), f"specd, fixed k={k}", "specd", depth=k) for k in range(1, max_depth + 1)]

@@ -1,4 +1,4 @@
-"""The embedded default pair (SmolLM2-135M-Instruct from its GGUF file and the default draft):
+"""The embedded default pair (SmolLM2-135M-Instruct from its GGUF file and each shipped draft):
 greedy speculative output equals the oracle's own greedy `generate`."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from coordinator.generation import GenerationRequest, stream_generation
 from coordinator.pairing import connect_pair
 from specd.config import DraftConfig, OracleConfig
 from specd.defaults import EMBEDDED_ORACLE
-from specd.drafts import default_draft_source
+from specd.drafts import default_draft_source, standalone_draft_source
 from specd.local import start_worker
 from specd.models import load_model
 
@@ -19,8 +19,9 @@ pytestmark = pytest.mark.slow
 MAX_TOKENS = 32
 
 
-async def test_default_pair_is_exact():
-    draft_model, draft_layers = default_draft_source()
+@pytest.mark.parametrize("choose_draft", [default_draft_source, standalone_draft_source], ids=["default", "standalone"])
+async def test_default_pair_is_exact(choose_draft):
+    draft_model, draft_layers = choose_draft()
     oracle = await start_worker(OracleConfig(model=EMBEDDED_ORACLE, port=0, layers=0))
     draft = await start_worker(DraftConfig(model=draft_model, layers=draft_layers, port=0))
     try:

@@ -157,3 +157,24 @@ def test_manifest_is_checked(tmp_path: Path):
     (tmp_path / DRAFT_ARTIFACT_MANIFEST).write_text(json.dumps({"format": 99, "base": "x", "layers": 1}))
     with pytest.raises(Exception, match="unsupported draft format"):
         load_model(str(tmp_path))
+
+
+def test_feature_draft_distills_and_beats_untrained(setup: Path):
+    """--kind features: trained on the oracle's features, loaded by path, better than untrained."""
+    out = setup / "feature-draft"
+    args = tiny_args(setup, "--kind", "features", "--steps", "60", "--k", "3")
+    args.out = out
+    assert args.func(args) == 0
+    manifest = DraftManifest.read(out)
+    assert manifest.kind == "features" and manifest.layers == 1
+    stored = load_file(str(out / manifest.weights))
+    assert stored and all(name.startswith(("fuse.", "layer.", "norm.")) for name in stored)
+    draft = load_model(str(out))
+    assert draft.feature_dim == 64
+    assert draft.head_token_ids == manifest.head_token_ids
+    figures = manifest.training
+    assert figures["held_out_token_agreement"] > figures["untrained_token_agreement"]
+    assert figures["held_out_acceptance"] > figures["untrained_acceptance"]
+    assert figures["draft_ms_per_token"] > 0 and figures["cost_ratio"] > 0
+    # Resuming with the same settings trains no further and reuses the cached oracle features.
+    assert sorted((out / "work" / "features").glob("chunk-*.pt"))

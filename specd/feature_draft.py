@@ -1,0 +1,185 @@
+"""A draft that reads the oracle's features: one decoder layer over the oracle's last hidden states.
+
+A standalone draft must rebuild everything the oracle knows from tokens alone, which a small
+model does poorly. This draft instead conditions on the oracle's own final hidden state (the
+vector its output head reads), which the oracle computes anyway while verifying and returns
+with each verdict (specd.v1 `Features`, a few KB per round). The idea is EAGLE's (Li et al.,
+2024): predicting the next feature from the current one is much easier than predicting the
+next token from scratch.
+
+Positions and what the draft computes at each:
+
+    oracle:  f_j = final hidden state at position j (after the final norm), so head(f_j) -> x_{j+1}
+    draft:   g_j = norm(layer(fuse([embed(x_{j+1}); f_j])))  approximates f_{j+1},
+             head(g_j) -> the draft's guess for x_{j+2}
+
+After a verdict the committed tokens are x_0..x_n and the oracle has returned f_0..f_{n-1}
+(x_n, its own token, is fed at the start of its next pass). The draft feeds every position up
+to n-1 with real features, so g_{n-1} gives d_1; each further step feeds the draft's own
+output as the feature: (g_{n-1}, d_1) at position n gives d_2, and so on. Those speculative
+positions are cropped from the cache before the next round.
+
+The embedding and the output head are the oracle's (frozen; the head may be a subset of its
+rows). The trained tensors are the fuse projection, the layer and the norm: a few MB.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask
+
+from specd.errors import InvalidArgument
+
+# Features travel as little-endian float16, row-major [rows, dim]: the draft only conditions on
+# them, so their precision affects acceptance, never the output.
+WIRE_DTYPE = torch.float16
+
+
+class FeatureDraftModel(nn.Module):
+    """fuse [embed(token); feature] -> one decoder layer of the oracle's kind -> norm -> head."""
+
+    def __init__(self, oracle: nn.Module, head_token_ids: list[int] | None):
+        super().__init__()
+        decoder = oracle.get_decoder()
+        if not all(hasattr(decoder, name) for name in ("layers", "norm", "rotary_emb", "embed_tokens")):
+            raise InvalidArgument("feature drafts support llama-style oracles (layers, norm, rotary_emb, embed_tokens)")
+        config = copy.deepcopy(oracle.config)
+        config.num_hidden_layers = 1
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:1]
+        self.config = config
+        hidden = config.hidden_size
+        self.embed = decoder.embed_tokens
+        self.embed.weight.requires_grad_(False)
+        self.fuse = nn.Linear(2 * hidden, hidden, bias=True)
+        self.layer = type(decoder.layers[0])(config, layer_idx=0)
+        self.norm = copy.deepcopy(decoder.norm)
+        self.rotary = type(decoder.rotary_emb)(config=config)
+        head = oracle.get_output_embeddings()
+        rows = head.weight if head_token_ids is None else head.weight[torch.tensor(head_token_ids, dtype=torch.long)]
+        self.head = nn.Linear(hidden, rows.shape[0], bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(rows)
+            # Start from the oracle's own layer and norm: training then only has to learn the shift.
+            self.layer.load_state_dict(decoder.layers[-1].state_dict())
+            self.fuse.weight.zero_()
+            self.fuse.weight[:, :hidden].copy_(torch.eye(hidden) * 0.5)
+            self.fuse.weight[:, hidden:].copy_(torch.eye(hidden) * 0.5)
+            self.fuse.bias.zero_()
+        self.head.weight.requires_grad_(False)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    def trained_parameters(self) -> dict[str, nn.Parameter]:
+        """What distillation trains and the artifact stores; the embedding and head come from the oracle."""
+        return {
+            name: param
+            for name, param in self.named_parameters()
+            if name.startswith(("fuse.", "layer.", "norm."))
+        }
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        next_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: DynamicCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """features [B, T, H] at positions [B, T], next_ids [B, T] the tokens after them.
+
+        Returns (g [B, T, H] the predicted next features, logits [B, T, head vocab]).
+        """
+        x = self.fuse(torch.cat([self.embed(next_ids), features.to(self.fuse.weight.dtype)], dim=-1))
+        mask = create_causal_mask(
+            config=self.config, inputs_embeds=x, attention_mask=None, past_key_values=cache, position_ids=positions
+        )
+        x = self.layer(
+            x,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=cache is not None,
+            position_embeddings=self.rotary(x, position_ids=positions),
+        )
+        g = self.norm(x)
+        return g, self.head(g)
+
+
+class FeatureSession:
+    """One session's draft cache: positions fed with the oracle's real features, then speculation."""
+
+    def __init__(self, model: FeatureDraftModel, device: torch.device):
+        self.model = model
+        self.device = device
+        self.cache = DynamicCache()
+        self.fed = 0  # positions 0..fed-1 are in the cache, each with its real feature
+        self.pending: list[torch.Tensor] = []  # real features received but not fed yet, [rows, H] each
+        self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # (g, logits) of the last real position
+
+    @property
+    def received(self) -> int:
+        """Positions whose real features the session holds (fed or pending)."""
+        return self.fed + sum(len(rows) for rows in self.pending)
+
+    def receive(self, start: int, rows: torch.Tensor) -> None:
+        """Take the features of positions start.. (rows [n, H]); overlap with what is held is skipped."""
+        if rows.shape[-1] != self.model.hidden_size:
+            raise InvalidArgument(f"features have width {rows.shape[-1]}, the draft expects {self.model.hidden_size}")
+        have = self.received
+        if start > have:
+            raise InvalidArgument(f"features start at position {start}, but the draft holds only {have}")
+        if start + len(rows) > have:
+            self.pending.append(rows[have - start :].to(self.device))
+
+    @torch.inference_mode()
+    def catch_up(self, committed: list[int]) -> None:
+        """Drop speculative positions and feed every pending real feature with its next token."""
+        self._crop(self.fed)
+        if not self.pending:
+            return
+        features = torch.cat(self.pending)  # [n, H]
+        self.pending = []
+        n = len(features)
+        if self.fed + n > len(committed) - 1:
+            raise InvalidArgument(
+                f"features for {self.fed + n} positions, but only {len(committed) - 1} have a committed next token"
+            )
+        ids = torch.tensor([committed[self.fed + 1 : self.fed + n + 1]], dtype=torch.long, device=self.device)
+        positions = torch.arange(self.fed, self.fed + n, device=self.device)[None]
+        g, logits = self.model(features[None], ids, positions, self.cache)
+        self.fed += n
+        self.last = (g[0, -1:], logits[0, -1])
+
+    @torch.inference_mode()
+    def step(self, feature: torch.Tensor, token: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed one speculative position (the draft's own feature and its token); returns (g [1, H], logits)."""
+        position = self.cache.get_seq_length()
+        ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[position]], device=self.device)
+        g, logits = self.model(feature[None], ids, positions, self.cache)
+        return g[0], logits[0, -1]
+
+    def _crop(self, keep: int) -> None:
+        drop = self.cache.get_seq_length() - keep
+        if drop > 0:
+            self.cache.crop(-drop)
+
+
+def features_to_bytes(rows: torch.Tensor) -> bytes:
+    """[n, H] float tensor -> the wire format (float16, little-endian, row-major)."""
+    return rows.detach().to("cpu", WIRE_DTYPE).contiguous().numpy().astype("<f2", copy=False).tobytes()
+
+
+def features_from_bytes(data: bytes, rows: int, dim: int) -> torch.Tensor:
+    """The wire format -> [rows, dim] float32 tensor, with a clear error when the sizes disagree."""
+    if rows < 0 or dim <= 0 or len(data) != rows * dim * 2:
+        raise InvalidArgument(f"features payload of {len(data)} bytes does not hold {rows} rows of width {dim}")
+    if not rows:
+        return torch.zeros(0, dim)
+    return torch.frombuffer(bytearray(data), dtype=WIRE_DTYPE).view(rows, dim).float()

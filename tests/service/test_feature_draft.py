@@ -1,0 +1,134 @@
+"""Feature drafts: the oracle returns its hidden states, the draft reads them, the output stays exact."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from coordinator.depth import FixedDepth
+from coordinator.loop import SessionRequest, SpeculativeSession, run_to_completion
+from coordinator.workers import DraftClient, OracleClient
+from draft_service.drafter import Drafter
+from oracle_service.verifier import Verifier
+from specd.models import load_model
+from specd.sampling import SamplingParams
+from specd.v1 import common_pb2, draft_pb2, draft_pb2_grpc
+from tests.conftest import greedy_reference
+from tests.service.test_exactness import MAX_TOKENS, PROMPTS
+
+LIMITS = {"max_sessions": 4, "session_ttl_seconds": 60.0, "max_depth": 8}
+
+
+async def run_session(oracle_addr, draft_addr, prompt_ids, k, sampling=None):
+    oracle, draft = OracleClient(oracle_addr), DraftClient(draft_addr)
+    try:
+        session = SpeculativeSession(
+            SessionRequest(
+                prompt=prompt_ids, sampling=sampling or common_pb2.SamplingParams(), max_tokens=MAX_TOKENS
+            ),
+            draft,
+            oracle,
+            FixedDepth(k),
+        )
+        tokens = await run_to_completion(session)
+        return tokens, session
+    finally:
+        await oracle.close()
+        await draft.close()
+
+
+async def test_draft_advertises_its_feature_width(feature_draft, unrelated_draft):
+    for worker, expected in ((feature_draft, 64), (unrelated_draft, 0)):
+        client = DraftClient(worker.address)
+        try:
+            assert await client.feature_dim() == expected
+        finally:
+            await client.close()
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
+async def test_greedy_output_equals_the_oracle_alone(tiny_dir, oracle, feature_draft, k):
+    from specd.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    prompts = [tokenizer(p)["input_ids"] for p in PROMPTS] + [tokenizer("The")["input_ids"][:1]]
+    drafted = 0
+    for ids in prompts:
+        expected = greedy_reference(tiny_dir / "oracle", ids, MAX_TOKENS)
+        tokens, session = await run_session(oracle.address, feature_draft.address, ids, k)
+        assert tokens == expected, ids
+        assert not session.draft_error
+        drafted += session.stats.drafted
+    assert drafted > 0
+
+
+async def test_sampled_output_is_reproducible_by_seed(oracle, feature_draft):
+    sampling = common_pb2.SamplingParams(temperature=0.9, top_p=0.95, seed=7)
+    runs = [await run_session(oracle.address, feature_draft.address, [5, 6, 7, 8], 3, sampling) for _ in range(2)]
+    assert runs[0][0] == runs[1][0]
+    assert len(runs[0][0]) == MAX_TOKENS
+
+
+def test_features_follow_the_committed_sequence(tiny_dir):
+    """Worker level: every position the oracle commits comes back with its feature, in order."""
+    oracle = Verifier(load_model(str(tiny_dir / "oracle")), **LIMITS)
+    drafter = Drafter(load_model(str(tiny_dir / "feature")), **LIMITS)
+    prompt = [3, 4, 5, 6, 7]
+    opened = oracle.open("s", prompt, SamplingParams(), return_features=True)
+    assert opened.features.start == 0 and opened.features.rows.shape == (4, 64)
+    drafter.open("s", prompt, SamplingParams(), features=opened.features)
+    committed, features, append = list(prompt), None, []
+    for _ in range(6):
+        proposal = drafter.propose("s", append, 0, 3, features)
+        result = oracle.verify("s", proposal.tokens, [], 0)
+        append = result.verdict.committed(proposal.tokens)
+        features = result.features
+        assert features.start == len(committed) - 1
+        assert features.rows.shape[0] == 1 + result.verdict.accepted
+        committed += append
+    assert oracle.sessions.get("s").committed == committed
+
+
+def test_missing_features_are_refused(tiny_dir):
+    drafter = Drafter(load_model(str(tiny_dir / "feature")), **LIMITS)
+    from specd.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match="return_features"):
+        drafter.open("s", [3, 4, 5], SamplingParams())
+
+
+async def test_bad_features_get_invalid_argument(feature_draft):
+    channel = grpc.aio.insecure_channel(feature_draft.address)
+    stub = draft_pb2_grpc.DraftServiceStub(channel)
+    try:
+        bad = common_pb2.Features(start=0, rows=2, dim=64, data=b"\0" * 10)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await stub.OpenSession(draft_pb2.OpenDraftSessionRequest(session_id="x", prompt_token_ids=[1, 2, 3], features=bad))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "bytes" in error.value.details()
+        wrong_width = common_pb2.Features(start=0, rows=2, dim=8, data=b"\0" * 32)
+        with pytest.raises(grpc.aio.AioRpcError) as error:
+            await stub.OpenSession(
+                draft_pb2.OpenDraftSessionRequest(session_id="y", prompt_token_ids=[1, 2, 3], features=wrong_width)
+            )
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "width" in error.value.details()
+    finally:
+        await channel.close()
+
+
+async def test_oracle_reports_its_feature_width_and_mismatches_are_refused(oracle, feature_draft):
+    from coordinator.pairing import check_infos
+    from specd.errors import IncompatiblePair
+
+    oracle_client, draft_client = OracleClient(oracle.address), DraftClient(feature_draft.address)
+    try:
+        oracle_info, draft_info = await oracle_client.info(), await draft_client.info()
+    finally:
+        await oracle_client.close()
+        await draft_client.close()
+    assert oracle_info.feature_dim == draft_info.feature_dim == 64
+    check_infos(draft_info, oracle_info)
+    oracle_info.feature_dim = 32
+    with pytest.raises(IncompatiblePair, match="width 64"):
+        check_infos(draft_info, oracle_info)

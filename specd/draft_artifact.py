@@ -78,7 +78,7 @@ class DraftManifest:
 
 def trained_parameters(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     """The tensors a distilled draft retrains: every kept decoder layer and the final norm
-    (a feature draft: its fuse projection, layer and norm).
+    (a feature draft: its fuse projection and layer).
 
     The embedding (and the output head tied to it) stays frozen and is not stored.
     """

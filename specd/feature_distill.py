@@ -156,7 +156,7 @@ def _losses(
 def train_feature_draft(
     model: FeatureDraftModel, data: FeatureSet, checkpoint: Path, identity: dict, settings: TrainSettings
 ) -> TrainResult:
-    """Train the fuse projection, the layer and the norm of a feature draft."""
+    """Train the fuse projection and the layer of a feature draft."""
     for param in model.parameters():
         param.requires_grad_(False)
 

@@ -10,7 +10,7 @@ next token from scratch.
 Positions and what the draft computes at each:
 
     oracle:  f_j = final hidden state at position j (after the final norm), so head(f_j) -> x_{j+1}
-    draft:   g_j = norm(layer(fuse([embed(x_{j+1}); f_j])))  approximates f_{j+1},
+    draft:   g_j = layer(fuse([embed(x_{j+1}); f_j]))  approximates f_{j+1},
              head(g_j) -> the draft's guess for x_{j+2}
 
 After a verdict the committed tokens are x_0..x_n and the oracle has returned f_0..f_{n-1}
@@ -20,7 +20,9 @@ output as the feature: (g_{n-1}, d_1) at position n gives d_2, and so on. Those 
 positions are cropped from the cache before the next round.
 
 The embedding and the output head are the oracle's (frozen; the head may be a subset of its
-rows). The trained tensors are the fuse projection, the layer and the norm: a few MB.
+rows). The trained tensors are the fuse projection and the layer: a few MB. They start as the
+identity on f_j (the fuse passes the feature through, the layer's output projections are zero),
+so training begins from the oracle's own distribution one position early rather than from noise.
 """
 
 from __future__ import annotations
@@ -40,13 +42,13 @@ WIRE_DTYPE = torch.float16
 
 
 class FeatureDraftModel(nn.Module):
-    """fuse [embed(token); feature] -> one decoder layer of the oracle's kind -> norm -> head."""
+    """fuse [embed(token); feature] -> one decoder layer of the oracle's kind -> head."""
 
     def __init__(self, oracle: nn.Module, head_token_ids: list[int] | None):
         super().__init__()
         decoder = oracle.get_decoder()
-        if not all(hasattr(decoder, name) for name in ("layers", "norm", "rotary_emb", "embed_tokens")):
-            raise InvalidArgument("feature drafts support llama-style oracles (layers, norm, rotary_emb, embed_tokens)")
+        if not all(hasattr(decoder, name) for name in ("layers", "rotary_emb", "embed_tokens")):
+            raise InvalidArgument("feature drafts support llama-style oracles (layers, rotary_emb, embed_tokens)")
         config = copy.deepcopy(oracle.config)
         config.num_hidden_layers = 1
         if getattr(config, "layer_types", None):
@@ -57,18 +59,18 @@ class FeatureDraftModel(nn.Module):
         self.embed.weight.requires_grad_(False)
         self.fuse = nn.Linear(2 * hidden, hidden, bias=True)
         self.layer = type(decoder.layers[0])(config, layer_idx=0)
-        self.norm = copy.deepcopy(decoder.norm)
         self.rotary = type(decoder.rotary_emb)(config=config)
         head = oracle.get_output_embeddings()
         rows = head.weight if head_token_ids is None else head.weight[torch.tensor(head_token_ids, dtype=torch.long)]
         self.head = nn.Linear(hidden, rows.shape[0], bias=False)
         with torch.no_grad():
             self.head.weight.copy_(rows)
-            # Start from the oracle's own layer and norm: training then only has to learn the shift.
+            # The oracle's last layer, with its output projections zeroed: the identity at first.
             self.layer.load_state_dict(decoder.layers[-1].state_dict())
+            self.layer.self_attn.o_proj.weight.zero_()
+            self.layer.mlp.down_proj.weight.zero_()
             self.fuse.weight.zero_()
-            self.fuse.weight[:, :hidden].copy_(torch.eye(hidden) * 0.5)
-            self.fuse.weight[:, hidden:].copy_(torch.eye(hidden) * 0.5)
+            self.fuse.weight[:, hidden:].copy_(torch.eye(hidden))
             self.fuse.bias.zero_()
         self.head.weight.requires_grad_(False)
 
@@ -81,7 +83,7 @@ class FeatureDraftModel(nn.Module):
         return {
             name: param
             for name, param in self.named_parameters()
-            if name.startswith(("fuse.", "layer.", "norm."))
+            if name.startswith(("fuse.", "layer."))
         }
 
     def forward(
@@ -107,8 +109,7 @@ class FeatureDraftModel(nn.Module):
             use_cache=cache is not None,
             position_embeddings=self.rotary(x, position_ids=positions),
         )
-        g = self.norm(x)
-        return g, self.head(g)
+        return x, self.head(x)
 
 
 class FeatureSession:

@@ -19,6 +19,25 @@ from tests.service.test_exactness import MAX_TOKENS, PROMPTS
 LIMITS = {"max_sessions": 4, "session_ttl_seconds": 60.0, "max_depth": 8}
 
 
+class Cycle:
+    """A depth schedule that mixes oracle-alone rounds (k = 0) with drafted ones."""
+
+    name = "cycle"
+
+    def __init__(self, depths: list[int]):
+        self.depths, self.i = depths, 0
+
+    def choose_k(self) -> int:
+        self.i += 1
+        return self.depths[(self.i - 1) % len(self.depths)]
+
+    def observe(self, round) -> None:
+        pass
+
+    def snapshot(self) -> dict:
+        return {}
+
+
 async def run_session(oracle_addr, draft_addr, prompt_ids, k, sampling=None):
     oracle, draft = OracleClient(oracle_addr), DraftClient(draft_addr)
     try:
@@ -28,7 +47,7 @@ async def run_session(oracle_addr, draft_addr, prompt_ids, k, sampling=None):
             ),
             draft,
             oracle,
-            FixedDepth(k),
+            FixedDepth(k) if isinstance(k, int) else k,
         )
         tokens = await run_to_completion(session)
         return tokens, session
@@ -60,6 +79,15 @@ async def test_greedy_output_equals_the_oracle_alone(tiny_dir, oracle, feature_d
         assert not session.draft_error
         drafted += session.stats.drafted
     assert drafted > 0
+
+
+async def test_features_of_oracle_alone_rounds_reach_the_draft(tiny_dir, oracle, feature_draft):
+    """After k = 0 rounds the next Propose carries every feature the draft missed, joined into one block."""
+    ids = [5, 6, 7, 8, 9]
+    expected = greedy_reference(tiny_dir / "oracle", ids, MAX_TOKENS)
+    tokens, session = await run_session(oracle.address, feature_draft.address, ids, Cycle([0, 0, 3, 0, 2]))
+    assert tokens == expected
+    assert not session.draft_error and session.stats.drafted > 0
 
 
 async def test_sampled_output_is_reproducible_by_seed(oracle, feature_draft):

@@ -105,6 +105,7 @@ def expected_tokens(acceptance: list[float], k: int) -> float:
 
 
 VERIFY_WEIGHT_CAP = 20
+VERIFY_TRUSTED_ROUNDS = 3
 # Until two depths have been timed, assume each extra verified token costs this share of a step.
 ASSUMED_VERIFY_GROWTH = 0.05
 
@@ -163,12 +164,16 @@ class GoodputDepth:
 
     # -- the model of a round's cost ----------------------------------------------------------
     def verify_seconds(self, k: int) -> float:
-        """t_verify(k) = a + b k (b >= 0): a least-squares line through the per-k averages, each
-        weighted by how often that k ran (capped, so a stale or cold-start point cannot dominate)."""
+        """t_verify(k): the moving average at k once k has run VERIFY_TRUSTED_ROUNDS times (on a CPU
+        the cost is flat for a few tokens, then jumps, which no line fits); otherwise a + b k
+        (b >= 0), a least-squares line through the per-k averages, each weighted by how often that
+        k ran (capped, so a stale or cold-start point cannot dominate)."""
         seen = self.state.verify_seconds_by_k
         if not seen:
             return 1.0
         counts = self.state.verify_rounds_by_k
+        if k in seen and counts.get(k, 0) >= VERIFY_TRUSTED_ROUNDS:
+            return seen[k]
         weights = {x: min(counts.get(x, 1), VERIFY_WEIGHT_CAP) for x in seen}
         total = sum(weights.values())
         mean_k = sum(w * x for x, w in weights.items()) / total

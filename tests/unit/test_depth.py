@@ -118,6 +118,20 @@ def test_goodput_learns_verify_cost_growth():
     assert policy.verify_seconds(4) == pytest.approx(0.08)
 
 
+def test_goodput_uses_measured_verify_costs_where_no_line_fits():
+    """CPU verification: flat for a few tokens, then a jump. A line through all points would put
+    k = 2 too high and k = 5 too low; measured depths use their own averages."""
+    policy = GoodputDepth(k_max=8)
+    measured = {0: 0.077, 2: 0.080, 4: 0.126, 8: 0.150}
+    for _ in range(3):
+        for k, t in measured.items():
+            policy.observe(RoundObservation(k=k, accepted=min(k, 2), draft_seconds=0.007 * k, verify_seconds=t))
+    for k, t in measured.items():
+        assert policy.verify_seconds(k) == pytest.approx(t)
+    assert measured[2] < policy.verify_seconds(3) < measured[8]  # unmeasured: the line
+    assert policy.choose_k() == 2
+
+
 def test_one_cold_start_outlier_does_not_freeze_the_depth():
     policy = GoodputDepth(k_max=8)
     policy.observe(RoundObservation(k=3, accepted=3, draft_seconds=0.006, verify_seconds=0.010))  # cold start

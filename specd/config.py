@@ -15,15 +15,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from specd.defaults import (  # noqa: F401 - re-exported for deployment checks
     COORDINATOR_METRICS_PORT,
     COORDINATOR_PORT,
+    DEFAULT_DRAFT,
     DRAFT_METRICS_PORT,
     DRAFT_PORT,
     EMBEDDED_ORACLE,
     ORACLE_METRICS_PORT,
     ORACLE_PORT,
 )
-# The default draft until a distilled one ships: the oracle's own first layers with its
-# embedding and output head (an untrained early-exit draft of the same vocabulary).
-DEFAULT_DRAFT_LAYERS = 4
 
 
 class WorkerConfig(BaseSettings):
@@ -60,8 +58,10 @@ class DraftConfig(WorkerConfig):
     model_config = SettingsConfigDict(env_prefix="SPECD_DRAFT_", extra="forbid", validate_assignment=True)
 
     port: int = Field(DRAFT_PORT, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
-    layers: int = Field(
-        DEFAULT_DRAFT_LAYERS, ge=0, description="Keep only the first N decoder layers (0 keeps all)."
+    model: str = Field(
+        DEFAULT_DRAFT,
+        description="Model source: a shipped draft ('smollm2-135m-feature-draft', 'smollm2-135m-draft'), "
+        "'smollm2-135m-instruct', a .gguf file, a local dir (a model or a `specd distill` artifact) or a hub id.",
     )
     proposal_top_n: int = Field(
         64,

@@ -1,6 +1,12 @@
 """Default ports and names, importable without torch (the admin CLI and clients use them)."""
 
 EMBEDDED_ORACLE = "smollm2-135m-instruct"
+# Drafts for the embedded oracle shipped inside the package (specd/data/drafts/<name>), usable by
+# name wherever a model source is expected. The default reads the oracle's features; the
+# standalone one reads tokens alone.
+DEFAULT_DRAFT = "smollm2-135m-feature-draft"
+STANDALONE_DRAFT = "smollm2-135m-draft"
+SHIPPED_DRAFTS = (DEFAULT_DRAFT, STANDALONE_DRAFT)
 ORACLE_PORT = 50051
 DRAFT_PORT = 50052
 COORDINATOR_PORT = 50050

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from specd.defaults import EMBEDDED_ORACLE
+from specd.defaults import EMBEDDED_ORACLE, SHIPPED_DRAFTS
 from specd.errors import IncompatiblePair, InvalidArgument
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,10 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def shipped_draft_path(name: str) -> Path:
+    return Path(__file__).parent / "data" / "drafts" / name
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("SPECD_CACHE_DIR", Path.home() / ".cache" / "specd"))
 
@@ -76,6 +80,11 @@ def resolve_source(source: str) -> tuple[str, Path | None]:
     """Returns (kind, path): kind is 'gguf', 'dir' or 'hub'."""
     if source == EMBEDDED_ORACLE:
         return "gguf", embedded_gguf_path()
+    if source in SHIPPED_DRAFTS:
+        path = shipped_draft_path(source)
+        if not (path / DRAFT_ARTIFACT_MANIFEST).exists():
+            raise InvalidArgument(f"the shipped draft {source!r} is missing from this installation ({path})")
+        return "dir", path
     path = Path(source).expanduser()
     if source.endswith(".gguf"):
         if not path.is_file():

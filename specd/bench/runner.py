@@ -31,7 +31,7 @@ from specd.bench.sections import (
     speed_section,
 )
 from specd.bench.stack import BenchStack, StackSettings
-from specd.models import DRAFT_ARTIFACT_MANIFEST, LoadedModel, load_model
+from specd.models import DRAFT_ARTIFACT_MANIFEST, LoadedModel, load_model, resolve_source
 
 SECTIONS = ("speed", "sampled", "rtt", "concurrency")
 
@@ -89,11 +89,11 @@ def machine_info() -> dict[str, Any]:
 
 
 def describe_draft(source: str, layers: int) -> str:
-    manifest = Path(source) / DRAFT_ARTIFACT_MANIFEST
-    if manifest.exists():
+    kind, path = resolve_source(source)
+    if kind == "dir" and path is not None and (path / DRAFT_ARTIFACT_MANIFEST).exists():
         from specd.draft_artifact import DraftManifest
 
-        m = DraftManifest.read(Path(source))
+        m = DraftManifest.read(path)
         head = f"{len(m.head_token_ids)}-token head" if m.head_token_ids else "full-vocabulary head"
         if m.kind == "features":
             return f"distilled feature draft {source} (one layer over the final hidden states of {m.base}, {head})"

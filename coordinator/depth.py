@@ -232,8 +232,30 @@ class GoodputDepth:
 POLICY_NAMES = ("goodput", "heuristic", "fixed:K")
 
 
+GOODPUT_OPTIONS = {"smoothing": float, "prior_acceptance": float, "probe_every": int, "probe_k": int}
+
+
+def _goodput_options(text: str) -> dict[str, Any]:
+    """'smoothing=0.2,probe_every=8' -> keyword arguments of GoodputDepth (k_max comes from the pair)."""
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        if name not in GOODPUT_OPTIONS or not value:
+            raise ValueError(f"bad goodput option {item!r}; known: {', '.join(f'{n}=...' for n in GOODPUT_OPTIONS)}")
+        try:
+            options[name] = GOODPUT_OPTIONS[name](value)
+        except ValueError:
+            raise ValueError(f"bad goodput option {item!r}: {value!r} is not a number") from None
+    if not 0 < options.get("smoothing", 0.5) <= 1 or not 0 <= options.get("prior_acceptance", 0.5) <= 1:
+        raise ValueError("goodput smoothing must be in (0, 1] and prior_acceptance in [0, 1]")
+    if options.get("probe_every", 1) < 1 or options.get("probe_k", 1) < 1:
+        raise ValueError("goodput probe_every and probe_k must be at least 1")
+    return options
+
+
 def make_policy(spec: str, k_max: int, state: dict[str, Any] | None = None) -> DepthPolicy:
-    """Build a policy from its spec: 'goodput', 'heuristic' or 'fixed:K'."""
+    """Build a policy from its spec: 'goodput' (optionally 'goodput:smoothing=0.2,probe_every=8'),
+    'heuristic' or 'fixed:K'."""
     spec = spec.strip().lower()
     policy: Any
     if spec.startswith("fixed:"):
@@ -246,8 +268,8 @@ def make_policy(spec: str, k_max: int, state: dict[str, Any] | None = None) -> D
         return FixedDepth(k)
     if spec == "heuristic":
         policy = HeuristicDepth(k_max=k_max)
-    elif spec == "goodput":
-        policy = GoodputDepth(k_max=k_max)
+    elif spec == "goodput" or spec.startswith("goodput:"):
+        policy = GoodputDepth(k_max=k_max, **_goodput_options(spec.removeprefix("goodput").lstrip(":")))
     else:
         raise ValueError(f"unknown depth policy {spec!r}; use one of {', '.join(POLICY_NAMES)}")
     if state:

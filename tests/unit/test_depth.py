@@ -167,6 +167,8 @@ def test_policy_specs():
     assert make_policy("fixed:0", 8).choose_k() == 0
     assert make_policy("HEURISTIC", 8).name == "heuristic"
     assert make_policy("goodput", 8).name == "goodput"
-    for bad in ("fixed:x", "fixed:99", "random", ""):
+    tuned = make_policy("goodput:smoothing=0.2,probe_every=8,probe_k=3", 8)
+    assert (tuned.smoothing, tuned.probe_every, tuned.probe_k) == (0.2, 8, 3)
+    for bad in ("fixed:x", "fixed:99", "random", "", "goodput:speed=2", "goodput:smoothing=x", "goodput:smoothing=0"):
         with pytest.raises(ValueError):
             make_policy(bad, 8)

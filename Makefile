@@ -46,9 +46,9 @@ demo: setup
 bench: setup
 	$(VENV)/bin/specd bench --out results/latest
 
-# About 60 minutes on 2 CPU cores: the oracle answers the training prompts twice (25 min), records
-# its features along them (6 min), then MINUTES of distillation and the held-out measurement;
-# resumable (rerun continues from $(DRAFT_WORK)).
+# About 75 minutes on 2 CPU cores: the oracle answers the training prompts twice (27 min), records
+# its features along them (8 min), then 20 minutes of distillation and the held-out measurement
+# (17 min); resumable (rerun continues from $(DRAFT_WORK)).
 draft: setup
 	$(VENV)/bin/specd distill --kind features --oracle smollm2-135m-instruct --out $(DRAFT_WORK) --head-vocab 8192 \
 		--answers-per-prompt 2 --max-new-tokens 96 --temperature 0.7 --gen-batch-size 64 --minutes 20 \

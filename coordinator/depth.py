@@ -117,8 +117,8 @@ class GoodputDepth:
         *,
         smoothing: float = 0.3,
         prior_acceptance: float = 0.6,
-        probe_every: int = 16,
-        probe_k: int = 2,
+        probe_every: int = 8,
+        probe_k: int = 1,
     ):
         if k_max < 1:
             raise ValueError("k_max must be >= 1")

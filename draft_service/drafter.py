@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Generator
 
 import torch
 
@@ -88,20 +89,19 @@ class Drafter(ModelWorker):
             )
         self.check_room(expected, k)
         state = session.kv
-        if isinstance(state, FeatureSession) and features is not None:
-            state.receive(features.start, features.rows)
+        if isinstance(state, FeatureSession):
+            if features is not None:
+                state.receive(features.start, features.rows)
             self._check_features(state, expected)
         session.committed.extend(append)
         started = time.perf_counter()
-        if isinstance(state, FeatureSession):
-            state.catch_up(session.committed)
-            next_logits = self._feature_steps(state, session.committed)
-        else:
-            next_logits = self._token_steps(session)
+        steps = self._feature_steps(state, session.committed) if isinstance(state, FeatureSession) else (
+            self._token_steps(session)
+        )
         tokens: list[int] = []
         distributions: list[SparseDistribution] = []
         position = len(session.committed)
-        logits = next_logits(None)
+        logits = next(steps)
         for i in range(k):
             logits = logits[: self._head_size]  # [head vocab]
             if session.params.greedy:
@@ -117,33 +117,26 @@ class Drafter(ModelWorker):
                 distributions.append(SparseDistribution(ids.tolist(), q.tolist()))
             tokens.append(token)
             if i + 1 < k:
-                logits = next_logits(token)
+                logits = steps.send(token)
         return DraftProposal(tokens=tokens, distributions=distributions, seconds=time.perf_counter() - started)
 
     @staticmethod
-    def _token_steps(session: WorkerSession):
-        """A standalone draft's next logits: the first call feeds what the cache lacks, then one token each."""
+    def _token_steps(session: WorkerSession) -> Generator[torch.Tensor, int, None]:
+        """A standalone draft's logits: first after feeding what the cache lacks, then after each sent token."""
         feed = session.kv.sync(session.committed)
+        while True:
+            token = yield session.kv.forward(feed)[-1]
+            feed = [token]
 
-        def next_logits(token: int | None) -> torch.Tensor:
-            return session.kv.forward(feed if token is None else [token])[-1]
-
-        return next_logits
-
-    def _feature_steps(self, state: FeatureSession, committed: list[int]):
-        """A feature draft's next logits: first from the last real position, then from its own features."""
+    def _feature_steps(self, state: FeatureSession, committed: list[int]) -> Generator[torch.Tensor, int, None]:
+        """A feature draft's logits: first from the last real position, then each from its own feature."""
+        state.catch_up(committed)
         if state.last is None:  # a one-token prompt: no feature exists yet, so start from a zero feature
             state.last = state.step(torch.zeros(1, self.feature_dim, device=self.loaded.device), committed[-1])
-        current = {"g": state.last[0]}
-
-        def next_logits(token: int | None) -> torch.Tensor:
-            if token is None:
-                return state.last[1]
-            g, logits = state.step(current["g"], token)
-            current["g"] = g
-            return logits
-
-        return next_logits
+        g, logits = state.last
+        while True:
+            token = yield logits
+            g, logits = state.step(g, token)
 
     @staticmethod
     def _check_features(state: FeatureSession, committed_length: int) -> None:

@@ -123,6 +123,13 @@ def test_missing_features_are_refused(tiny_dir):
 
     with pytest.raises(InvalidArgument, match="return_features"):
         drafter.open("s", [3, 4, 5], SamplingParams())
+    oracle = Verifier(load_model(str(tiny_dir / "oracle")), **LIMITS)
+    opened = oracle.open("t", [3, 4, 5], SamplingParams(), return_features=True)
+    drafter.open("t", [3, 4, 5], SamplingParams(), features=opened.features)
+    proposal = drafter.propose("t", [], 0, 2)
+    result = oracle.verify("t", proposal.tokens, [], 0)
+    with pytest.raises(InvalidArgument, match="return_features"):  # the verdict's features were not passed on
+        drafter.propose("t", result.verdict.committed(proposal.tokens), 0, 2)
 
 
 async def test_bad_features_get_invalid_argument(feature_draft):

@@ -165,14 +165,16 @@ class GoodputDepth:
     # -- the model of a round's cost ----------------------------------------------------------
     def verify_seconds(self, k: int) -> float:
         """t_verify(k): the moving average at k once k has run VERIFY_TRUSTED_ROUNDS times (on a CPU
-        the cost is flat for a few tokens, then jumps, which no line fits); otherwise a + b k
-        (b >= 0), a least-squares line through the per-k averages, each weighted by how often that
-        k ran (capped, so a stale or cold-start point cannot dominate)."""
+        the cost is flat for a few tokens, then jumps, which no line fits). Elsewhere the slope b >= 0
+        of a least-squares line through the per-k averages (each weighted by how often that k ran,
+        capped, so a stale or cold-start point cannot dominate), drawn from the nearest trusted
+        depth, or from the line's own centre while no depth is trusted yet."""
         seen = self.state.verify_seconds_by_k
         if not seen:
             return 1.0
         counts = self.state.verify_rounds_by_k
-        if k in seen and counts.get(k, 0) >= VERIFY_TRUSTED_ROUNDS:
+        trusted = [x for x in seen if counts.get(x, 0) >= VERIFY_TRUSTED_ROUNDS]
+        if k in trusted:
             return seen[k]
         weights = {x: min(counts.get(x, 1), VERIFY_WEIGHT_CAP) for x in seen}
         total = sum(weights.values())
@@ -181,8 +183,11 @@ class GoodputDepth:
         var = sum(w * (x - mean_k) ** 2 for x, w in weights.items())
         if var == 0:
             return mean_t * (1 + ASSUMED_VERIFY_GROWTH * (k - mean_k))  # one k seen so far
-        slope = sum(w * (x - mean_k) * (seen[x] - mean_t) for x, w in weights.items()) / var
-        return max(1e-6, mean_t + max(slope, 0.0) * (k - mean_k))
+        slope = max(0.0, sum(w * (x - mean_k) * (seen[x] - mean_t) for x, w in weights.items()) / var)
+        if trusted:
+            anchor = min(trusted, key=lambda x: (abs(x - k), x))
+            return max(1e-6, seen[anchor] + slope * (k - anchor))
+        return max(1e-6, mean_t + slope * (k - mean_k))
 
     def round_seconds(self, k: int) -> float:
         s = self.state

@@ -58,10 +58,7 @@ def _tokens_per_second_vs_k(results: BenchResults, categories: list[str], path: 
     _speed_axes(axes[0], results.speed, categories, "temperature 0")
     t = results.setup.get("sampled_temperature", 0.7)
     _speed_axes(axes[1], results.sampled, categories, f"temperature {t:g}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _ratio_vs_rtt(results: BenchResults, categories: list[str], path: Path) -> Path:
@@ -88,10 +85,7 @@ def _ratio_vs_rtt(results: BenchResults, categories: list[str], path: Path) -> P
         ax.set_title("Speculation against a distant oracle (temperature 0)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _latency_vs_concurrency(results: BenchResults, path: Path) -> Path:
@@ -123,6 +117,10 @@ def _latency_vs_concurrency(results: BenchResults, path: Path) -> Path:
             ax.set_xticks(sorted({p.clients for p in conc.points}))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -19,6 +19,7 @@ import torch
 
 from specd import validation
 from specd.config import WorkerConfig
+from specd.cpu_linear import use_dual_layout
 from specd.errors import InvalidArgument
 from specd.feature_draft import features_from_bytes, features_to_bytes
 from specd.metrics import WorkerMetrics
@@ -121,7 +122,7 @@ class WorkerServicerMixin:
 def load_for(config: WorkerConfig) -> LoadedModel:
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
-    return load_model(
+    loaded = load_model(
         config.model,
         dtype=config.dtype,
         device=config.device,
@@ -129,6 +130,8 @@ def load_for(config: WorkerConfig) -> LoadedModel:
         max_context=config.max_context,
         cache_dir=Path(config.cache_dir) if config.cache_dir else None,
     )
+    use_dual_layout(loaded.model, config.cpu_linear)
+    return loaded
 
 
 async def serve_worker(

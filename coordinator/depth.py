@@ -6,13 +6,20 @@ never branches on which policy it has. "Fixed k" is just another implementation.
 `GoodputDepth` (the default) picks the k that maximises expected committed tokens per second:
 
     E(k)    = 1 + sum_{i=1..k} prod_{j=1..i} a_j        (a_j: acceptance at draft position j)
-    cost(k) = k * t_draft + t_verify(k) + rtt_oracle + [k > 0] * rtt_draft
+    cost(k) = k * t_draft + t_verify(k) + rtt_oracle + t_loop + [k > 0] * rtt_draft
     k*      = argmax_{k in 0..k_max} E(k) / cost(k)
 
-k = 0 is the oracle decoding alone (no draft call at all). Acceptance per position, the draft's
-per-token time, the verify time as a function of k and both round trips are exponential moving
-averages of what rounds measured. While k = 0 is chosen, acceptance is not observed, so every
-`probe_every` rounds the policy probes with a small k to notice a draft that became useful.
+k = 0 is the oracle decoding alone (no draft call at all). t_loop is the session loop's own
+time per round (Python, stream writes), which every round pays whatever its k. The draft's
+per-token time, the verify time per k and the round trips are exponential moving averages.
+Acceptance at position j is a discounted count of the rounds that tested it: each test weighs
+1, older ones fade by (1 - 1/window) per test, and `shrink` pseudo-tests pull the estimate
+towards position j-1's (position 1: towards prior_acceptance), so a position tested a few
+times cannot swing k by itself and an untested one inherits the position before it.
+A new session starts from its pair's learned state with at most `carry` tests per position,
+so a request whose text is easier or harder than the last one's is followed within a few
+rounds. While k = 0 is chosen, acceptance is not observed, so every `probe_every` rounds the
+policy probes with a small k to notice a draft that became useful.
 """
 
 from __future__ import annotations
@@ -85,13 +92,16 @@ class HeuristicDepth:
 class GoodputState:
     """Moving averages the goodput policy learns; plain data so it can cross process boundaries."""
 
-    acceptance: list[float]  # a_1..a_kmax
+    acceptance: list[float]  # a_1..a_kmax, the current estimates
     observed: list[int] = field(default_factory=list)  # rounds that tested each position
+    accepted_weight: list[float] = field(default_factory=list)  # discounted accepted tests per position
+    tested_weight: list[float] = field(default_factory=list)  # discounted tests per position
     draft_token_seconds: float | None = None
     verify_seconds_by_k: dict[int, float] = field(default_factory=dict)
     verify_rounds_by_k: dict[int, int] = field(default_factory=dict)
     rtt_oracle_seconds: float = 0.0
     rtt_draft_seconds: float = 0.0
+    loop_seconds: float = 0.0
     rounds: int = 0
 
 
@@ -117,16 +127,24 @@ class GoodputDepth:
         *,
         smoothing: float = 0.3,
         prior_acceptance: float = 0.6,
-        probe_every: int = 8,
+        window: float = 8.0,
+        shrink: float = 2.0,
+        carry: float = 8.0,
+        probe_every: int = 4,
         probe_k: int = 1,
     ):
         if k_max < 1:
             raise ValueError("k_max must be >= 1")
         self.k_max = k_max
         self.smoothing = smoothing
+        self.prior_acceptance = prior_acceptance
+        self.window, self.shrink, self.carry = window, shrink, carry
         self.probe_every = probe_every
         self.probe_k = min(probe_k, k_max)
-        self.state = GoodputState(acceptance=[prior_acceptance] * k_max, observed=[0] * k_max)
+        self.state = GoodputState(
+            acceptance=[prior_acceptance] * k_max, observed=[0] * k_max,
+            accepted_weight=[0.0] * k_max, tested_weight=[0.0] * k_max,
+        )
         self.name = "goodput"
         self._rounds_since_draft = 0
 
@@ -140,6 +158,7 @@ class GoodputDepth:
         s.verify_seconds_by_k[round.k] = self._ema(s.verify_seconds_by_k.get(round.k), round.verify_seconds)
         s.verify_rounds_by_k[round.k] = s.verify_rounds_by_k.get(round.k, 0) + 1
         s.rtt_oracle_seconds = self._ema(s.rtt_oracle_seconds if s.rounds > 1 else None, round.oracle_network_seconds)
+        s.loop_seconds = self._ema(s.loop_seconds if s.rounds > 1 else None, round.loop_seconds)
         if round.k == 0:
             self._rounds_since_draft += 1
             return
@@ -147,20 +166,25 @@ class GoodputDepth:
         s.rtt_draft_seconds = self._ema(s.rtt_draft_seconds or None, round.draft_network_seconds)
         s.draft_token_seconds = self._ema(s.draft_token_seconds, round.draft_seconds / round.k)
         # Position i was tested only if positions 1..i-1 were accepted.
+        fade = 1.0 - 1.0 / self.window
         for i in range(min(round.accepted + 1, round.k)):
-            accepted = 1.0 if i < round.accepted else 0.0
-            s.acceptance[i] = self._ema(s.acceptance[i], accepted)
+            s.accepted_weight[i] = fade * s.accepted_weight[i] + (1.0 if i < round.accepted else 0.0)
+            s.tested_weight[i] = fade * s.tested_weight[i] + 1.0
             s.observed[i] += 1
+        s.acceptance = self._estimates()
+
+    def _estimates(self) -> list[float]:
+        s = self.state
+        estimates, previous = [], self.prior_acceptance
+        for accepted, tested in zip(s.accepted_weight, s.tested_weight):
+            previous = (accepted + self.shrink * previous) / (tested + self.shrink)
+            estimates.append(previous)
+        return estimates
 
     def estimated_acceptance(self) -> list[float]:
-        """a_1..a_kmax; positions never tested inherit the deepest tested position's estimate,
+        """a_1..a_kmax; a position never tested inherits the estimate of the position before it,
         so a draft that keeps being right is offered longer blocks."""
-        s = self.state
-        tested = [i for i, n in enumerate(s.observed) if n]
-        if not tested:
-            return list(s.acceptance)
-        deepest = tested[-1]
-        return [a if i <= deepest else s.acceptance[deepest] for i, a in enumerate(s.acceptance)]
+        return list(self.state.acceptance)
 
     # -- the model of a round's cost ----------------------------------------------------------
     def verify_seconds(self, k: int) -> float:
@@ -191,7 +215,7 @@ class GoodputDepth:
 
     def round_seconds(self, k: int) -> float:
         s = self.state
-        cost = self.verify_seconds(k) + s.rtt_oracle_seconds
+        cost = self.verify_seconds(k) + s.rtt_oracle_seconds + s.loop_seconds
         if k > 0:
             draft = s.draft_token_seconds if s.draft_token_seconds is not None else 0.1 * self.verify_seconds(0)
             cost += k * draft + s.rtt_draft_seconds
@@ -218,26 +242,41 @@ class GoodputDepth:
     def restore(self, state: dict[str, Any]) -> None:
         if not state:
             return
-        acceptance = list(state.get("acceptance", self.state.acceptance))[: self.k_max]
-        acceptance += [acceptance[-1] if acceptance else 0.5] * (self.k_max - len(acceptance))
         observed = [int(n) for n in state.get("observed", [])][: self.k_max]
         observed += [0] * (self.k_max - len(observed))
+        tested = [float(w) for w in state.get("tested_weight", [])][: self.k_max]
+        accepted = [float(w) for w in state.get("accepted_weight", [])][: self.k_max]
+        if not tested or len(accepted) != len(tested):  # no counts saved: its estimates, as tests
+            estimates = list(state.get("acceptance", []))[: self.k_max]
+            tested = [float(min(n, self.carry)) for n in observed[: len(estimates)]]
+            accepted = [a * n for a, n in zip(estimates, tested)]
+        tested += [0.0] * (self.k_max - len(tested))
+        accepted += [0.0] * (self.k_max - len(accepted))
+        # The pair's history counts as at most `carry` tests per position in a new session.
+        scale = [min(1.0, self.carry / n) if n else 0.0 for n in tested]
         self.state = GoodputState(
-            acceptance=acceptance,
+            acceptance=[],
             observed=observed,
+            accepted_weight=[a * f for a, f in zip(accepted, scale)],
+            tested_weight=[n * f for n, f in zip(tested, scale)],
             draft_token_seconds=state.get("draft_token_seconds"),
             verify_seconds_by_k={int(k): float(v) for k, v in state.get("verify_seconds_by_k", {}).items()},
             verify_rounds_by_k={int(k): int(v) for k, v in state.get("verify_rounds_by_k", {}).items()},
             rtt_oracle_seconds=float(state.get("rtt_oracle_seconds", 0.0)),
             rtt_draft_seconds=float(state.get("rtt_draft_seconds", 0.0)),
+            loop_seconds=float(state.get("loop_seconds", 0.0)),
             rounds=int(state.get("rounds", 0)),
         )
+        self.state.acceptance = self._estimates()
 
 
 POLICY_NAMES = ("goodput", "heuristic", "fixed:K")
 
 
-GOODPUT_OPTIONS = {"smoothing": float, "prior_acceptance": float, "probe_every": int, "probe_k": int}
+GOODPUT_OPTIONS = {
+    "smoothing": float, "prior_acceptance": float, "window": float, "shrink": float, "carry": float,
+    "probe_every": int, "probe_k": int,
+}
 
 
 def _goodput_options(text: str) -> dict[str, Any]:
@@ -255,6 +294,8 @@ def _goodput_options(text: str) -> dict[str, Any]:
         raise ValueError("goodput smoothing must be in (0, 1] and prior_acceptance in [0, 1]")
     if options.get("probe_every", 1) < 1 or options.get("probe_k", 1) < 1:
         raise ValueError("goodput probe_every and probe_k must be at least 1")
+    if options.get("window", 2) <= 1 or options.get("shrink", 0) < 0 or options.get("carry", 0) < 0:
+        raise ValueError("goodput window must be > 1, shrink and carry >= 0")
     return options
 
 

@@ -21,7 +21,7 @@ import enum
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator, Callable
 
 import grpc
@@ -164,7 +164,7 @@ class SpeculativeSession:
 
     async def rounds(self) -> AsyncIterator[list[int]]:
         """Yield the tokens each round commits until max_tokens, EOS or the context runs out."""
-        started = time.perf_counter()
+        started = last_round_end = time.perf_counter()
         while self.finish is None:
             if self._committed_length + 1 > self.request.max_context:
                 self.finish = Finish.LENGTH
@@ -172,6 +172,12 @@ class SpeculativeSession:
             k = min(self.policy.choose_k(), self._depth_limit()) if self._draft_open else 0
             self.current_k = k
             tokens, obs = await self._round(k)
+            # Everything since the last round's RPCs ended that is not this round's RPCs: the
+            # loop's own work, including handing the last tokens to the stream.
+            now = time.perf_counter()
+            rpcs = obs.draft_seconds + obs.verify_seconds + obs.network_seconds
+            obs = replace(obs, loop_seconds=max(0.0, now - last_round_end - rpcs))
+            last_round_end = now
             self.stats.record(obs)
             self.policy.observe(obs)
             tokens = self._apply_limits(tokens)

@@ -23,6 +23,7 @@ class RoundObservation:
     verify_seconds: float  # the oracle's compute for k+1 positions
     draft_network_seconds: float = 0.0  # the Propose RPC's wall time minus the draft's compute
     oracle_network_seconds: float = 0.0  # the Verify RPC's wall time minus the oracle's compute
+    loop_seconds: float = 0.0  # the rest of the round's wall time: the session loop's own work
 
     @property
     def network_seconds(self) -> float:

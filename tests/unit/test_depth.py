@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from coordinator.depth import FixedDepth, GoodputDepth, HeuristicDepth, expected_tokens, make_policy, speedup_bound
@@ -11,9 +13,12 @@ VERIFY_BASE, VERIFY_SLOPE = 0.050, 0.004  # seconds: t_verify(k) = base + slope 
 
 
 def policy_with(acceptance, draft_token_seconds, rtt_oracle=0.0, rtt_draft=0.0, k_max=8) -> GoodputDepth:
-    policy = GoodputDepth(k_max=k_max)
+    """A goodput policy that has learned exactly these figures (no pull towards neighbours)."""
+    policy = GoodputDepth(k_max=k_max, shrink=0.0)
+    policy.state.tested_weight = [8.0] * k_max
+    policy.state.accepted_weight = [8.0 * a for a in acceptance]
     policy.state.acceptance = list(acceptance)
-    policy.state.observed = [1] * k_max
+    policy.state.observed = [8] * k_max
     policy.state.draft_token_seconds = draft_token_seconds
     policy.state.verify_seconds_by_k = {k: VERIFY_BASE + VERIFY_SLOPE * k for k in range(k_max + 1)}
     policy.state.verify_rounds_by_k = {k: 5 for k in range(k_max + 1)}
@@ -87,7 +92,9 @@ def test_goodput_adapts_within_bounded_rounds_when_acceptance_changes():
     policy = GoodputDepth(k_max=8)
     rounds_of(policy, 1.0, 30)
     assert policy.choose_k() >= 6  # a draft that is always right earns a long block
-    for n in range(1, 11):  # the draft turns useless: k must fall to 0 within 10 rounds
+    # The draft turns useless: k must fall to 0 within bounded rounds. Acceptance is a count over
+    # about `window` tests, so from a perfect record this takes a few windows.
+    for n in range(1, 26):
         rounds_of(policy, 0.0, 1)
         if policy.best_k() == 0:
             break
@@ -106,8 +113,53 @@ def test_untested_positions_inherit_the_deepest_tested_estimate():
     for _ in range(10):
         policy.observe(RoundObservation(k=2, accepted=2, draft_seconds=0.002, verify_seconds=0.05))
     estimate = policy.estimated_acceptance()
-    assert estimate[1] > 0.95 and estimate[7] == estimate[1]
+    assert estimate[1] > 0.8 and estimate[7] == pytest.approx(estimate[1])
     assert policy.choose_k() == 8
+
+
+def test_the_loops_own_time_per_round_favours_speculation():
+    """A round's fixed overhead is paid once per round: amortising it over more tokens pays."""
+    cheap_loop, slow_loop = (policy_with([0.12] * 8, 0.005) for _ in range(2))
+    slow_loop.state.loop_seconds = 0.05
+    assert cheap_loop.choose_k() == 0
+    assert slow_loop.choose_k() >= 1
+
+
+def test_noisy_acceptance_does_not_push_a_useful_draft_to_zero():
+    """Acceptance 0.45 per position, with CPU-like costs where k = 1-2 pays: single misses must not
+    swing the policy to the oracle alone."""
+    rng = random.Random(0)
+    policy = GoodputDepth(k_max=8)
+    verify = {0: 0.090, 1: 0.103, 2: 0.106}
+    depths = []
+    for _ in range(300):
+        k = policy.choose_k()
+        accepted = 0
+        while accepted < k and rng.random() < 0.45:
+            accepted += 1
+        policy.observe(RoundObservation(
+            k=k, accepted=accepted, draft_seconds=0.007 * k, verify_seconds=verify.get(k, 0.150 + 0.005 * k),
+            oracle_network_seconds=0.003, draft_network_seconds=0.003 if k else 0.0, loop_seconds=0.015,
+        ))
+        depths.append(k)
+    assert depths[50:].count(0) / len(depths[50:]) < 0.1
+    assert 1 <= max(set(depths[50:]), key=depths[50:].count) <= 2
+
+
+def test_a_new_session_follows_its_own_text_within_a_few_rounds():
+    """The pair's history is a prior worth at most `carry` tests: a request whose first tokens are
+    rejected is not held at a long block by hundreds of earlier successes."""
+    veteran = GoodputDepth(k_max=8)
+    for _ in range(200):
+        veteran.observe(RoundObservation(k=4, accepted=4, draft_seconds=0.004, verify_seconds=0.05))
+    fresh = make_policy("goodput", 8, veteran.snapshot())
+    assert fresh.state.tested_weight[0] == pytest.approx(fresh.carry)
+    for _ in range(6):
+        fresh.observe(RoundObservation(k=4, accepted=0, draft_seconds=0.004, verify_seconds=0.05))
+    assert fresh.estimated_acceptance()[0] < 0.5
+    # States saved before counts existed still restore from their estimates.
+    old = make_policy("goodput", 8, {"acceptance": [0.9] * 8, "observed": [50] * 8})
+    assert old.estimated_acceptance()[0] == pytest.approx((0.9 * 8 + 2 * 0.6) / 10)
 
 
 def test_goodput_learns_verify_cost_growth():
@@ -143,7 +195,8 @@ def test_one_cold_start_outlier_does_not_freeze_the_depth():
 
 def test_goodput_state_round_trips_through_a_snapshot():
     policy = policy_with([0.9, 0.8] + [0.5] * 6, 0.004, rtt_oracle=0.01)
-    clone = make_policy("goodput", 8, policy.snapshot())
+    clone = GoodputDepth(k_max=8, shrink=0.0)
+    clone.restore(policy.snapshot())
     assert clone.choose_k() == policy.choose_k()
     assert clone.state == policy.state
 
@@ -167,8 +220,12 @@ def test_policy_specs():
     assert make_policy("fixed:0", 8).choose_k() == 0
     assert make_policy("HEURISTIC", 8).name == "heuristic"
     assert make_policy("goodput", 8).name == "goodput"
-    tuned = make_policy("goodput:smoothing=0.2,probe_every=8,probe_k=3", 8)
+    tuned = make_policy("goodput:smoothing=0.2,probe_every=8,probe_k=3,window=16,shrink=1,carry=4", 8)
     assert (tuned.smoothing, tuned.probe_every, tuned.probe_k) == (0.2, 8, 3)
-    for bad in ("fixed:x", "fixed:99", "random", "", "goodput:speed=2", "goodput:smoothing=x", "goodput:smoothing=0"):
+    assert (tuned.window, tuned.shrink, tuned.carry) == (16, 1, 4)
+    for bad in (
+        "fixed:x", "fixed:99", "random", "", "goodput:speed=2", "goodput:smoothing=x", "goodput:smoothing=0",
+        "goodput:window=1", "goodput:carry=-1",
+    ):
         with pytest.raises(ValueError):
             make_policy(bad, 8)

@@ -28,6 +28,7 @@ from specd.defaults import EMBEDDED_ORACLE
 
 FULL_MAX_TOKENS = 48
 FULL_PROMPTS_PER_CATEGORY = 2
+FULL_PASSES = 2
 FULL_DELAYS = "0,2,10,50"
 QUICK_MAX_TOKENS = 8
 QUICK_DELAYS = "0,50"
@@ -46,6 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-tokens", type=int, default=None, help=f"output tokens per request (default {FULL_MAX_TOKENS}; --quick {QUICK_MAX_TOKENS})")
     parser.add_argument("--prompts-per-category", type=int, default=None, help=f"measured prompts per category (default {FULL_PROMPTS_PER_CATEGORY}; --quick 1)")
+    parser.add_argument(
+        "--passes", type=int, default=None,
+        help=f"passes of the greedy section over its prompts; per configuration and prompt the fastest run counts "
+        f"(default {FULL_PASSES}; --quick 1)",
+    )
     parser.add_argument("--sampled-prompts-per-category", type=int, default=1, help="prompts per category at the sampled temperature")
     parser.add_argument("--rtt-prompts-per-category", type=int, default=1, help="prompts per category in the round-trip section")
     parser.add_argument("--sections", default="speed,sampled,rtt,concurrency", help="comma-separated subset of speed,sampled,rtt,concurrency")
@@ -98,11 +104,13 @@ def build_options(args: argparse.Namespace, workdir: Path | None = None):
             raise SystemExit("--draft reads the oracle's features, which transformers cannot run: give --assistant")
         assistant, assistant_layers = standalone_draft_source()
     quick = args.quick
+    if args.passes is not None and args.passes < 1:
+        raise SystemExit(f"--passes must be at least 1, got {args.passes}")
     max_tokens = args.max_tokens or (QUICK_MAX_TOKENS if quick else FULL_MAX_TOKENS)
     per_category = args.prompts_per_category or (1 if quick else FULL_PROMPTS_PER_CATEGORY)
-    defaults = args.max_tokens is None and args.prompts_per_category is None
+    defaults = args.max_tokens is None and args.prompts_per_category is None and args.passes is None
     note = "" if quick or not defaults else (
-        "the default sizes, chosen so that the whole run takes about 20-30 minutes on a 2-core CPU"
+        "the default sizes, chosen so that the whole run takes about 30-40 minutes on a 2-core CPU"
     )
     return BenchOptions(
         out=args.out,
@@ -123,6 +131,7 @@ def build_options(args: argparse.Namespace, workdir: Path | None = None):
         # Tiny models gain nothing from intra-op threads; they only add synchronisation.
         threads=args.threads or (1 if quick else os.cpu_count() or 1),
         quick=quick,
+        passes=args.passes or (1 if quick else FULL_PASSES),
         note=note,
         assistant=assistant,
         assistant_layers=assistant_layers,

@@ -92,6 +92,12 @@ def _speed(speed: SpeedResult, setup: dict) -> list[str]:
     categories = list(setup["categories"])
     title = "temperature 0 (greedy)" if speed.temperature == 0 else f"temperature {speed.temperature:g} (seeded)"
     lines = [f"## One client, {title}", "", f"Warm-up: {speed.warmup}.", ""]
+    if speed.passes > 1:
+        lines[-1:-1] = [
+            f"Passes: every configuration ran every prompt {speed.passes} times, in {speed.passes} passes over the "
+            "prompts; per configuration and prompt the fastest run counts (other work on the machine only adds time).",
+            "",
+        ]
     lines += [
         "Tokens per second (ratio to the oracle alone through specd, k=0, in the same category):",
         "",

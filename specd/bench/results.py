@@ -52,6 +52,7 @@ class SpeedResult:
     warmup: str
     configs: list[ConfigResult]
     best_fixed: list[BestFixed]
+    passes: int = 1  # passes over the prompts; per (configuration, prompt) the fastest counts
 
     def config(self, key: str) -> ConfigResult | None:
         return next((c for c in self.configs if c.key == key), None)

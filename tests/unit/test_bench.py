@@ -135,7 +135,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("bench") / "results"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     done = subprocess.run(
-        [sys.executable, "-m", "specd.bench", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "specd.bench", "--quick", "--passes", "2", "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=280,
     )
     assert done.returncode == 0, done.stderr[-4000:]
@@ -192,6 +192,7 @@ def test_quick_run_writes_every_section(quick_run: Path):
 
     check_speed(results["speed"], 0.0)
     check_speed(results["sampled"], 0.7)
+    assert (results["speed"]["passes"], results["sampled"]["passes"]) == (2, 1)  # one record per prompt kept
     assert results["sampled"]["seed"] == 0
 
     rtt = results["rtt"]
@@ -229,6 +230,7 @@ def test_quick_run_writes_the_report_and_plots(quick_run: Path):
                     "## Where the time goes", "## Injected round trip", "## Concurrent clients"):
         assert heading in report
     assert "cores" in report and "torch" in report
+    assert "in 2 passes over the prompts" in report
     assert report.count("PASS") + report.count("FAIL") >= 4
     for name in ("tokens_per_second_vs_k.png", "ratio_vs_rtt.png", "latency_vs_concurrency.png"):
         data = (quick_run / name).read_bytes()

@@ -13,9 +13,10 @@ k = 0 is the oracle decoding alone (no draft call at all). t_loop is the session
 time per round (Python, stream writes), which every round pays whatever its k. The draft's
 per-token time, the verify time per k and the round trips are exponential moving averages.
 Acceptance at position j is a discounted count of the rounds that tested it: each test weighs
-1, older ones fade by (1 - 1/window) per test, and `shrink` pseudo-tests pull the estimate
-towards position j-1's (position 1: towards prior_acceptance), so a position tested a few
-times cannot swing k by itself and an untested one inherits the position before it.
+1, and all evidence fades by (1 - 1/window) per drafting round, so a position the draft rarely
+reaches does not keep a stale estimate. `shrink` pseudo-tests pull each estimate towards
+position j-1's (position 1: towards prior_acceptance), so a position tested a few times cannot
+swing k by itself and an untested or long-unreached one falls back on the position before it.
 A new session starts from its pair's learned state with at most `carry` tests per position,
 so a request whose text is easier or harder than the last one's is followed within a few
 rounds. While k = 0 is chosen, acceptance is not observed, so every `probe_every` rounds the
@@ -165,11 +166,15 @@ class GoodputDepth:
         self._rounds_since_draft = 0
         s.rtt_draft_seconds = self._ema(s.rtt_draft_seconds or None, round.draft_network_seconds)
         s.draft_token_seconds = self._ema(s.draft_token_seconds, round.draft_seconds / round.k)
-        # Position i was tested only if positions 1..i-1 were accepted.
+        # Evidence fades with every drafting round, tested or not: a deep position that the draft
+        # rarely reaches must not keep an estimate from easier text; it falls back on the one before.
         fade = 1.0 - 1.0 / self.window
+        s.accepted_weight = [fade * w for w in s.accepted_weight]
+        s.tested_weight = [fade * w for w in s.tested_weight]
+        # Position i was tested only if positions 1..i-1 were accepted.
         for i in range(min(round.accepted + 1, round.k)):
-            s.accepted_weight[i] = fade * s.accepted_weight[i] + (1.0 if i < round.accepted else 0.0)
-            s.tested_weight[i] = fade * s.tested_weight[i] + 1.0
+            s.accepted_weight[i] += 1.0 if i < round.accepted else 0.0
+            s.tested_weight[i] += 1.0
             s.observed[i] += 1
         s.acceptance = self._estimates()
 

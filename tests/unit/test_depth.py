@@ -162,6 +162,36 @@ def test_a_new_session_follows_its_own_text_within_a_few_rounds():
     assert old.estimated_acceptance()[0] == pytest.approx((0.9 * 8 + 2 * 0.6) / 10)
 
 
+def test_a_hard_prompt_after_easier_ones_falls_back_to_short_blocks():
+    """Learned on easy text, then on a middling prompt, then a prompt whose first guess is right
+    10% of the time: the deep positions are seldom reached there, so what they learned on easier
+    text must fade instead of holding long blocks."""
+    rng = random.Random(1)
+    verify = {0: 0.085, 1: 0.095, 2: 0.099, 3: 0.118, 4: 0.119, 5: 0.121, 6: 0.127, 7: 0.141, 8: 0.147}
+
+    def run(policy, acceptance, rounds):
+        depths = []
+        for _ in range(rounds):
+            k = policy.choose_k()
+            accepted = 0
+            while accepted < k and rng.random() < acceptance[accepted]:
+                accepted += 1
+            policy.observe(RoundObservation(
+                k=k, accepted=accepted, draft_seconds=0.0055 * k, verify_seconds=verify[k],
+                oracle_network_seconds=0.003, draft_network_seconds=0.003 if k else 0.0, loop_seconds=0.014,
+            ))
+            depths.append(k)
+        return depths
+
+    easy = GoodputDepth(k_max=8)
+    run(easy, [0.72, 0.65, 0.55] + [0.5] * 5, 60)
+    middling = make_policy("goodput", 8, easy.snapshot())
+    run(middling, [0.2, 0.4] + [0.05] * 6, 35)
+    hard = make_policy("goodput", 8, middling.snapshot())
+    depths = run(hard, [0.1, 0.3] + [0.05] * 6, 40)
+    assert sum(depths[-15:]) / 15 <= 1.2, depths
+
+
 def test_goodput_learns_verify_cost_growth():
     policy = GoodputDepth(k_max=8)
     for k, t in ((1, 0.05), (4, 0.08)):

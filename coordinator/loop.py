@@ -5,11 +5,11 @@
              k > 0: draft.Propose(tokens committed since last time, k) -> d_1..d_k, q
              oracle.Verify(d_1..d_k, q) -> m accepted + the oracle's own token
              commit d_1..d_m + that token; both workers roll their caches back to it
+    close both sessions (always: on completion, error, cancellation or deadline)
 
 A feature draft (ModelInfo.feature_dim > 0) reads the oracle's final hidden states: its
 session opens after the oracle's, with the prompt's features, and each Propose carries the
 features of the positions committed since the previous one (returned by the verdicts).
-    close both sessions (always: on completion, error, cancellation or deadline)
 
 Per-token traffic is these two RPCs; nothing here touches Ray.
 """

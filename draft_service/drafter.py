@@ -3,9 +3,10 @@
 No gRPC here. Each round the coordinator sends the tokens committed since the last round
 (accepted draft tokens and the oracle's own token); the drafter rolls its cache back to them
 and proposes the next block. A feature draft (specd.feature_draft) also receives the oracle's
-final hidden states for the committed positions and drafts from them. For sampled sessions each token is drawn from a proposal
-distribution q (the warped distribution restricted to the top-N tokens, renormalised), and q
-is returned exactly, so the oracle's rejection sampling stays lossless.
+final hidden states for the committed positions and drafts from them. For sampled sessions
+each token is drawn from a proposal distribution q (the warped distribution restricted to the
+top-N tokens, renormalised), and q is returned exactly, so the oracle's rejection sampling
+stays lossless.
 """
 
 from __future__ import annotations

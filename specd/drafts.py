@@ -10,24 +10,26 @@ from specd.models import DRAFT_ARTIFACT_MANIFEST, resolve_source, shipped_draft_
 FALLBACK_DRAFT_LAYERS = 4
 
 
+def _first_shipped(names: tuple[str, ...]) -> tuple[str, int]:
+    for name in names:
+        if (shipped_draft_path(name) / DRAFT_ARTIFACT_MANIFEST).exists():
+            return name, 0
+    return EMBEDDED_ORACLE, FALLBACK_DRAFT_LAYERS
+
+
 def default_draft_source() -> tuple[str, int]:
     """(model source, layers) of the best draft available for the embedded oracle.
 
     The default (`make draft`) reads the oracle's features; the standalone one
     (`make draft-standalone`) reads tokens alone.
     """
-    for name in (DEFAULT_DRAFT, STANDALONE_DRAFT):
-        if (shipped_draft_path(name) / DRAFT_ARTIFACT_MANIFEST).exists():
-            return name, 0
-    return EMBEDDED_ORACLE, FALLBACK_DRAFT_LAYERS
+    return _first_shipped((DEFAULT_DRAFT, STANDALONE_DRAFT))
 
 
 def standalone_draft_source() -> tuple[str, int]:
     """(model source, layers) of the best draft for the embedded oracle that reads tokens alone;
     it also serves as the assistant model of transformers' assisted generation."""
-    if (shipped_draft_path(STANDALONE_DRAFT) / DRAFT_ARTIFACT_MANIFEST).exists():
-        return STANDALONE_DRAFT, 0
-    return EMBEDDED_ORACLE, FALLBACK_DRAFT_LAYERS
+    return _first_shipped((STANDALONE_DRAFT,))
 
 
 def is_feature_draft(source: str) -> bool:

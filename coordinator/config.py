@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from coordinator.depth import make_policy
-from specd.config import COORDINATOR_PORT
+from specd.config import COORDINATOR_PORT, PromptLookupSettings
 
 
-class CoordinatorConfig(BaseSettings):
+class CoordinatorConfig(PromptLookupSettings):
     model_config = SettingsConfigDict(env_prefix="SPECD_COORDINATOR_", extra="forbid", validate_assignment=True)
 
     host: str = Field("127.0.0.1", description="Address the client and admin APIs listen on.")

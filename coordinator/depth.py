@@ -21,6 +21,13 @@ A new session starts from its pair's learned state with at most `carry` tests pe
 so a request whose text is easier or harder than the last one's is followed within a few
 rounds. While k = 0 is chosen, acceptance is not observed, so every `probe_every` rounds the
 policy probes with a small k to notice a draft that became useful.
+
+Blocks copied by the session loop's prompt lookup (specd.lookup) cost no draft call, and their
+acceptance has nothing to do with the draft's: it is high where the text repeats its context
+and low elsewhere. They get acceptance estimates of their own, learned the same way from those
+rounds only (starting from `lookup_prior`: a copied token was the oracle's in 75-89% of the
+matches on the benchmark's prompts), and `lookup_depth()` gives the k of best goodput for a copied block (no draft time
+or draft round trip), or 0 when the draft's best round is expected to do better.
 """
 
 from __future__ import annotations
@@ -36,6 +43,10 @@ class DepthPolicy(Protocol):
 
     def choose_k(self) -> int:
         """The depth for the next round, in 0..k_max (0 = the oracle decodes alone)."""
+        ...
+
+    def lookup_depth(self) -> int:
+        """The depth of a block copied by prompt lookup, when one is on offer (0 = ask the draft)."""
         ...
 
     def observe(self, round: RoundObservation) -> None:
@@ -57,6 +68,9 @@ class FixedDepth:
     def choose_k(self) -> int:
         return self.k
 
+    def lookup_depth(self) -> int:
+        return self.k
+
     def observe(self, round: RoundObservation) -> None:
         pass
 
@@ -73,6 +87,9 @@ class HeuristicDepth:
         self.name = "heuristic"
 
     def choose_k(self) -> int:
+        return self.k
+
+    def lookup_depth(self) -> int:
         return self.k
 
     def observe(self, round: RoundObservation) -> None:
@@ -104,6 +121,10 @@ class GoodputState:
     rtt_draft_seconds: float = 0.0
     loop_seconds: float = 0.0
     rounds: int = 0
+    # Rounds whose block the session loop copied by prompt lookup, with acceptance of their own.
+    lookup_acceptance: list[float] = field(default_factory=list)
+    lookup_accepted_weight: list[float] = field(default_factory=list)
+    lookup_tested_weight: list[float] = field(default_factory=list)
 
 
 def expected_tokens(acceptance: list[float], k: int) -> float:
@@ -133,6 +154,7 @@ class GoodputDepth:
         carry: float = 8.0,
         probe_every: int = 4,
         probe_k: int = 1,
+        lookup_prior: float = 0.8,
     ):
         if k_max < 1:
             raise ValueError("k_max must be >= 1")
@@ -142,9 +164,12 @@ class GoodputDepth:
         self.window, self.shrink, self.carry = window, shrink, carry
         self.probe_every = probe_every
         self.probe_k = min(probe_k, k_max)
+        self.lookup_prior = lookup_prior
         self.state = GoodputState(
             acceptance=[prior_acceptance] * k_max, observed=[0] * k_max,
             accepted_weight=[0.0] * k_max, tested_weight=[0.0] * k_max,
+            lookup_acceptance=[lookup_prior] * k_max,
+            lookup_accepted_weight=[0.0] * k_max, lookup_tested_weight=[0.0] * k_max,
         )
         self.name = "goodput"
         self._rounds_since_draft = 0
@@ -160,29 +185,44 @@ class GoodputDepth:
         s.verify_rounds_by_k[round.k] = s.verify_rounds_by_k.get(round.k, 0) + 1
         s.rtt_oracle_seconds = self._ema(s.rtt_oracle_seconds if s.rounds > 1 else None, round.oracle_network_seconds)
         s.loop_seconds = self._ema(s.loop_seconds if s.rounds > 1 else None, round.loop_seconds)
+        if round.lookup_led:
+            self._count(s.lookup_accepted_weight, s.lookup_tested_weight, round)
+            s.lookup_acceptance = self._estimates(s.lookup_accepted_weight, s.lookup_tested_weight, self.lookup_prior)
+            return
         if round.k == 0:
             self._rounds_since_draft += 1
             return
         self._rounds_since_draft = 0
         s.rtt_draft_seconds = self._ema(s.rtt_draft_seconds or None, round.draft_network_seconds)
-        s.draft_token_seconds = self._ema(s.draft_token_seconds, round.draft_seconds / round.k)
-        # Evidence fades with every drafting round, tested or not: a deep position that the draft
-        # rarely reaches must not keep an estimate from easier text; it falls back on the one before.
-        fade = 1.0 - 1.0 / self.window
-        s.accepted_weight = [fade * w for w in s.accepted_weight]
-        s.tested_weight = [fade * w for w in s.tested_weight]
-        # Position i was tested only if positions 1..i-1 were accepted.
-        for i in range(min(round.accepted + 1, round.k)):
-            s.accepted_weight[i] += 1.0 if i < round.accepted else 0.0
-            s.tested_weight[i] += 1.0
+        modelled = round.k - len(round.lookup_positions)  # tokens the draft's model proposed
+        if modelled > 0:
+            s.draft_token_seconds = self._ema(s.draft_token_seconds, round.draft_seconds / modelled)
+        for i in self._count(s.accepted_weight, s.tested_weight, round):
             s.observed[i] += 1
-        s.acceptance = self._estimates()
+        s.acceptance = self._estimates(s.accepted_weight, s.tested_weight)
 
-    def _estimates(self) -> list[float]:
-        s = self.state
-        estimates, previous = [], self.prior_acceptance
-        for accepted, tested in zip(s.accepted_weight, s.tested_weight):
-            previous = (accepted + self.shrink * previous) / (tested + self.shrink)
+    def _count(self, accepted: list[float], tested: list[float], round: RoundObservation) -> range:
+        """Fade the evidence, then count the positions this round tested (returned).
+
+        Evidence fades with every round of its kind, tested or not: a deep position that is rarely
+        reached must not keep an estimate from easier text; it falls back on the one before."""
+        fade = 1.0 - 1.0 / self.window
+        accepted[:] = [fade * w for w in accepted]
+        tested[:] = [fade * w for w in tested]
+        # Position i was tested only if positions 1..i-1 were accepted.
+        positions = range(min(round.accepted + 1, round.k, len(tested)))
+        for i in positions:
+            accepted[i] += 1.0 if i < round.accepted else 0.0
+            tested[i] += 1.0
+        return positions
+
+    def _estimates(
+        self, accepted_weight: list[float], tested_weight: list[float], prior: float | None = None
+    ) -> list[float]:
+        estimates, previous = [], self.prior_acceptance if prior is None else prior
+        for accepted, tested in zip(accepted_weight, tested_weight):
+            if tested + self.shrink > 0:  # else untested with no shrink: the position before's estimate
+                previous = (accepted + self.shrink * previous) / (tested + self.shrink)
             estimates.append(previous)
         return estimates
 
@@ -218,10 +258,11 @@ class GoodputDepth:
             return max(1e-6, seen[anchor] + slope * (k - anchor))
         return max(1e-6, mean_t + slope * (k - mean_k))
 
-    def round_seconds(self, k: int) -> float:
+    def round_seconds(self, k: int, *, drafted: bool = True) -> float:
+        """Predicted wall time of a round of depth k; drafted=False: a copied block (no draft call)."""
         s = self.state
         cost = self.verify_seconds(k) + s.rtt_oracle_seconds + s.loop_seconds
-        if k > 0:
+        if k > 0 and drafted:
             draft = s.draft_token_seconds if s.draft_token_seconds is not None else 0.1 * self.verify_seconds(0)
             cost += k * draft + s.rtt_draft_seconds
         return cost
@@ -240,6 +281,15 @@ class GoodputDepth:
             return self.probe_k
         return k
 
+    def lookup_goodput(self, k: int) -> float:
+        """Expected committed tokens per second of a copied block of depth k."""
+        return expected_tokens(self.state.lookup_acceptance, k) / self.round_seconds(k, drafted=False)
+
+    def lookup_depth(self) -> int:
+        """The copied block's best depth, or 0 when the draft's best round is expected to do better."""
+        depth = max(range(1, self.k_max + 1), key=lambda k: (self.lookup_goodput(k), -k))
+        return depth if self.lookup_goodput(depth) > self.goodput(self.best_k()) else 0
+
     # -- carrying state between sessions ------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         return asdict(self.state)
@@ -255,15 +305,18 @@ class GoodputDepth:
             estimates = list(state.get("acceptance", []))[: self.k_max]
             tested = [float(min(n, self.carry)) for n in observed[: len(estimates)]]
             accepted = [a * n for a, n in zip(estimates, tested)]
-        tested += [0.0] * (self.k_max - len(tested))
-        accepted += [0.0] * (self.k_max - len(accepted))
-        # The pair's history counts as at most `carry` tests per position in a new session.
-        scale = [min(1.0, self.carry / n) if n else 0.0 for n in tested]
+        accepted, tested = self._carried(accepted, tested)
+        lookup_accepted, lookup_tested = self._carried(
+            [float(w) for w in state.get("lookup_accepted_weight", [])][: self.k_max],
+            [float(w) for w in state.get("lookup_tested_weight", [])][: self.k_max],
+        )
         self.state = GoodputState(
             acceptance=[],
             observed=observed,
-            accepted_weight=[a * f for a, f in zip(accepted, scale)],
-            tested_weight=[n * f for n, f in zip(tested, scale)],
+            accepted_weight=accepted,
+            tested_weight=tested,
+            lookup_accepted_weight=lookup_accepted,
+            lookup_tested_weight=lookup_tested,
             draft_token_seconds=state.get("draft_token_seconds"),
             verify_seconds_by_k={int(k): float(v) for k, v in state.get("verify_seconds_by_k", {}).items()},
             verify_rounds_by_k={int(k): int(v) for k, v in state.get("verify_rounds_by_k", {}).items()},
@@ -272,7 +325,17 @@ class GoodputDepth:
             loop_seconds=float(state.get("loop_seconds", 0.0)),
             rounds=int(state.get("rounds", 0)),
         )
-        self.state.acceptance = self._estimates()
+        self.state.acceptance = self._estimates(accepted, tested)
+        self.state.lookup_acceptance = self._estimates(lookup_accepted, lookup_tested, self.lookup_prior)
+
+    def _carried(self, accepted: list[float], tested: list[float]) -> tuple[list[float], list[float]]:
+        """Counts padded to k_max, the pair's history counting as at most `carry` tests per position."""
+        if len(accepted) != len(tested):
+            accepted, tested = [], []
+        tested = tested + [0.0] * (self.k_max - len(tested))
+        accepted = accepted + [0.0] * (self.k_max - len(accepted))
+        scale = [min(1.0, self.carry / n) if n else 0.0 for n in tested]
+        return [a * f for a, f in zip(accepted, scale)], [n * f for n, f in zip(tested, scale)]
 
 
 POLICY_NAMES = ("goodput", "heuristic", "fixed:K")
@@ -280,7 +343,7 @@ POLICY_NAMES = ("goodput", "heuristic", "fixed:K")
 
 GOODPUT_OPTIONS = {
     "smoothing": float, "prior_acceptance": float, "window": float, "shrink": float, "carry": float,
-    "probe_every": int, "probe_k": int,
+    "probe_every": int, "probe_k": int, "lookup_prior": float,
 }
 
 
@@ -297,6 +360,8 @@ def _goodput_options(text: str) -> dict[str, Any]:
             raise ValueError(f"bad goodput option {item!r}: {value!r} is not a number") from None
     if not 0 < options.get("smoothing", 0.5) <= 1 or not 0 <= options.get("prior_acceptance", 0.5) <= 1:
         raise ValueError("goodput smoothing must be in (0, 1] and prior_acceptance in [0, 1]")
+    if not 0 <= options.get("lookup_prior", 0.5) <= 1:
+        raise ValueError("goodput lookup_prior must be in [0, 1]")
     if options.get("probe_every", 1) < 1 or options.get("probe_k", 1) < 1:
         raise ValueError("goodput probe_every and probe_k must be at least 1")
     if options.get("window", 2) <= 1 or options.get("shrink", 0) < 0 or options.get("carry", 0) < 0:

@@ -193,8 +193,10 @@ async def stream_generation(
     policy: DepthPolicy,
     session_id: str | None = None,
     on_round: RoundHook | None = None,
+    lookup_ngram: tuple[int, int] | None = None,
 ) -> AsyncIterator[Delta]:
-    """Run one request on a pair; yields deltas as rounds complete. Sessions are always closed."""
+    """Run one request on a pair; yields deltas as rounds complete. Sessions are always closed.
+    lookup_ngram: (min n, max n) of the session loop's prompt lookup; None turns it off."""
     prompt = prompt_ids(request, pair)
     session_request = SessionRequest(
         prompt=prompt,
@@ -204,6 +206,7 @@ async def stream_generation(
         max_context=pair.max_context,
         max_depth=pair.max_depth,
         deadline=request.deadline,
+        lookup_ngram=lookup_ngram,
     )
     if session_id:
         session_request.session_id = session_id

@@ -7,6 +7,12 @@
              commit d_1..d_m + that token; both workers roll their caches back to it
     close both sessions (always: on completion, error, cancellation or deadline)
 
+With prompt lookup on (SessionRequest.lookup_ngram), a round whose last tokens occurred earlier
+in the session may skip the draft: the loop copies what followed them then (specd.lookup) and
+has the oracle verify that block, of the depth the policy sets for such rounds
+(`lookup_depth()`, 0 when a copy would not pay). The draft catches up on those tokens at its next
+Propose.
+
 A feature draft (ModelInfo.feature_dim > 0) reads the oracle's final hidden states: its
 session opens after the oracle's, with the prompt's features, and each Propose carries the
 features of the positions committed since the previous one (returned by the verdicts).
@@ -29,6 +35,7 @@ import grpc
 from coordinator.depth import DepthPolicy
 from coordinator.stats import RoundObservation, SpeculationStats
 from coordinator.workers import DraftClient, OracleClient, join_features
+from specd.lookup import NgramIndex
 from specd.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -55,6 +62,7 @@ class SessionRequest:
     max_context: int = 1 << 30
     max_depth: int = 16
     deadline: float | None = None  # time.monotonic() value after which the session gives up
+    lookup_ngram: tuple[int, int] | None = None  # (min n, max n) of prompt lookup; None: off
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
@@ -88,6 +96,10 @@ class SpeculativeSession:
         self._draft_open = False
         self._oracle_open = False
         self.draft_error = ""
+        self._lookup: NgramIndex | None = None
+        if request.lookup_ngram is not None:
+            self._lookup = NgramIndex(*request.lookup_ngram)
+            self._lookup.extend(request.prompt)
 
     @property
     def session_id(self) -> str:
@@ -169,9 +181,13 @@ class SpeculativeSession:
             if self._committed_length + 1 > self.request.max_context:
                 self.finish = Finish.LENGTH
                 break
-            k = min(self.policy.choose_k(), self._depth_limit()) if self._draft_open else 0
+            block = self._lookup_block()
+            if block:
+                k = len(block)
+            else:
+                k = min(self.policy.choose_k(), self._depth_limit()) if self._draft_open else 0
             self.current_k = k
-            tokens, obs = await self._round(k)
+            tokens, obs = await self._round(k, block)
             # Everything since the last round's RPCs ended that is not this round's RPCs: the
             # loop's own work, including handing the last tokens to the stream.
             now = time.perf_counter()
@@ -190,11 +206,32 @@ class SpeculativeSession:
             if tokens:
                 yield tokens
 
-    async def _round(self, k: int) -> tuple[list[int], RoundObservation]:
+    def _lookup_block(self) -> list[int]:
+        """A copy of what followed the session's last tokens when they occurred before, as long as the
+        policy wants lookup blocks (empty: no match, or a copy would not pay)."""
+        if self._lookup is None:
+            return []
+        depth = min(self.policy.lookup_depth(), self._depth_limit())
+        block: list[int] = []
+        while len(block) < depth:
+            guess = self._lookup.guess(self._lookup.tokens[-self._lookup.max_n :] + block)
+            if guess is None:
+                break
+            block.append(guess)
+        return block
+
+    async def _round(self, k: int, lookup_block: list[int] | None = None) -> tuple[list[int], RoundObservation]:
+        """One round: a block from the draft (k > 0), a copied block (lookup_block), or none (k = 0)."""
         draft_tokens: list[int] = []
         distributions: list[common_pb2.TokenDistribution] = []
         draft_compute = draft_wall = 0.0
-        if k > 0:
+        lookup_positions: tuple[int, ...] = ()
+        if lookup_block:
+            draft_tokens = list(lookup_block)
+            lookup_positions = tuple(range(len(draft_tokens)))
+            if self.request.sampling.temperature > 0:  # each copied token is a one-token proposal q
+                distributions = [common_pb2.TokenDistribution(token_ids=[t], probs=[1.0]) for t in draft_tokens]
+        elif k > 0:
             assert self.draft is not None
             try:
                 proposal = await self.draft.propose(
@@ -209,12 +246,15 @@ class SpeculativeSession:
                 self._features_pending = []
                 draft_tokens, distributions = proposal.tokens, proposal.distributions
                 draft_compute, draft_wall = proposal.compute_seconds, proposal.wall_seconds
+                lookup_positions = tuple(proposal.lookup_positions)
         verdict = await self.oracle.verify(
             self.session_id, draft_tokens, distributions, self._committed_length, self._timeout()
         )
         committed = draft_tokens[: verdict.accepted] + [verdict.next_token]
         self._committed_length += len(committed)
         self._draft_pending.extend(committed)
+        if self._lookup is not None:
+            self._lookup.extend(committed)
         if verdict.features is not None and self._draft_open:
             self._features_pending.append(verdict.features)
         return committed, RoundObservation(
@@ -224,6 +264,8 @@ class SpeculativeSession:
             verify_seconds=verdict.compute_seconds,
             draft_network_seconds=max(0.0, draft_wall - draft_compute),
             oracle_network_seconds=max(0.0, verdict.wall_seconds - verdict.compute_seconds),
+            lookup_positions=lookup_positions,
+            lookup_led=bool(lookup_block),
         )
 
     def _apply_limits(self, tokens: list[int]) -> list[int]:

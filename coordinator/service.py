@@ -78,7 +78,7 @@ class Coordinator:
 
         def on_round(session: SpeculativeSession, obs: RoundObservation, delivered: int) -> None:
             now = time.perf_counter()
-            metrics.spec.record(obs.k, obs.accepted, pair_id)
+            metrics.spec.record(obs.k, obs.accepted, pair_id, lookup_positions=obs.lookup_positions)
             metrics.depth.labels(pair_id).set(obs.k)
             metrics.depth_chosen.labels(pair_id).observe(obs.k)
             if delivered and len(session.generated) > delivered:  # tokens after the first
@@ -119,7 +119,9 @@ class Coordinator:
             pair = await self._pair(assignment)
             policy = self._policy(assignment, depth)
             hook = self._round_hook(assignment.pair_id, started)
-            async for delta in stream_generation(request, pair, policy, session_id, hook):
+            async for delta in stream_generation(
+                request, pair, policy, session_id, hook, lookup_ngram=self.config.lookup_ngram
+            ):
                 if first and delta.token_ids:
                     self.metrics.ttft.observe(time.perf_counter() - started)
                     first = False

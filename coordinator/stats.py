@@ -24,6 +24,8 @@ class RoundObservation:
     draft_network_seconds: float = 0.0  # the Propose RPC's wall time minus the draft's compute
     oracle_network_seconds: float = 0.0  # the Verify RPC's wall time minus the oracle's compute
     loop_seconds: float = 0.0  # the rest of the round's wall time: the session loop's own work
+    lookup_positions: tuple[int, ...] = ()  # draft positions proposed by prompt lookup (0 = first)
+    lookup_led: bool = False  # the session loop's own lookup proposed the block; the draft was not asked
 
     @property
     def network_seconds(self) -> float:
@@ -46,6 +48,8 @@ class SpeculationStats:
     time_to_first_token_seconds: float = 0.0
     draft_worker: str = ""
     oracle_worker: str = ""
+    lookup_drafted: int = 0
+    lookup_accepted: int = 0
 
     def record(self, obs: RoundObservation) -> None:
         self.rounds += 1
@@ -58,6 +62,8 @@ class SpeculationStats:
         self.rounds_with_draft += 1
         self.drafted += obs.k
         self.accepted += obs.accepted
+        self.lookup_drafted += len(obs.lookup_positions)
+        self.lookup_accepted += sum(position < obs.accepted for position in obs.lookup_positions)
         while len(self.drafted_per_position) < obs.k:
             self.drafted_per_position.append(0)
             self.accepted_per_position.append(0)
@@ -91,6 +97,8 @@ class SpeculationStats:
             time_to_first_token_seconds=self.time_to_first_token_seconds,
             draft_worker=self.draft_worker,
             oracle_worker=self.oracle_worker,
+            lookup_drafted=self.lookup_drafted,
+            lookup_accepted=self.lookup_accepted,
         )
 
     def summary(self) -> dict:
@@ -99,6 +107,8 @@ class SpeculationStats:
             "rounds_with_draft": self.rounds_with_draft,
             "drafted": self.drafted,
             "accepted": self.accepted,
+            "lookup_drafted": self.lookup_drafted,
+            "lookup_accepted": self.lookup_accepted,
             "acceptance_rate": round(self.acceptance_rate, 4),
             "mean_acceptance_length": round(self.mean_acceptance_length, 4),
             "depth_per_round": self.depth_per_round,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from specd.security import Security
 from specd.server import channel_options
@@ -17,6 +17,7 @@ class TimedProposal:
     distributions: list[common_pb2.TokenDistribution]
     compute_seconds: float
     wall_seconds: float
+    lookup_positions: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ class DraftClient(WorkerClient):
             distributions=list(reply.distributions),
             compute_seconds=reply.draft_seconds,
             wall_seconds=time.perf_counter() - started,
+            lookup_positions=list(reply.lookup_positions),
         )
 
 

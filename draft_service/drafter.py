@@ -7,12 +7,17 @@ final hidden states for the committed positions and drafts from them. For sample
 each token is drawn from a proposal distribution q (the warped distribution restricted to the
 top-N tokens, renormalised), and q is returned exactly, so the oracle's rejection sampling
 stays lossless.
+
+With prompt lookup (specd.lookup), a position whose last n tokens occurred earlier in the
+session takes the token that followed them instead of the model's guess, at no model cost; the
+model only runs for positions the lookup cannot fill, catching up on the looked-up tokens
+before them. A sampled session sends a looked-up token as a one-token q.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generator
 
 import torch
@@ -20,6 +25,7 @@ import torch
 from specd import validation
 from specd.errors import InvalidArgument
 from specd.feature_draft import FeatureSession
+from specd.lookup import NgramIndex
 from specd.models import LoadedModel
 from specd.sampling import SamplingParams, Stream, keyed_uniform, sample_from, warp_probs
 from specd.worker import ModelWorker, OpenResult, PositionFeatures, WorkerSession
@@ -36,12 +42,19 @@ class DraftProposal:
     tokens: list[int]
     distributions: list[SparseDistribution]  # empty for greedy sessions
     seconds: float
+    looked_up: list[int] = field(default_factory=list)  # positions proposed by prompt lookup, not the model
 
 
 class Drafter(ModelWorker):
-    def __init__(self, loaded: LoadedModel, *, proposal_top_n: int = 64, **limits):
+    def __init__(
+        self, loaded: LoadedModel, *, proposal_top_n: int = 64, lookup_ngram: tuple[int, int] | None = None, **limits
+    ):
+        """lookup_ngram: (min n, max n) for prompt lookup; None drafts with the model alone."""
         super().__init__(loaded, **limits)
         self.proposal_top_n = proposal_top_n
+        self.lookup_ngram = lookup_ngram
+        if lookup_ngram is not None:
+            NgramIndex(*lookup_ngram)  # reject bad lengths at start-up
         # Maps head rows to shared token ids when the draft's head covers part of the vocabulary.
         self._head_ids = (
             torch.tensor(loaded.head_token_ids, dtype=torch.long) if loaded.head_token_ids is not None else None
@@ -60,6 +73,16 @@ class Drafter(ModelWorker):
         features: PositionFeatures | None = None,
     ) -> OpenResult:
         """Standalone drafts prefill the prompt; feature drafts take the prompt's features."""
+        result = self._open_model(session_id, prompt, params, features)
+        if self.lookup_ngram is not None:
+            index = NgramIndex(*self.lookup_ngram)
+            index.extend(prompt)
+            self.sessions.get(session_id).lookup = index
+        return result
+
+    def _open_model(
+        self, session_id: str, prompt: list[int], params: SamplingParams, features: PositionFeatures | None
+    ) -> OpenResult:
         if not self.feature_dim:
             return super().open(session_id, prompt, params)
         self.validate_open(session_id, prompt)
@@ -95,6 +118,8 @@ class Drafter(ModelWorker):
                 state.receive(features.start, features.rows)
             self._check_features(state, expected)
         session.committed.extend(append)
+        if session.lookup is not None:
+            session.lookup.extend(append)
         started = time.perf_counter()
         steps = self._feature_steps(state, session.committed) if isinstance(state, FeatureSession) else (
             self._token_steps(session)
@@ -102,24 +127,46 @@ class Drafter(ModelWorker):
         tokens: list[int] = []
         distributions: list[SparseDistribution] = []
         position = len(session.committed)
-        logits = next(steps)
+        logits: torch.Tensor | None = None
+        unfed = 0  # drafted tokens the model has not read yet
+        looked_up: list[int] = []
         for i in range(k):
-            logits = logits[: self._head_size]  # [head vocab]
-            if session.params.greedy:
-                token = self._token_id(int(logits.argmax()))
+            guess = None
+            if session.lookup is not None:
+                guess = session.lookup.guess(session.committed[-session.lookup.max_n :] + tokens)
+            if guess is not None:
+                token = guess
+                looked_up.append(i)
+                if not session.params.greedy:
+                    distributions.append(SparseDistribution([token], [1.0]))
             else:
-                probs = warp_probs(logits[None], session.params)[0]
-                top = torch.topk(probs, min(self.proposal_top_n, self._head_size))
-                q = top.values / top.values.sum()
-                keep = q > 0
-                ids = top.indices[keep] if self._head_ids is None else self._head_ids[top.indices[keep]]
-                q = q[keep]
-                token = int(ids[sample_from(q, keyed_uniform(session.params.seed, position + i, Stream.DRAFT))])
-                distributions.append(SparseDistribution(ids.tolist(), q.tolist()))
+                logits = next(steps) if logits is None else logits
+                for fed in tokens[len(tokens) - unfed :]:
+                    logits = steps.send(fed)
+                unfed = 0
+                token = self._choose(logits[: self._head_size], session.params, position + i, distributions)
             tokens.append(token)
-            if i + 1 < k:
-                logits = steps.send(token)
-        return DraftProposal(tokens=tokens, distributions=distributions, seconds=time.perf_counter() - started)
+            unfed += 1
+        return DraftProposal(
+            tokens=tokens, distributions=distributions, seconds=time.perf_counter() - started, looked_up=looked_up
+        )
+
+    def _choose(
+        self, logits: torch.Tensor, params: SamplingParams, position: int, distributions: list[SparseDistribution]
+    ) -> int:
+        """The model's token at a position: its argmax, or a draw from q (appended to distributions)."""
+        if params.greedy:
+            return self._token_id(int(logits.argmax()))
+        probs = warp_probs(logits[None], params)[0]
+        top = torch.topk(probs, min(self.proposal_top_n, self._head_size))
+        values, indices = top.values.cpu(), top.indices.cpu()  # off the model's device: N values at most
+        q = values / values.sum()
+        keep = q > 0
+        ids = indices[keep] if self._head_ids is None else self._head_ids[indices[keep]]
+        q = q[keep]
+        token = int(ids[sample_from(q, keyed_uniform(params.seed, position, Stream.DRAFT))])
+        distributions.append(SparseDistribution(ids.tolist(), q.tolist()))
+        return token
 
     @staticmethod
     def _token_steps(session: WorkerSession) -> Generator[torch.Tensor, int, None]:

@@ -13,6 +13,7 @@ def build_servicer(config: DraftConfig) -> DraftServicer:
     drafter = Drafter(
         load_for(config),
         proposal_top_n=config.proposal_top_n,
+        lookup_ngram=config.lookup_ngram,
         max_sessions=config.max_sessions,
         session_ttl_seconds=config.session_ttl_seconds,
         max_depth=config.max_depth,

@@ -43,4 +43,5 @@ class DraftServicer(WorkerServicerMixin, draft_pb2_grpc.DraftServiceServicer):
                 common_pb2.TokenDistribution(token_ids=d.token_ids, probs=d.probs) for d in proposal.distributions
             ],
             draft_seconds=proposal.seconds,
+            lookup_positions=proposal.looked_up,
         )

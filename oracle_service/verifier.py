@@ -57,7 +57,7 @@ class Verifier(ModelWorker):
         if session.params.greedy:
             verdict = verify_greedy(draft_tokens, logits)
         else:
-            p = warp_probs(logits, session.params)  # [k+1, vocab]
+            p = warp_probs(logits, session.params).cpu()  # [k+1, vocab], beside q for the acceptance tests
             if q is None:
                 q = torch.zeros(0, self.vocab_size)
             verdict = verify_sampled(draft_tokens, q, p, session.params.seed, start_position=len(session.committed))

@@ -28,9 +28,12 @@ LOCAL_DEFAULT_DEPTH = 4
 def stats_line(result: dict[str, Any], seconds: float) -> str:
     stats, usage = result["stats"], result["usage"]
     tokens = usage["completion_tokens"]
+    lookup = (
+        f" (prompt lookup {stats['lookup_accepted']} of {stats['lookup_drafted']})" if stats.get("lookup_drafted") else ""
+    )
     return (
         f"{tokens} tokens in {seconds:.2f}s ({tokens / max(seconds, 1e-9):.1f} tok/s), finish: {result['finish_reason']}\n"
-        f"drafted {stats.get('drafted', 0)}, accepted {stats.get('accepted', 0)}, "
+        f"drafted {stats.get('drafted', 0)}, accepted {stats.get('accepted', 0)}{lookup}, "
         f"acceptance rate {stats.get('acceptance_rate', 0):.2f}, "
         f"mean acceptance length {stats.get('mean_acceptance_length', 1):.2f}, rounds {stats.get('rounds', 0)}, "
         f"k per round {compact(stats.get('depth_per_round', []))}"
@@ -80,6 +83,7 @@ class Output:
 def proto_stats(stats: Any) -> dict[str, Any]:
     return {
         "rounds": stats.rounds, "drafted": stats.drafted, "accepted": stats.accepted,
+        "lookup_drafted": stats.lookup_drafted, "lookup_accepted": stats.lookup_accepted,
         "acceptance_rate": round(stats.acceptance_rate, 4),
         "mean_acceptance_length": round(stats.mean_acceptance_length, 4),
         "depth_per_round": list(stats.depth_per_round),

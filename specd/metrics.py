@@ -21,7 +21,8 @@ def serve_metrics(registry: CollectorRegistry, port: int, host: str = "0.0.0.0")
 class SpecDecodeCounters:
     """The speculative-decoding counters, recorded per verification round."""
 
-    def __init__(self, registry: CollectorRegistry, labels: tuple[str, ...]):
+    def __init__(self, registry: CollectorRegistry, labels: tuple[str, ...], *, lookup: bool = False):
+        """lookup: also count prompt-lookup tokens (the coordinator knows them; an oracle does not)."""
         self.drafts = Counter("specd_spec_decode_num_drafts", "Rounds that verified a draft block.", labels, registry=registry)
         self.draft_tokens = Counter(
             "specd_spec_decode_num_draft_tokens", "Draft tokens proposed.", labels, registry=registry
@@ -35,14 +36,27 @@ class SpecDecodeCounters:
             (*labels, "position"),
             registry=registry,
         )
+        self.lookup_tokens = self.lookup_accepted_tokens = None
+        if lookup:
+            self.lookup_tokens = Counter(
+                "specd_spec_decode_num_lookup_tokens", "Draft tokens proposed by prompt lookup.", labels,
+                registry=registry,
+            )
+            self.lookup_accepted_tokens = Counter(
+                "specd_spec_decode_num_lookup_accepted_tokens", "Prompt-lookup draft tokens the oracle accepted.",
+                labels, registry=registry,
+            )
 
-    def record(self, k: int, accepted: int, *label_values: str) -> None:
+    def record(self, k: int, accepted: int, *label_values: str, lookup_positions: tuple[int, ...] = ()) -> None:
         if k == 0:
             return
         labelled = (lambda metric: metric.labels(*label_values)) if label_values else (lambda metric: metric)
         labelled(self.drafts).inc()
         labelled(self.draft_tokens).inc(k)
         labelled(self.accepted_tokens).inc(accepted)
+        if lookup_positions and self.lookup_tokens is not None and self.lookup_accepted_tokens is not None:
+            labelled(self.lookup_tokens).inc(len(lookup_positions))
+            labelled(self.lookup_accepted_tokens).inc(sum(position < accepted for position in lookup_positions))
         for position in range(accepted):
             self.accepted_per_pos.labels(*label_values, str(position)).inc()
 
@@ -51,7 +65,7 @@ class CoordinatorMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.spec = SpecDecodeCounters(r, ("pair",))
+        self.spec = SpecDecodeCounters(r, ("pair",), lookup=True)
         self.ttft = Histogram(
             "specd_time_to_first_token_seconds", "Time to first token.", buckets=LATENCY_BUCKETS, registry=r
         )

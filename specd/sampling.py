@@ -79,7 +79,7 @@ def sample_from(probs: torch.Tensor, u: float) -> int:
     """Inverse-CDF sample of one token from probs [vocab] using the uniform u in [0, 1)."""
     cdf = torch.cumsum(probs.double(), dim=-1)
     total = float(cdf[-1])
-    index = int(torch.searchsorted(cdf, torch.tensor([u * total], dtype=torch.float64), right=True))
+    index = int(torch.searchsorted(cdf, torch.tensor([u * total], dtype=torch.float64, device=cdf.device), right=True))
     # Rounding can put u*total at the very end; fall back to the last token with mass.
     if index >= probs.shape[-1] or probs[index] <= 0:
         index = int(torch.nonzero(probs > 0)[-1])

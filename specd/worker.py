@@ -14,6 +14,7 @@ import torch
 from specd.errors import FailedPrecondition, OutOfRange
 from specd.feature_draft import FeatureSession
 from specd.kv import KVSession
+from specd.lookup import NgramIndex
 from specd.models import LoadedModel
 from specd.sampling import SamplingParams
 from specd.sessions import SessionTable
@@ -27,6 +28,7 @@ class WorkerSession:
     committed: list[int]  # prompt + generated tokens, as agreed with the oracle
     prompt_length: int
     return_features: bool = False  # oracle sessions serving a feature draft
+    lookup: NgramIndex | None = None  # draft sessions with prompt lookup: the committed tokens' n-grams
 
 
 @dataclass(frozen=True)

@@ -45,15 +45,23 @@ async def oracle(tiny_dir: Path):
 
 @pytest.fixture(scope="session")
 async def same_draft(tiny_dir: Path):
-    """A draft identical to the oracle: every proposal should be accepted."""
-    worker = await start_worker(draft_config(tiny_dir, "oracle"))
+    """A draft identical to the oracle, without prompt lookup: every proposal should be accepted."""
+    worker = await start_worker(draft_config(tiny_dir, "oracle", lookup_min_ngram=0))
     yield worker
     await worker.stop()
 
 
 @pytest.fixture(scope="session")
 async def unrelated_draft(tiny_dir: Path):
-    """A draft with unrelated random weights (same vocabulary): almost nothing accepted."""
+    """A draft with unrelated random weights (same vocabulary), without prompt lookup: almost nothing accepted."""
+    worker = await start_worker(draft_config(tiny_dir, "unrelated", lookup_min_ngram=0))
+    yield worker
+    await worker.stop()
+
+
+@pytest.fixture(scope="session")
+async def lookup_draft(tiny_dir: Path):
+    """The unrelated draft with prompt lookup (the default settings): lookup's copies are often right."""
     worker = await start_worker(draft_config(tiny_dir, "unrelated"))
     yield worker
     await worker.stop()

@@ -31,6 +31,7 @@ from specd.bench.sections import (
     speed_section,
 )
 from specd.bench.stack import BenchStack, StackSettings
+from specd.config import DraftConfig
 from specd.models import DRAFT_ARTIFACT_MANIFEST, LoadedModel, load_model, resolve_source
 
 SECTIONS = ("speed", "sampled", "rtt", "concurrency")
@@ -102,6 +103,14 @@ def describe_draft(source: str, layers: int) -> str:
     return f"{source}" + (f", first {layers} layers" if layers else "")
 
 
+def prompt_lookup_setting() -> str:
+    """The draft workers' prompt lookup, as started here (the DraftConfig defaults)."""
+    config = DraftConfig(model="-")
+    if not config.lookup_min_ngram:
+        return "off"
+    return f"n-grams of {config.lookup_min_ngram} to {config.lookup_max_ngram} tokens"
+
+
 def tokenize(oracle: LoadedModel, prompts: PromptSet) -> dict[str, list[int]]:
     ids = {}
     for prompt in [*prompts.measured, prompts.warmup]:
@@ -115,10 +124,12 @@ def tokenize(oracle: LoadedModel, prompts: PromptSet) -> dict[str, list[int]]:
 def planned_requests(options: BenchOptions, prompts: PromptSet, with_transformers: bool) -> int:
     total = 0
     if "speed" in options.sections:
-        total += speed_requests(len(prompts.measured), options.max_depth, with_transformers, options.passes)
+        total += speed_requests(
+            len(prompts.measured), options.max_depth, with_transformers, options.passes, model_only=with_transformers
+        )
     if "sampled" in options.sections:
         sampled = len(prompts.first_of_each(options.sampled_prompts_per_category))
-        total += speed_requests(sampled, options.max_depth, with_transformers)
+        total += speed_requests(sampled, options.max_depth, with_transformers, model_only=with_transformers)
     if "rtt" in options.sections:
         total += rtt_requests(options.delays_ms, len(prompts.first_of_each(options.rtt_prompts_per_category)))
     if "concurrency" in options.sections:
@@ -148,6 +159,7 @@ async def run_bench(options: BenchOptions) -> BenchResults:
             "draft": describe_draft(options.draft, options.draft_layers),
             "draft_source": options.draft,
             "draft_layers": options.draft_layers,
+            "prompt_lookup": prompt_lookup_setting(),
             "quick": options.quick,
             "max_tokens": options.max_tokens,
             "prompts_per_category": options.prompts_per_category,
@@ -168,7 +180,10 @@ async def run_bench(options: BenchOptions) -> BenchResults:
         },
     )
     with_transformers = "speed" in options.sections or "sampled" in options.sections
-    settings = StackSettings(options.oracle, options.draft, options.draft_layers, options.threads, options.max_depth)
+    settings = StackSettings(
+        options.oracle, options.draft, options.draft_layers, options.threads, options.max_depth,
+        model_only_draft=with_transformers,  # the speed sections compare adaptive with and without prompt lookup
+    )
     async with BenchStack(settings) as stack:
         results.section_seconds["start"] = time.perf_counter() - started
         cancel_on_signals()

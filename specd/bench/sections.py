@@ -30,6 +30,7 @@ from specd.bench.measure import RequestRecord, StreamRecord, StreamSummary, set_
 from specd.bench.prompts import BenchPrompt, PromptSet
 from specd.bench.results import (
     ADAPTIVE,
+    ADAPTIVE_MODEL_ONLY,
     HF_ASSISTED,
     HF_PLAIN,
     ORACLE_ALONE,
@@ -56,9 +57,10 @@ class Config:
     engine: str  # "specd" or "transformers"
     depth: int | None = None  # specd: fixed k, None = the coordinator's policy
     assisted: bool = False  # transformers: with the draft as assistant
+    lookup: bool = True  # specd: the draft worker with prompt lookup (the default), or the one without
 
 
-def speed_configs(max_depth: int, with_transformers: bool) -> list[Config]:
+def speed_configs(max_depth: int, with_transformers: bool, model_only: bool = False) -> list[Config]:
     configs = []
     if with_transformers:
         configs += [
@@ -68,6 +70,10 @@ def speed_configs(max_depth: int, with_transformers: bool) -> list[Config]:
     configs.append(Config(ORACLE_ALONE, "specd, oracle alone (k=0)", "specd", depth=0))
     configs += [Config(fixed_key(k), f"specd, fixed k={k}", "specd", depth=k) for k in range(1, max_depth + 1)]
     configs.append(Config(ADAPTIVE, "specd, adaptive (goodput)", "specd", depth=None))
+    if model_only:
+        configs.append(
+            Config(ADAPTIVE_MODEL_ONLY, "specd, adaptive, model draft only (no prompt lookup)", "specd", lookup=False)
+        )
     return configs
 
 
@@ -157,10 +163,15 @@ async def baseline_request(
 
 
 async def run_config(
-    client: AsyncSpecdClient, ctx: BenchContext, config: Config, prompt: BenchPrompt, temperature: float, seed: int
+    client: AsyncSpecdClient, ctx: BenchContext, config: Config, prompt: BenchPrompt, temperature: float, seed: int,
+    model_only_client: AsyncSpecdClient | None = None,
 ) -> tuple[RequestRecord, list[int]]:
+    """One request of a configuration; `model_only_client` serves the configurations without prompt lookup."""
     if config.engine == "transformers":
         return await baseline_request(ctx, prompt, assisted=config.assisted, temperature=temperature, seed=seed)
+    if not config.lookup:
+        assert model_only_client is not None, "a configuration without prompt lookup needs its coordinator"
+        client = model_only_client
     return await specd_request(client, ctx, prompt, depth=config.depth, temperature=temperature, seed=seed)
 
 
@@ -213,9 +224,12 @@ def warmup_requests(with_transformers: bool, kernels: bool) -> int:
 # -- sections ------------------------------------------------------------------------------------
 
 
-def speed_requests(ctx_prompts: int, max_depth: int, with_transformers: bool, passes: int = 1) -> int:
-    configs = len(speed_configs(max_depth, with_transformers))
-    return warmup_requests(with_transformers, True) + passes * ctx_prompts * configs
+def speed_requests(
+    ctx_prompts: int, max_depth: int, with_transformers: bool, passes: int = 1, model_only: bool = False
+) -> int:
+    configs = len(speed_configs(max_depth, with_transformers, model_only))
+    warmups = warmup_requests(with_transformers, True) + (warmup_requests(False, False) if model_only else 0)
+    return warmups + passes * ctx_prompts * configs
 
 
 async def speed_section(
@@ -224,18 +238,26 @@ async def speed_section(
     """Every configuration on the first `per_category` prompts of each category (default: all),
     `passes` times over the prompts; per (configuration, prompt) the fastest run counts."""
     prompts = ctx.prompts.first_of_each(per_category) if per_category else ctx.prompts.measured
-    configs = speed_configs(ctx.max_depth, ctx.baselines is not None)
+    model_only = ctx.stack.model_only_draft is not None
+    configs = speed_configs(ctx.max_depth, ctx.baselines is not None, model_only)
     fastest: dict[tuple[str, int], RequestRecord] = {}
     running = await ctx.stack.coordinator(f"speed-t{temperature:g}")
+    plain = await ctx.stack.coordinator(f"speed-t{temperature:g}-no-lookup", lookup=False) if model_only else None
     try:
-        async with AsyncSpecdClient(running.address) as client:
+        async with AsyncSpecdClient(running.address) as client, AsyncSpecdClient(
+            plain.address if plain else running.address
+        ) as plain_client:
             warmup = await warm_up(client, ctx, temperature, kernels=True)
+            if plain is not None:
+                await warm_up(plain_client, ctx, temperature, kernels=False)
             for number in range(passes):
                 for index, prompt in enumerate(prompts):
                     seed = ctx.seed + index
                     outputs: dict[str, tuple[RequestRecord, list[int]]] = {}
                     for config in configs:
-                        outputs[config.key] = await run_config(client, ctx, config, prompt, temperature, seed)
+                        outputs[config.key] = await run_config(
+                            client, ctx, config, prompt, temperature, seed, plain_client
+                        )
                         ctx.step(f"T={temperature:g} pass {number + 1}/{passes} {prompt.id} {config.key}")
                     for key, (record, tokens) in outputs.items():
                         if temperature == 0 and HF_PLAIN in outputs and key != HF_PLAIN:
@@ -245,6 +267,8 @@ async def speed_section(
                             fastest[(key, index)] = record
     finally:
         await ctx.stack.close_coordinator(running)
+        if plain is not None:
+            await ctx.stack.close_coordinator(plain)
     records = {c.key: [fastest[(c.key, i)] for i in range(len(prompts))] for c in configs}
     categories = ctx.prompts.categories
     results = [config_result(c, records[c.key], categories) for c in configs]

@@ -30,6 +30,7 @@ class StackSettings:
     draft_layers: int
     torch_threads: int
     max_depth: int = 8
+    model_only_draft: bool = False  # also a draft worker without prompt lookup, for comparison
 
 
 class BenchStack:
@@ -38,6 +39,7 @@ class BenchStack:
         self.namespace = f"specd-bench-{os.getpid()}"
         self.oracle: WorkerProcess | None = None
         self.draft: WorkerProcess | None = None
+        self.model_only_draft: WorkerProcess | None = None
         self._coordinators: list[RunningCoordinator] = []
         self._started_ray = False
 
@@ -45,10 +47,13 @@ class BenchStack:
         """Start both workers (in parallel) and a local Ray of our own."""
         s = self.settings
         common = {"port": 0, "torch_threads": s.torch_threads}
+        draft = {"model": s.draft, "layers": s.draft_layers, **common}
         spawns = [
             asyncio.create_task(asyncio.to_thread(spawn, "oracle", {"model": s.oracle, "layers": 0, **common})),
-            asyncio.create_task(asyncio.to_thread(spawn, "draft", {"model": s.draft, "layers": s.draft_layers, **common})),
+            asyncio.create_task(asyncio.to_thread(spawn, "draft", draft)),
         ]
+        if s.model_only_draft:
+            spawns.append(asyncio.create_task(asyncio.to_thread(spawn, "draft", {**draft, "lookup_min_ngram": 0})))
         try:
             if not ray.is_initialized():
                 # address="local": a Ray of our own even when another cluster runs on this machine.
@@ -65,22 +70,29 @@ class BenchStack:
                 self._started_ray = True
         finally:
             results = await asyncio.gather(*spawns, return_exceptions=True)
-            self.oracle, self.draft = (r if isinstance(r, WorkerProcess) else None for r in results)
+            workers = [r if isinstance(r, WorkerProcess) else None for r in results]
+            self.oracle, self.draft = workers[0], workers[1]
+            self.model_only_draft = workers[2] if len(workers) > 2 else None
         for result in results:
             if isinstance(result, BaseException):
                 raise result
 
-    async def coordinator(self, label: str, *, oracle_delay_ms: float = 0.0) -> RunningCoordinator:
-        """A fresh coordinator (own control plane, fresh policy state) over both workers."""
-        assert self.oracle is not None and self.draft is not None, "start() first"
+    async def coordinator(
+        self, label: str, *, oracle_delay_ms: float = 0.0, lookup: bool = True
+    ) -> RunningCoordinator:
+        """A fresh coordinator (own control plane, fresh policy state) over the oracle and a draft
+        (lookup=False: prompt lookup off in the coordinator, and the draft worker without it)."""
+        draft = self.draft if lookup else self.model_only_draft
+        assert self.oracle is not None and draft is not None, "start() first (with model_only_draft for lookup=False)"
         config = CoordinatorConfig(
             port=0,
             metrics_port=-1,
             oracles=[self.oracle.address],
-            drafts=[self.draft.address],
+            drafts=[draft.address],
             depth_policy="goodput",
             max_depth=self.settings.max_depth,
             oracle_delay_ms=oracle_delay_ms,
+            lookup_min_ngram=CoordinatorConfig().lookup_min_ngram if lookup else 0,
             ray_namespace=self.namespace,
             plane_name=f"bench-{label}-{uuid.uuid4().hex[:8]}",
         )
@@ -106,7 +118,7 @@ class BenchStack:
         await asyncio.sleep(0.5)
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
-        for worker in (self.draft, self.oracle):
+        for worker in (self.model_only_draft, self.draft, self.oracle):
             if worker is not None:
                 worker.stop()
 

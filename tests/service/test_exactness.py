@@ -65,3 +65,18 @@ async def test_unrelated_draft_is_exact(oracle, unrelated_draft, reference, k):
         accepted += stats.accepted
         drafted += stats.drafted
     assert accepted / drafted < 0.2
+
+
+@pytest.mark.parametrize("k", range(1, 9))
+async def test_prompt_lookup_is_exact(oracle, lookup_draft, reference, k):
+    """The unrelated draft's own guesses are rarely right; prompt lookup's (copies of earlier spans) often are."""
+    accepted = drafted = looked_up = looked_up_accepted = 0
+    for prompt, (ids, expected) in reference.items():
+        tokens, stats = await generate(oracle.address, lookup_draft.address, ids, k)
+        assert tokens == expected, prompt
+        accepted += stats.accepted
+        drafted += stats.drafted
+        looked_up += stats.lookup_drafted
+        looked_up_accepted += stats.lookup_accepted
+    assert (accepted - looked_up_accepted) / (drafted - looked_up) < 0.2
+    assert looked_up_accepted > 0  # the tiny oracle repeats itself, and lookup copies the repeats

@@ -31,6 +31,9 @@ class Cycle:
         self.i += 1
         return self.depths[(self.i - 1) % len(self.depths)]
 
+    def lookup_depth(self) -> int:
+        return 0
+
     def observe(self, round) -> None:
         pass
 

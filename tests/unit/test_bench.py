@@ -24,7 +24,10 @@ from specd.models import load_model
 REPO = Path(__file__).resolve().parents[2]
 QUICK_DELAYS = [0.0, 50.0]
 CLIENTS = [1, 4, 8]
-SPEED_KEYS = ["transformers-generate", "transformers-assisted", *[f"specd-k{k}" for k in range(9)], "specd-adaptive"]
+SPEED_KEYS = [
+    "transformers-generate", "transformers-assisted", *[f"specd-k{k}" for k in range(9)], "specd-adaptive",
+    "specd-adaptive-no-lookup",
+]
 
 
 def finite(value: object) -> bool:
@@ -171,7 +174,7 @@ def check_speed(section: dict, temperature: float) -> None:
     for k in range(1, 9):
         assert configs[f"specd-k{k}"]["depth"] == k
         assert max(configs[f"specd-k{k}"]["requests"][0]["depths"]) <= k
-    assert configs["specd-adaptive"]["depth"] is None
+    assert configs["specd-adaptive"]["depth"] is None and configs["specd-adaptive-no-lookup"]["depth"] is None
     if temperature == 0:
         # Lossless: greedy specd, whatever k, returns exactly transformers' greedy tokens.
         for key in SPEED_KEYS[1:]:
@@ -188,6 +191,7 @@ def test_quick_run_writes_every_section(quick_run: Path):
     machine = results["machine"]
     assert machine["cores"] >= 1 and machine["cpu"] and machine["torch"] and machine["date"]
     assert results["setup"]["quick"] is True
+    assert results["setup"]["prompt_lookup"] == "n-grams of 3 to 8 tokens"
     assert finite(results["duration_seconds"])
 
     check_speed(results["speed"], 0.0)

@@ -259,3 +259,61 @@ def test_policy_specs():
     ):
         with pytest.raises(ValueError):
             make_policy(bad, 8)
+
+
+# -- blocks copied by prompt lookup --------------------------------------------------------------
+
+
+def lookup_round(k: int, accepted: int) -> RoundObservation:
+    return RoundObservation(
+        k=k, accepted=accepted, draft_seconds=0.0, verify_seconds=VERIFY_BASE + VERIFY_SLOPE * k,
+        lookup_positions=tuple(range(k)), lookup_led=True,
+    )
+
+
+def test_copied_blocks_learn_apart_from_the_draft():
+    policy = policy_with([0.3] * 8, 0.006)
+    model_before = list(policy.state.acceptance)
+    for _ in range(30):
+        policy.observe(lookup_round(6, 6))
+    assert policy.state.acceptance == model_before  # the draft's estimates are untouched
+    assert policy.state.draft_token_seconds == 0.006  # and so is its cost
+    assert min(policy.state.lookup_acceptance[:6]) > 0.9
+    assert policy.lookup_depth() >= 6  # reliable copies at no draft cost: long blocks
+    assert policy.choose_k() <= 2  # while the draft's own blocks stay short
+
+
+def test_copies_that_miss_give_way_to_the_draft():
+    policy = policy_with([0.8] * 8, 0.004)
+    assert policy.lookup_depth() > 0  # the prior makes a first copy worth trying
+    for _ in range(30):
+        policy.observe(lookup_round(4, 0))
+    assert policy.lookup_depth() == 0
+    assert policy.choose_k() >= 3
+
+
+def test_a_model_led_round_prices_only_the_tokens_the_model_drafted():
+    policy = GoodputDepth(k_max=8)
+    policy.observe(RoundObservation(k=4, accepted=4, draft_seconds=0.012, verify_seconds=0.06, lookup_positions=(2, 3)))
+    assert policy.state.draft_token_seconds == pytest.approx(0.006)
+
+
+def test_fixed_and_heuristic_copy_blocks_of_their_own_depth():
+    assert FixedDepth(3).lookup_depth() == 3 and FixedDepth(0).lookup_depth() == 0
+    assert HeuristicDepth(k_max=8, start=4).lookup_depth() == 4
+
+
+def test_lookup_estimates_cross_sessions_with_at_most_carry_tests():
+    policy = GoodputDepth(k_max=8)
+    for _ in range(40):
+        policy.observe(lookup_round(5, 5))
+    clone = GoodputDepth(k_max=8)
+    clone.restore(policy.snapshot())
+    assert max(clone.state.lookup_tested_weight) <= clone.carry + 1e-9
+    assert clone.lookup_depth() == policy.lookup_depth()
+    old = policy.snapshot()
+    for name in ("lookup_acceptance", "lookup_accepted_weight", "lookup_tested_weight"):
+        old.pop(name)
+    fresh = GoodputDepth(k_max=8)
+    fresh.restore(old)  # a state saved before copied blocks had estimates of their own
+    assert fresh.state.lookup_acceptance == [fresh.lookup_prior] * 8

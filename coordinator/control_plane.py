@@ -31,6 +31,8 @@ from specd.v1 import common_pb2, draft_pb2_grpc, oracle_pb2_grpc
 log = logging.getLogger(__name__)
 DEPTH_HISTORY = 512
 ROLE_NAMES = {common_pb2.WORKER_ROLE_DRAFT: "draft", common_pb2.WORKER_ROLE_ORACLE: "oracle"}
+# Timed-out health checks in a row before a worker that still answers is taken out of service.
+SLOW_CHECKS_TO_FAIL = 3
 
 
 @dataclass
@@ -55,6 +57,7 @@ class Worker:
     assigned: int = 0
     last_check: float = 0.0
     error: str = ""
+    failed_checks: int = 0  # consecutive health checks that timed out
 
     def usable(self) -> bool:
         return self.healthy and not self.draining
@@ -202,9 +205,15 @@ class ControlPlane:
                 common_pb2.GetInfoRequest(), timeout=2.0, metadata=self._security.call_metadata()
             )
         except grpc.aio.AioRpcError as error:
-            worker.healthy = False
+            worker.failed_checks += 1
             worker.error = f"{error.code().name}: {error.details()}"
+            # A worker that cannot be reached is down at once; one that answers slowly (a busy
+            # machine) is down only after SLOW_CHECKS_TO_FAIL timed-out checks in a row.
+            slow = error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            if not slow or worker.failed_checks >= SLOW_CHECKS_TO_FAIL or not worker.last_check:
+                worker.healthy = False
         else:
+            worker.failed_checks = 0
             worker.healthy = health.status == health_pb2.HealthCheckResponse.SERVING
             worker.error = "" if worker.healthy else "not serving"
             worker.model_id = info.model_id

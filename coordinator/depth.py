@@ -25,9 +25,10 @@ policy probes with a small k to notice a draft that became useful.
 Blocks copied by the session loop's prompt lookup (specd.lookup) cost no draft call, and their
 acceptance has nothing to do with the draft's: it is high where the text repeats its context
 and low elsewhere. They get acceptance estimates of their own, learned the same way from those
-rounds only (starting from `lookup_prior`: a copied token was the oracle's in 75-89% of the
-matches on the benchmark's prompts), and `lookup_depth()` gives the k of best goodput for a copied block (no draft time
-or draft round trip), or 0 when the draft's best round is expected to do better.
+rounds only (starting from `lookup_prior`: a copied token was the oracle's in 77-89% of the
+matches on the benchmark's prompts), and `lookup_depth()` gives the k of best goodput for a
+copied block (no draft time or draft round trip), or 0 when the draft's best round is expected
+to do better.
 """
 
 from __future__ import annotations

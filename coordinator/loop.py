@@ -211,13 +211,15 @@ class SpeculativeSession:
         policy wants lookup blocks (empty: no match, or a copy would not pay)."""
         if self._lookup is None:
             return []
+        tail = self._lookup.tokens[-self._lookup.max_n :]
+        guess = self._lookup.guess(tail)
+        if guess is None:  # the common case: no match, and no need to ask the policy
+            return []
         depth = min(self.policy.lookup_depth(), self._depth_limit())
         block: list[int] = []
-        while len(block) < depth:
-            guess = self._lookup.guess(self._lookup.tokens[-self._lookup.max_n :] + block)
-            if guess is None:
-                break
+        while guess is not None and len(block) < depth:
             block.append(guess)
+            guess = self._lookup.guess(tail + block)
         return block
 
     async def _round(self, k: int, lookup_block: list[int] | None = None) -> tuple[list[int], RoundObservation]:

@@ -210,7 +210,7 @@ class ControlPlane:
             # A worker that cannot be reached is down at once; one that answers slowly (a busy
             # machine) is down only after SLOW_CHECKS_TO_FAIL timed-out checks in a row.
             slow = error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            if not slow or worker.failed_checks >= SLOW_CHECKS_TO_FAIL or not worker.last_check:
+            if not slow or worker.failed_checks >= SLOW_CHECKS_TO_FAIL:
                 worker.healthy = False
         else:
             worker.failed_checks = 0

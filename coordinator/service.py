@@ -78,7 +78,10 @@ class Coordinator:
 
         def on_round(session: SpeculativeSession, obs: RoundObservation, delivered: int) -> None:
             now = time.perf_counter()
-            metrics.spec.record(obs.k, obs.accepted, pair_id, lookup_positions=obs.lookup_positions)
+            metrics.spec.record(
+                obs.k, obs.accepted, pair_id,
+                lookup_drafted=len(obs.lookup_positions), lookup_accepted=obs.lookup_accepted,
+            )
             metrics.depth.labels(pair_id).set(obs.k)
             metrics.depth_chosen.labels(pair_id).observe(obs.k)
             if delivered and len(session.generated) > delivered:  # tokens after the first

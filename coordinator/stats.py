@@ -28,6 +28,11 @@ class RoundObservation:
     lookup_led: bool = False  # the session loop's own lookup proposed the block; the draft was not asked
 
     @property
+    def lookup_accepted(self) -> int:
+        """Accepted draft tokens that prompt lookup proposed."""
+        return sum(position < self.accepted for position in self.lookup_positions)
+
+    @property
     def network_seconds(self) -> float:
         return self.draft_network_seconds + self.oracle_network_seconds
 
@@ -63,7 +68,7 @@ class SpeculationStats:
         self.drafted += obs.k
         self.accepted += obs.accepted
         self.lookup_drafted += len(obs.lookup_positions)
-        self.lookup_accepted += sum(position < obs.accepted for position in obs.lookup_positions)
+        self.lookup_accepted += obs.lookup_accepted
         while len(self.drafted_per_position) < obs.k:
             self.drafted_per_position.append(0)
             self.accepted_per_position.append(0)

@@ -47,16 +47,18 @@ class SpecDecodeCounters:
                 labels, registry=registry,
             )
 
-    def record(self, k: int, accepted: int, *label_values: str, lookup_positions: tuple[int, ...] = ()) -> None:
+    def record(
+        self, k: int, accepted: int, *label_values: str, lookup_drafted: int = 0, lookup_accepted: int = 0
+    ) -> None:
         if k == 0:
             return
         labelled = (lambda metric: metric.labels(*label_values)) if label_values else (lambda metric: metric)
         labelled(self.drafts).inc()
         labelled(self.draft_tokens).inc(k)
         labelled(self.accepted_tokens).inc(accepted)
-        if lookup_positions and self.lookup_tokens is not None and self.lookup_accepted_tokens is not None:
-            labelled(self.lookup_tokens).inc(len(lookup_positions))
-            labelled(self.lookup_accepted_tokens).inc(sum(position < accepted for position in lookup_positions))
+        if lookup_drafted and self.lookup_tokens is not None and self.lookup_accepted_tokens is not None:
+            labelled(self.lookup_tokens).inc(lookup_drafted)
+            labelled(self.lookup_accepted_tokens).inc(lookup_accepted)
         for position in range(accepted):
             self.accepted_per_pos.labels(*label_values, str(position)).inc()
 

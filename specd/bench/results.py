@@ -12,7 +12,7 @@ from specd.bench.measure import Cell, RequestRecord, StreamSummary
 
 ORACLE_ALONE = "specd-k0"
 ADAPTIVE = "specd-adaptive"
-ADAPTIVE_MODEL_ONLY = "specd-adaptive-no-lookup"  # the same, with the draft's prompt lookup off
+ADAPTIVE_MODEL_ONLY = "specd-adaptive-no-lookup"  # the same, prompt lookup off in coordinator and draft
 HF_PLAIN = "transformers-generate"
 HF_ASSISTED = "transformers-assisted"
 

@@ -57,7 +57,7 @@ class Config:
     engine: str  # "specd" or "transformers"
     depth: int | None = None  # specd: fixed k, None = the coordinator's policy
     assisted: bool = False  # transformers: with the draft as assistant
-    lookup: bool = True  # specd: the draft worker with prompt lookup (the default), or the one without
+    lookup: bool = True  # specd: prompt lookup on (the default), or off in the coordinator and the draft
 
 
 def speed_configs(max_depth: int, with_transformers: bool, model_only: bool = False) -> list[Config]:

@@ -92,7 +92,7 @@ class BenchStack:
             depth_policy="goodput",
             max_depth=self.settings.max_depth,
             oracle_delay_ms=oracle_delay_ms,
-            lookup_min_ngram=CoordinatorConfig().lookup_min_ngram if lookup else 0,
+            **({} if lookup else {"lookup_min_ngram": 0}),
             ray_namespace=self.namespace,
             plane_name=f"bench-{label}-{uuid.uuid4().hex[:8]}",
         )

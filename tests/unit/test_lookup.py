@@ -54,3 +54,24 @@ def test_incremental_extension_matches_one_extension():
 def test_bad_lengths_are_refused(min_n, max_n):
     with pytest.raises(ValueError, match="min_n"):
         NgramIndex(min_n, max_n)
+
+
+def test_copied_tokens_are_counted_apart_in_stats_and_metrics():
+    from prometheus_client import CollectorRegistry
+
+    from coordinator.stats import RoundObservation, SpeculationStats
+    from specd.metrics import SpecDecodeCounters
+
+    round = RoundObservation(k=5, accepted=3, draft_seconds=0.0, verify_seconds=0.1, lookup_positions=(1, 2, 4))
+    assert round.lookup_accepted == 2  # positions 1 and 2 lie in the accepted prefix of 3
+    stats = SpeculationStats()
+    stats.record(round)
+    assert (stats.lookup_drafted, stats.lookup_accepted, stats.drafted, stats.accepted) == (3, 2, 5, 3)
+
+    registry = CollectorRegistry()
+    counters = SpecDecodeCounters(registry, ("pair",), lookup=True)
+    counters.record(5, 3, "p", lookup_drafted=3, lookup_accepted=round.lookup_accepted)
+    sample = lambda name: registry.get_sample_value(name, {"pair": "p"})  # noqa: E731
+    assert sample("specd_spec_decode_num_lookup_tokens_total") == 3
+    assert sample("specd_spec_decode_num_lookup_accepted_tokens_total") == 2
+    assert sample("specd_spec_decode_num_draft_tokens_total") == 5

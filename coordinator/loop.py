@@ -114,6 +114,13 @@ class SpeculativeSession:
         return remaining
 
     async def open(self) -> None:
+        started = time.perf_counter()
+        try:
+            await self._open()
+        finally:
+            self.stats.open_seconds = time.perf_counter() - started
+
+    async def _open(self) -> None:
         sid, prompt, sampling = self.session_id, self.request.prompt, self.request.sampling
         if self.draft is not None:
             try:
@@ -175,8 +182,10 @@ class SpeculativeSession:
         return max(0, min(self.request.max_depth, remaining - 1, room))
 
     async def rounds(self) -> AsyncIterator[list[int]]:
-        """Yield the tokens each round commits until max_tokens, EOS or the context runs out."""
+        """Yield the tokens each round commits until max_tokens, EOS or the context runs out.
+        The stats' clocks (first token, total) include the time open() took."""
         started = last_round_end = time.perf_counter()
+        opened = self.stats.open_seconds
         while self.finish is None:
             if self._committed_length + 1 > self.request.max_context:
                 self.finish = Finish.LENGTH
@@ -198,9 +207,9 @@ class SpeculativeSession:
             self.policy.observe(obs)
             tokens = self._apply_limits(tokens)
             if not self.generated:
-                self.stats.time_to_first_token_seconds = time.perf_counter() - started
+                self.stats.time_to_first_token_seconds = opened + time.perf_counter() - started
             self.generated.extend(tokens)
-            self.stats.total_seconds = time.perf_counter() - started
+            self.stats.total_seconds = opened + time.perf_counter() - started
             if self.on_round is not None:
                 self.on_round(self, obs, len(tokens))
             if tokens:

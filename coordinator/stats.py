@@ -51,6 +51,7 @@ class SpeculationStats:
     network_seconds: float = 0.0
     total_seconds: float = 0.0
     time_to_first_token_seconds: float = 0.0
+    open_seconds: float = 0.0  # opening both sessions: the prompt's prefill on the oracle and the draft
     draft_worker: str = ""
     oracle_worker: str = ""
     lookup_drafted: int = 0
@@ -104,6 +105,7 @@ class SpeculationStats:
             oracle_worker=self.oracle_worker,
             lookup_drafted=self.lookup_drafted,
             lookup_accepted=self.lookup_accepted,
+            open_seconds=self.open_seconds,
         )
 
     def summary(self) -> dict:
@@ -124,4 +126,5 @@ class SpeculationStats:
             "network_seconds": round(self.network_seconds, 4),
             "total_seconds": round(self.total_seconds, 4),
             "time_to_first_token_seconds": round(self.time_to_first_token_seconds, 4),
+            "open_seconds": round(self.open_seconds, 4),
         }

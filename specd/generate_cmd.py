@@ -92,6 +92,7 @@ def proto_stats(stats: Any) -> dict[str, Any]:
         "draft_seconds": round(stats.draft_seconds, 4), "verify_seconds": round(stats.verify_seconds, 4),
         "network_seconds": round(stats.network_seconds, 4), "total_seconds": round(stats.total_seconds, 4),
         "time_to_first_token_seconds": round(stats.time_to_first_token_seconds, 4),
+        "open_seconds": round(stats.open_seconds, 4),
         "draft_worker": stats.draft_worker, "oracle_worker": stats.oracle_worker,
     }
 

@@ -113,7 +113,7 @@ def _specd_record(prompt: BenchPrompt, result: Result, seconds: float, depth: in
         draft_seconds=s.draft_seconds,
         verify_seconds=s.verify_seconds,
         network_seconds=s.network_seconds,
-        loop_seconds=s.total_seconds,
+        loop_seconds=max(0.0, s.total_seconds - s.open_seconds),
         speculative=depth != 0,
     )
 

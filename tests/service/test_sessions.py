@@ -35,7 +35,12 @@ async def test_rollback_equals_fresh_prefill(oracle, unrelated_draft):
         await session.open()
         async for _ in session.rounds():
             pass
-        assert session.stats.rounds > 10 and session.stats.accepted < session.stats.drafted
+        stats = session.stats
+        assert stats.rounds > 10 and stats.accepted < stats.drafted
+        # The clocks count the prefill: open <= first token <= total, and the rounds' RPCs fit in the rest.
+        assert 0 < stats.open_seconds <= stats.time_to_first_token_seconds <= stats.total_seconds
+        rpcs = stats.draft_seconds + stats.verify_seconds + stats.network_seconds
+        assert rpcs <= stats.total_seconds - stats.open_seconds
         for worker in (oracle, unrelated_draft):
             state = worker.servicer.worker.sessions.get(session.session_id)
             committed = state.committed

@@ -19,7 +19,7 @@ import torch
 
 from specd import validation
 from specd.config import WorkerConfig
-from specd.cpu_linear import use_dual_layout
+from specd.cpu_linear import use_cpu_linear
 from specd.errors import InvalidArgument
 from specd.feature_draft import features_from_bytes, features_to_bytes
 from specd.metrics import WorkerMetrics
@@ -130,7 +130,7 @@ def load_for(config: WorkerConfig) -> LoadedModel:
         max_context=config.max_context,
         cache_dir=Path(config.cache_dir) if config.cache_dir else None,
     )
-    use_dual_layout(loaded.model, config.cpu_linear)
+    use_cpu_linear(loaded.model, config.cpu_linear)
     return loaded
 
 

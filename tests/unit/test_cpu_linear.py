@@ -1,4 +1,4 @@
-"""Dual-layout linear layers: same outputs as nn.Linear for every block size, on a whole model too."""
+"""CPU linear layers: same outputs as nn.Linear for every block size, on a whole model too."""
 
 from __future__ import annotations
 
@@ -9,29 +9,52 @@ from torch import nn
 
 from specd import cpu_linear
 from specd.config import OracleConfig
-from specd.cpu_linear import DualLayoutLinear, use_dual_layout
+from specd.cpu_linear import PACKED_ROWS, CpuLinear, mkl_packed_available, use_cpu_linear
 from specd.kv import KVSession
 from specd.tiny import build_model
 
+needs_mkl = pytest.mark.skipif(not mkl_packed_available(), reason="this torch build has no MKL packed GEMM")
+
+
+def _packed_rows() -> tuple[int, ...]:
+    return PACKED_ROWS if mkl_packed_available() else ()
+
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 10, 17])
 def test_matches_nn_linear_for_every_row_count(rows, bias):
     torch.manual_seed(rows)
     linear = nn.Linear(48, 80, bias=bias)
-    dual = DualLayoutLinear(linear)
-    for x in (torch.randn(1, rows, 48), torch.randn(rows, 48)):
-        torch.testing.assert_close(dual(x), linear(x), rtol=1e-5, atol=1e-5)
-    assert dual.weight.shape == linear.weight.shape and not dual.weight_t.requires_grad
+    for layer in (CpuLinear(linear), CpuLinear(linear, _packed_rows())):
+        for x in (torch.randn(1, rows, 48), torch.randn(rows, 48), torch.randn(2, rows, 48)):
+            torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
+        assert layer.weight.shape == linear.weight.shape and not layer.weight_t.requires_grad
 
 
-def test_a_model_keeps_its_logits_and_greedy_path():
+@needs_mkl
+def test_packed_blocks_do_not_depend_on_padding():
+    """A row's result is the same whether its block is padded or not, and whatever else is in it."""
+    torch.manual_seed(0)
+    layer = CpuLinear(nn.Linear(64, 96, bias=False), PACKED_ROWS)
+    block = torch.randn(9, 64)
+    full = layer(block)
+    for rows in range(4, 10):
+        assert torch.equal(layer(block[:rows]), full[:rows])
+    mixed = block.clone()
+    mixed[5:] = torch.randn(4, 64)
+    assert torch.equal(layer(mixed)[:5], full[:5])
+    assert layer.packed_rows == PACKED_ROWS
+
+
+@pytest.mark.parametrize("mode", ["dual", "packed"])
+def test_a_model_keeps_its_logits_and_greedy_path(mode):
     reference = build_model(384, seed=3, layers=2, hidden=64, max_context=256).eval()
     model = build_model(384, seed=3, layers=2, hidden=64, max_context=256).eval()
     linears = sum(type(m) is nn.Linear for m in model.modules())
-    assert use_dual_layout(model, "dual") == linears > 0
+    assert use_cpu_linear(model, mode) == linears > 0
     assert not any(type(m) is nn.Linear for m in model.modules())
     head = model.get_output_embeddings()
+    assert head.packed_rows == (_packed_rows() if mode == "packed" else ())
     torch.testing.assert_close(head.weight, reference.get_output_embeddings().weight)
     torch.testing.assert_close(head.weight_t.t(), head.weight)
 
@@ -39,7 +62,8 @@ def test_a_model_keeps_its_logits_and_greedy_path():
     sessions = [KVSession(m, torch.device("cpu")) for m in (reference, model)]
     for session in sessions:
         session.forward(prompt)
-    for block in ([11], [12, 13], [14, 15, 16], list(range(20, 29))):  # 1, 2, 3 and 9 rows
+    for rows in (1, 2, 3, 4, 6, 9, 12):
+        block = list(range(20, 20 + rows))
         ref_logits, logits = (s.forward(block) for s in sessions)
         torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
     with torch.inference_mode():
@@ -49,14 +73,31 @@ def test_a_model_keeps_its_logits_and_greedy_path():
     assert out.tolist() == ref_out.tolist()
 
 
+def _weight_bytes(model: nn.Module) -> int:
+    return sum(m.weight.numel() * 4 for m in model.modules() if type(m) is nn.Linear)
+
+
 def test_modes(monkeypatch):
-    model = build_model(384, seed=3, layers=1, hidden=32, max_context=64)
-    assert use_dual_layout(model, "stock") == 0
-    monkeypatch.setattr(cpu_linear, "AUTO_LIMIT_BYTES", 1024)
-    assert use_dual_layout(model, "auto") == 0  # the copies would exceed the limit
+    def fresh() -> nn.Module:
+        return build_model(384, seed=3, layers=1, hidden=32, max_context=64)
+
+    def head_rows(model: nn.Module) -> tuple[int, ...]:
+        return model.get_output_embeddings().packed_rows
+
+    assert use_cpu_linear(fresh(), "stock") == 0
+    size = _weight_bytes(fresh())
+    monkeypatch.setattr(cpu_linear, "AUTO_LIMIT_BYTES", size - 1)
+    assert use_cpu_linear(fresh(), "auto") == 0  # even one copy would exceed the limit
+    monkeypatch.setattr(cpu_linear, "AUTO_LIMIT_BYTES", size)
+    model = fresh()
+    assert use_cpu_linear(model, "auto") > 0 and head_rows(model) == ()  # room for the second layout only
     monkeypatch.undo()
-    assert use_dual_layout(model, "auto") > 0
+    model = fresh()
+    assert use_cpu_linear(model, "auto") > 0 and head_rows(model) == _packed_rows()
+    model = fresh()
+    assert use_cpu_linear(model, "dual") > 0 and head_rows(model) == ()
     with pytest.raises(ValueError, match="cpu linear mode"):
-        use_dual_layout(model, "fast")
+        use_cpu_linear(fresh(), "fast")
     with pytest.raises(ValidationError):
         OracleConfig(cpu_linear="fast")
+    assert OracleConfig(cpu_linear="packed").cpu_linear == "packed"

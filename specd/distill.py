@@ -1,4 +1,4 @@
-"""`specd distill`: train a small draft to imitate an oracle, offline, on CPU.
+"""`specd distill`: train a small draft to imitate an oracle, offline, on a CPU or a CUDA GPU.
 
 The draft is the oracle's own embedding and output head over its first L decoder layers; the
 L layers and the final norm are retrained so that the draft's next-token distribution q matches
@@ -15,6 +15,10 @@ by construction. Stages, each cached under `<out>/work/` so that a rerun resumes
    back the way the draft service loads it, and its greedy acceptance at depth k is measured on
    held-out prompts (never trained on) against the untrained truncated draft, together with the
    time of one draft token and one oracle token. The figures go into the manifest.
+
+--device runs every stage on that device (the oracle's answers and features, training, the
+measurement); what it writes is the same either way, and the manifest records the device, whose
+ms figures these are.
 
 Acceptance rate and mean acceptance length have the meanings defined in specd.verification.
 Greedy acceptance is replayed from the oracle's greedy continuations (`replay_acceptance`), which
@@ -200,6 +204,7 @@ def generate_batch(
     for row, prompt in enumerate(prompts):
         input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
         attention_mask[row, width - len(prompt) :] = 1
+    input_ids, attention_mask = input_ids.to(oracle.device), attention_mask.to(oracle.device)
     recorder = _TopKRecorder(min(settings.targets, oracle.vocab_size))
     # The recorder runs first, on the raw logits; the warpers after it only shape the sampling.
     processors = LogitsProcessorList([recorder, TemperatureLogitsWarper(settings.temperature)])
@@ -219,8 +224,9 @@ def generate_batch(
             eos_token_id=oracle.eos_token_ids or None,
             pad_token_id=pad,
         )
-    top_ids = torch.stack([ids for ids, _ in recorder.steps], dim=1)  # [batch, steps, K]
-    top_logprobs = torch.stack([lp for _, lp in recorder.steps], dim=1)  # [batch, steps, K]
+    top_ids = torch.stack([ids for ids, _ in recorder.steps], dim=1).cpu()  # [batch, steps, K]
+    top_logprobs = torch.stack([lp for _, lp in recorder.steps], dim=1).cpu()  # [batch, steps, K]
+    sequences = sequences.cpu()
     eos = set(oracle.eos_token_ids)
     answers = []
     for row, prompt in enumerate(prompts):
@@ -373,7 +379,7 @@ class TrainingSet:
     def answer_tokens(self) -> int:
         return sum(len(rows) for rows in self.target_rows)
 
-    def collate(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+    def collate(self, indices: list[int], device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
         """Right-padded inputs [B, T], the answer positions (rows [N], columns [N]) and p's top-K [N, K]."""
         width = max(len(self.inputs[i]) for i in indices)
         input_ids = torch.zeros((len(indices), width), dtype=torch.long)
@@ -385,7 +391,8 @@ class TrainingSet:
             cols.append(torch.arange(self.first[i], self.first[i] + n))
         target_rows = torch.cat([self.target_rows[i] for i in indices])
         target_logprobs = torch.cat([self.target_logprobs[i] for i in indices])
-        return input_ids, torch.cat(rows), torch.cat(cols), target_rows, target_logprobs
+        batch = (input_ids, torch.cat(rows), torch.cat(cols), target_rows, target_logprobs)
+        return tuple(t.to(device) for t in batch) if device is not None else batch
 
 
 @dataclass(frozen=True)
@@ -526,7 +533,7 @@ def train_draft(
     head_weight = head_weight.detach()
 
     def step(indices: list[int]) -> tuple[torch.Tensor, int, dict[str, float]]:
-        input_ids, rows, cols, target_rows, target_logprobs = data.collate(indices)
+        input_ids, rows, cols, target_rows, target_logprobs = data.collate(indices, head_weight.device)
         # Right padding under a causal mask: no real position attends to padding, so no mask is needed.
         hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, T, H]
         loss, kl = distill_loss(hidden[rows, cols], head_weight, target_rows, target_logprobs)
@@ -617,6 +624,7 @@ def greedy_continuations(
         for row, i in enumerate(batch):
             input_ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
             mask[row, width - len(prompts[i]) :] = 1
+        input_ids, mask = input_ids.to(oracle.device), mask.to(oracle.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
         for _ in range(length):
@@ -627,16 +635,16 @@ def greedy_continuations(
             input_ids = out.logits[:, -1, : oracle.vocab_size].argmax(-1, keepdim=True)  # [batch, 1]
             mask = torch.cat([mask, torch.ones_like(input_ids)], dim=1)
             positions = positions[:, -1:] + 1
-            for row, i in enumerate(batch):
-                continuations[i].append(int(input_ids[row, 0]))
+            for i, token in zip(batch, input_ids[:, 0].tolist()):
+                continuations[i].append(token)
     return continuations
 
 
 @torch.inference_mode()
 def draft_guesses(draft: LoadedModel, prompt: list[int], continuation: list[int]) -> list[int]:
     """The draft's greedy token for each position of the continuation, teacher-forced along it."""
-    ids = torch.tensor([prompt + continuation], dtype=torch.long)  # [1, T]
-    rows = draft.model(input_ids=ids).logits[0, len(prompt) - 1 : -1].argmax(-1)  # [len(continuation)]
+    ids = torch.tensor([prompt + continuation], dtype=torch.long, device=draft.device)  # [1, T]
+    rows = draft.model(input_ids=ids).logits[0, len(prompt) - 1 : -1].argmax(-1).cpu()  # [len(continuation)]
     if draft.head_token_ids is not None:
         rows = torch.tensor(draft.head_token_ids)[rows]
     return rows.tolist()
@@ -695,6 +703,12 @@ def replay_acceptance(
     )
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on a GPU, so that a timer reads the work rather than its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def ms_per_token(models: list[LoadedModel], prompt: list[int], *, rounds: int = 7, reps: int = 8) -> list[float]:
     """Median time of one single-token forward pass with a KV cache, for each model, in ms.
 
@@ -711,6 +725,7 @@ def ms_per_token(models: list[LoadedModel], prompt: list[int], *, rounds: int = 
             for _ in range(reps):
                 started = time.perf_counter()
                 kv.forward(prompt[-1:])
+                synchronize(kv.device)
                 samples.append(time.perf_counter() - started)
                 kv.rollback(len(prompt) - 1)
     return [1000 * statistics.median(samples) for samples in times]
@@ -723,7 +738,7 @@ def ms_per_token(models: list[LoadedModel], prompt: list[int], *, rounds: int = 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "distill",
-        help="train a small draft for an oracle (offline, CPU)",
+        help="train a small draft for an oracle (offline; CPU or CUDA)",
         description="Distil a draft from an oracle: its first layers retrained on KL(oracle || draft) "
         "over the oracle's own answers. Writes a draft artifact directory the draft service loads by path.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -736,6 +751,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "oracle's final hidden states, which the oracle returns with each verdict (llama-style oracles)",
     )
     parser.add_argument("--layers", type=int, default=2, help="decoder layers the draft keeps from the oracle")
+    parser.add_argument(
+        "--unroll", type=int, default=2,
+        help="features: training passes; pass n reads the draft's own features from n - 1 steps before, as the "
+        "n-th token of a block does (1: real features only)",
+    )
     parser.add_argument("--head-vocab", type=int, default=0, help="tokens the draft's output head scores (0: all)")
     parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="JSONL prompt set")
     parser.add_argument("--held-out", type=float, default=0.1, help="fraction of prompts kept for evaluation only")
@@ -761,8 +781,25 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--eval-tokens", type=int, default=96, help="tokens generated per held-out prompt")
     parser.add_argument("--k", type=int, default=4, help="draft depth for the acceptance measurement")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--device", default="cpu",
+        help="where the oracle answers, records its features and the draft trains and is measured: cpu, cuda, "
+        "cuda:N (the artifact is the same kind either way; its ms figures are that device's)",
+    )
     parser.set_defaults(func=run)
     return parser
+
+
+def _check_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise InvalidArgument(f"--device {name!r} is not a device torch knows: {exc}") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise InvalidArgument(f"--device must be cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgument(f"--device {name}: torch sees no CUDA device here")
+    return device
 
 
 def _portable_source(source: str) -> str:
@@ -774,6 +811,7 @@ def _portable_source(source: str) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = _check_device(args.device)
     if args.layers < 1:
         raise InvalidArgument("--layers must be at least 1")
     if args.temperature <= 0 or not 0 < args.top_p <= 1:
@@ -783,7 +821,7 @@ def run(args: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
-    oracle = load_model(args.oracle)
+    oracle = load_model(args.oracle, device=str(device))
     prompts = load_prompts(args.prompts)
     train_prompts, held_out = split_held_out(prompts, args.held_out)
     max_prompt = max(16, oracle.max_context - args.max_new_tokens - 1)
@@ -820,19 +858,20 @@ def run(args: argparse.Namespace) -> int:
     if args.kind == "features":
         from specd.feature_distill import oracle_features, train_feature_draft
 
+        identity["unroll"] = args.unroll
         data = oracle_features(
             oracle, answers, work / "features", head_token_ids=head_ids, targets=args.targets,
             batch_size=args.gen_batch_size // 4 or 1,
         )
-        model = FeatureDraftModel(oracle.model, head_ids)
+        model = FeatureDraftModel(oracle.model, head_ids).to(device)
         tqdm.write(
             f"training a feature draft on {data.answer_tokens} answer tokens from {len(train_prompts)} prompts "
             f"({len(held_out)} held out); head: {len(head_ids) if head_ids else oracle.vocab_size} tokens"
         )
-        result = train_feature_draft(model, data, work / "checkpoint.pt", identity, train_settings)
+        result = train_feature_draft(model, data, work / "checkpoint.pt", identity, train_settings, passes=args.unroll)
         layers, answer_tokens = 1, data.answer_tokens
     else:
-        draft = load_model(args.oracle, layers=args.layers)
+        draft = load_model(args.oracle, layers=args.layers, device=str(device))
         if head_ids is not None:
             slice_output_head(draft.model, head_ids)
         data = TrainingSet.build(answers, head_ids, oracle.vocab_size)
@@ -865,19 +904,21 @@ def run(args: argparse.Namespace) -> int:
             "final_kl": round(result.kl, 4) if math.isfinite(result.kl) else None,
             "training_minutes": round(result.seconds / 60, 2),
             "answer_settings": {k: v for k, v in asdict(settings).items() if k not in ("oracle", "prompts_sha256")},
+            **({"unroll": args.unroll} if args.kind == "features" else {}),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         },
     )
     save_draft_artifact(out, model, manifest)
     del model
 
     # Measure what ships: the artifact as the draft service loads it.
-    shipped = load_model(str(out))
+    shipped = load_model(str(out), device=str(device))
     eval_prompts = [encode_prompt(oracle, p, max_prompt) for p in held_out[: args.eval_prompts]]
     figures: dict = {"k": args.k, "eval_prompts": len(eval_prompts), "eval_tokens": args.eval_tokens}
     if eval_prompts and args.kind == "features":
         figures.update(_evaluate_feature_draft(shipped, oracle, eval_prompts, head_ids, args, work))
     elif eval_prompts:
-        untrained = load_model(args.oracle, layers=args.layers)
+        untrained = load_model(args.oracle, layers=args.layers, device=str(device))
         continuations = _cached_continuations(oracle, eval_prompts, args.eval_tokens + args.k, work / "greedy.json")
         replay = {
             "eos_token_ids": oracle.eos_token_ids, "k": args.k, "max_new_tokens": args.eval_tokens,
@@ -927,7 +968,7 @@ def _evaluate_feature_draft(
     no replay) against the untrained draft, first-token agreement, and the cost of one draft step."""
     from specd.feature_distill import first_token_agreement, step_ms
 
-    untrained = dataclasses.replace(shipped, model=FeatureDraftModel(oracle.model, head_ids).eval())
+    untrained = dataclasses.replace(shipped, model=FeatureDraftModel(oracle.model, head_ids).to(oracle.device).eval())
     trained = greedy_acceptance(shipped, oracle, prompts, k=args.k, max_new_tokens=args.eval_tokens, desc="trained")
     baseline = greedy_acceptance(
         untrained, oracle, prompts, k=args.k, max_new_tokens=args.eval_tokens, desc="untrained"

@@ -8,9 +8,10 @@ Then:
     under work/features, per chunk).
 3b. training: the draft reads (f_j, x_{j+1}) at position j and is trained so that g_j = draft(...)
     matches the oracle one position later: KL(p_{j+1} || head(g_j)) on the answer positions,
-    plus a regression of g_j onto f_{j+1}. A second pass feeds the draft its own g_{j-1} in
-    place of f_j, as happens from the second token of every block on, and is trained the same
-    way; without it, acceptance falls off quickly along the block.
+    plus a regression of g_j onto f_{j+1}. Further passes (--unroll) feed the draft its own
+    g_{j-1} in place of f_j, as happens from the second token of every block on, and are trained
+    the same way: pass n reads features the draft made n - 1 steps before, as the n-th token of a
+    block does. Without them, acceptance falls off quickly along the block.
 """
 
 from __future__ import annotations
@@ -25,13 +26,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from specd.distill import OracleAnswer, TrainResult, TrainSettings, distill_loss, run_training
+from specd.distill import OracleAnswer, TrainResult, TrainSettings, distill_loss, run_training, synchronize
 from specd.errors import InvalidArgument
 from specd.feature_draft import FeatureDraftModel, FeatureSession
 from specd.kv import KVSession
 from specd.models import LoadedModel
 
-SECOND_PASS_WEIGHT = 1.0  # the loss of the pass that reads the draft's own features
 REGRESSION_WEIGHT = 1.0  # the feature regression, on features scaled to unit RMS
 
 
@@ -50,6 +50,19 @@ class FeatureSet:
         return len(self.ids)
 
     @property
+    def device(self) -> torch.device:
+        return self.ids[0].device
+
+    def to(self, device: torch.device) -> FeatureSet:
+        """The same set with every tensor on `device` (a GPU trains faster with the whole set on it)."""
+        def move(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [t.to(device) for t in tensors]
+
+        return FeatureSet(
+            move(self.ids), move(self.features), move(self.top_rows), move(self.top_logprobs), self.first, self.scale
+        )
+
+    @property
     def answer_tokens(self) -> int:
         return sum(len(ids) - 2 - first for ids, first in zip(self.ids, self.first))
 
@@ -61,9 +74,10 @@ class FeatureSet:
         """
         width = max(len(self.ids[i]) for i in indices) - 1
         hidden = self.features[indices[0]].shape[1]
-        features = torch.zeros(len(indices), width, hidden)
-        targets = torch.zeros(len(indices), width, hidden)
-        next_ids = torch.zeros(len(indices), width, dtype=torch.long)
+        device = self.device
+        features = torch.zeros(len(indices), width, hidden, device=device)
+        targets = torch.zeros(len(indices), width, hidden, device=device)
+        next_ids = torch.zeros(len(indices), width, dtype=torch.long, device=device)
         rows, cols, top_rows, top_logprobs = [], [], [], []
         for b, i in enumerate(indices):
             n = len(self.ids[i]) - 1
@@ -71,8 +85,8 @@ class FeatureSet:
             targets[b, :n] = self.features[i][1:].float()
             next_ids[b, :n] = self.ids[i][1:]
             # Draft position j predicts x_{j+2} from the oracle's distribution at j+1; keep the answer's.
-            positions = torch.arange(self.first[i], n - 1)
-            rows.append(torch.full((len(positions),), b, dtype=torch.long))
+            positions = torch.arange(self.first[i], n - 1, device=device)
+            rows.append(torch.full((len(positions),), b, dtype=torch.long, device=device))
             cols.append(positions)
             top_rows.append(self.top_rows[i][positions + 1])
             top_logprobs.append(self.top_logprobs[i][positions + 1])
@@ -110,14 +124,14 @@ def oracle_features(
             for b, sequence in enumerate(sequences):
                 input_ids[b, : len(sequence)] = torch.tensor(sequence)
             # Right padding under a causal mask: no real position attends to padding.
-            hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, T, H]
+            hidden = decoder(input_ids=input_ids.to(oracle.device), use_cache=False).last_hidden_state  # [B, T, H]
             logprobs = torch.log_softmax(head(hidden)[..., : oracle.vocab_size].float(), dim=-1)
             top = torch.topk(logprobs, min(targets, oracle.vocab_size), dim=-1)
             records = [
                 {
-                    "features": hidden[b, : len(s)].to(torch.float16).clone(),
-                    "top_ids": top.indices[b, : len(s)].to(torch.int32).clone(),
-                    "top_logprobs": top.values[b, : len(s)].to(torch.float16).clone(),
+                    "features": hidden[b, : len(s)].to("cpu", torch.float16).clone(),
+                    "top_ids": top.indices[b, : len(s)].to("cpu", torch.int32).clone(),
+                    "top_logprobs": top.values[b, : len(s)].to("cpu", torch.float16).clone(),
                 }
                 for b, s in enumerate(sequences)
             ]
@@ -136,34 +150,42 @@ def oracle_features(
 
 
 def _losses(
-    model: FeatureDraftModel, features: torch.Tensor, next_ids: torch.Tensor, targets: torch.Tensor,
+    model: FeatureDraftModel, passes: int, features: torch.Tensor, next_ids: torch.Tensor, targets: torch.Tensor,
     rows: torch.Tensor, cols: torch.Tensor, top_rows: torch.Tensor, top_logprobs: torch.Tensor, scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss to back-propagate, KL of the first pass, KL of the second pass)."""
-    positions = torch.arange(features.shape[1])[None].expand(features.shape[0], -1)
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(loss to back-propagate, the KL of each pass)."""
+    positions = torch.arange(features.shape[1], device=features.device)[None].expand(features.shape[0], -1)
     total, kls = 0.0, []
-    for weight in (1.0, SECOND_PASS_WEIGHT):
+    for number in range(passes):
         g, _ = model(features, next_ids, positions)
         loss, kl = distill_loss(g[rows, cols], model.head.weight, top_rows, top_logprobs)
         regression = F.smooth_l1_loss(g[rows, cols] / scale, targets[rows, cols] / scale)
-        total = total + weight * (loss + REGRESSION_WEIGHT * regression)
+        total = total + loss + REGRESSION_WEIGHT * regression
         kls.append(kl)
-        # The second pass reads the draft's own features: g_{j-1} in place of f_j from position 1 on.
-        features = torch.cat([features[:, :1], g[:, :-1]], dim=1)
-    return total, kls[0], kls[1]
+        # The next pass reads the draft's own features: g_{j-1} in place of f_j from position `number + 1`
+        # on (earlier positions keep what this pass read, as the first tokens of a block do).
+        features = torch.cat([features[:, : number + 1], g[:, number:-1]], dim=1)
+    return total, kls
 
 
 def train_feature_draft(
-    model: FeatureDraftModel, data: FeatureSet, checkpoint: Path, identity: dict, settings: TrainSettings
+    model: FeatureDraftModel, data: FeatureSet, checkpoint: Path, identity: dict, settings: TrainSettings,
+    *, passes: int = 2,
 ) -> TrainResult:
-    """Train the fuse projection and the layer of a feature draft."""
+    """Train the fuse projection and the layer of a feature draft, unrolled over `passes` passes."""
+    if passes < 1:
+        raise InvalidArgument("--unroll must be at least 1")
     for param in model.parameters():
         param.requires_grad_(False)
+    data = data.to(model.fuse.weight.device)
 
     def step(indices: list[int]) -> tuple[torch.Tensor, int, dict[str, float]]:
         batch = data.collate(indices)
-        loss, kl_first, kl_second = _losses(model, *batch, data.scale)
-        return loss, len(batch[3]), {"kl": float(kl_first), "kl2": float(kl_second)}
+        loss, kls = _losses(model, passes, *batch, data.scale)
+        shown = {"kl": float(kls[0])}
+        if passes > 1:
+            shown[f"kl{passes}"] = float(kls[-1])
+        return loss, len(batch[3]), shown
 
     model.train()
     try:
@@ -188,11 +210,11 @@ def first_token_agreement(
     matches = total = 0
     for prompt, continuation in zip(prompts, continuations):
         sequence = prompt + continuation[:length]
-        ids = torch.tensor([sequence])
+        ids = torch.tensor([sequence], device=oracle.device)
         features = decoder(input_ids=ids, use_cache=False).last_hidden_state  # [1, T, H]
-        positions = torch.arange(len(sequence) - 1)[None]
+        positions = torch.arange(len(sequence) - 1, device=oracle.device)[None]
         _, logits = model(features[:, :-1], ids[:, 1:], positions)
-        guesses = logits[0].argmax(-1)  # draft position j guesses x_{j+2}
+        guesses = logits[0].argmax(-1).cpu()  # draft position j guesses x_{j+2}
         if draft.head_token_ids is not None:
             guesses = torch.tensor(draft.head_token_ids)[guesses]
         guesses = guesses[len(prompt) - 2 : len(prompt) - 2 + length].tolist()  # for continuation[:length]
@@ -215,6 +237,7 @@ def step_ms(draft: LoadedModel, oracle: LoadedModel, prompt: list[int], *, reps:
     for _ in range(reps):
         started = time.perf_counter()
         state.step(g, prompt[-1])
+        synchronize(draft.device)
         samples.append(time.perf_counter() - started)
         state.catch_up(prompt)
     return 1000 * statistics.median(samples)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from specd import distill
 from specd.draft_artifact import DraftManifest, slice_output_head
+from specd.errors import InvalidArgument
 from specd.models import DRAFT_ARTIFACT_MANIFEST, load_model
 from specd.tiny import write_tiny_model
 
@@ -162,11 +163,12 @@ def test_manifest_is_checked(tmp_path: Path):
 def test_feature_draft_distills_and_beats_untrained(setup: Path):
     """--kind features: trained on the oracle's features, loaded by path, better than untrained."""
     out = setup / "feature-draft"
-    args = tiny_args(setup, "--kind", "features", "--steps", "60", "--k", "3")
+    args = tiny_args(setup, "--kind", "features", "--steps", "60", "--k", "3", "--unroll", "3")
     args.out = out
     assert args.func(args) == 0
     manifest = DraftManifest.read(out)
     assert manifest.kind == "features" and manifest.layers == 1
+    assert manifest.training["unroll"] == 3 and manifest.training["device"] == "cpu"
     stored = load_file(str(out / manifest.weights))
     assert stored and all(name.startswith(("fuse.", "layer.")) for name in stored)
     draft = load_model(str(out))
@@ -178,3 +180,28 @@ def test_feature_draft_distills_and_beats_untrained(setup: Path):
     assert figures["draft_ms_per_token"] > 0 and figures["cost_ratio"] > 0
     # Resuming with the same settings trains no further and reuses the cached oracle features.
     assert sorted((out / "work" / "features").glob("chunk-*.pt"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_feature_draft_distills_on_cuda(setup: Path):
+    """--device cuda: answers, features, training and measurement on the GPU; the artifact loads on the CPU."""
+    out = setup / "cuda-feature-draft"
+    args = tiny_args(setup, "--kind", "features", "--steps", "60", "--k", "3", "--device", "cuda")
+    args.out = out
+    assert args.func(args) == 0
+    manifest = DraftManifest.read(out)
+    figures = manifest.training
+    assert figures["device"] == torch.cuda.get_device_name()
+    assert figures["held_out_token_agreement"] > figures["untrained_token_agreement"]
+    assert figures["held_out_acceptance"] > figures["untrained_acceptance"]
+    draft = load_model(str(out))
+    assert draft.device.type == "cpu" and draft.feature_dim == 64
+
+
+def test_distill_refuses_a_device_it_cannot_use(setup: Path):
+    for device in ("tpu", "nonsense"):
+        with pytest.raises(InvalidArgument, match="--device"):
+            distill.run(tiny_args(setup, "--device", device))
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidArgument, match="no CUDA device"):
+            distill.run(tiny_args(setup, "--device", "cuda"))

@@ -205,3 +205,34 @@ def test_distill_refuses_a_device_it_cannot_use(setup: Path):
     if not torch.cuda.is_available():
         with pytest.raises(InvalidArgument, match="no CUDA device"):
             distill.run(tiny_args(setup, "--device", "cuda"))
+
+
+def makefile_distill_commands() -> dict[str, list[str]]:
+    """The Makefile's `specd distill` command lines, by target, with make variables left as words."""
+    text = (Path(__file__).resolve().parents[2] / "Makefile").read_text().replace("\\\n", " ")
+    commands, target = {}, None
+    for line in text.splitlines():
+        if line and not line[0].isspace() and ":" in line and "=" not in line.split(":")[0]:
+            target = line.split(":")[0].strip()
+        elif line.startswith("\t") and " distill " in line:
+            argv = line.split()
+            commands[target] = argv[argv.index("distill") + 1 :]
+    return commands
+
+
+def test_makefile_recipes_are_valid_distill_commands():
+    """`make draft`, `make draft-cpu` and `make draft-standalone` hold commands the parser accepts."""
+    commands = makefile_distill_commands()
+    assert set(commands) == {"draft", "draft-cpu", "draft-standalone"}
+    parsed = {target: parse(*argv) for target, argv in commands.items()}
+    assert parsed["draft"].device == "cuda" and parsed["draft"].kind == "features"
+    assert parsed["draft-cpu"].device == "cpu" and parsed["draft-cpu"].kind == "features"
+    assert parsed["draft-standalone"].kind == "layers"
+    # The shipped default was made by `make draft`: its manifest records the same settings.
+    manifest = DraftManifest.read(Path(distill.__file__).parent / "data" / "drafts" / "smollm2-135m-feature-draft")
+    recipe, training = parsed["draft"], manifest.training
+    assert training["steps"] == recipe.steps and training["batch_size"] == recipe.batch_size
+    assert training["lr"] == recipe.lr and training["unroll"] == recipe.unroll
+    assert training["answer_settings"]["answers_per_prompt"] == recipe.answers_per_prompt
+    assert training["answer_settings"]["max_new_tokens"] == recipe.max_new_tokens
+    assert len(manifest.head_token_ids) >= recipe.head_vocab

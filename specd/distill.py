@@ -814,6 +814,8 @@ def run(args: argparse.Namespace) -> int:
     device = _check_device(args.device)
     if args.layers < 1:
         raise InvalidArgument("--layers must be at least 1")
+    if args.unroll < 1:
+        raise InvalidArgument("--unroll must be at least 1")
     if args.temperature <= 0 or not 0 < args.top_p <= 1:
         raise InvalidArgument("the oracle's answers are sampled: --temperature must be > 0 and --top-p in (0, 1]")
     out: Path = args.out

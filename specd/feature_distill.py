@@ -174,7 +174,7 @@ def train_feature_draft(
 ) -> TrainResult:
     """Train the fuse projection and the layer of a feature draft, unrolled over `passes` passes."""
     if passes < 1:
-        raise InvalidArgument("--unroll must be at least 1")
+        raise InvalidArgument(f"a feature draft trains in at least one pass, got {passes}")
     for param in model.parameters():
         param.requires_grad_(False)
     data = data.to(model.fuse.weight.device)

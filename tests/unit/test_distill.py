@@ -198,10 +198,12 @@ def test_feature_draft_distills_on_cuda(setup: Path):
     assert draft.device.type == "cpu" and draft.feature_dim == 64
 
 
-def test_distill_refuses_a_device_it_cannot_use(setup: Path):
+def test_distill_refuses_a_device_it_cannot_use_and_a_bad_unroll(setup: Path):
     for device in ("tpu", "nonsense"):
         with pytest.raises(InvalidArgument, match="--device"):
             distill.run(tiny_args(setup, "--device", device))
+    with pytest.raises(InvalidArgument, match="--unroll"):
+        distill.run(tiny_args(setup, "--kind", "features", "--unroll", "0"))
     if not torch.cuda.is_available():
         with pytest.raises(InvalidArgument, match="no CUDA device"):
             distill.run(tiny_args(setup, "--device", "cuda"))

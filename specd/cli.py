@@ -200,7 +200,18 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    return args.func(args)
+    import grpc
+
+    from specd.errors import SpecdError
+
+    try:
+        return args.func(args)
+    except SpecdError as error:  # a user's mistake: the message, not a traceback
+        print(f"specd {args.command}: {error}", file=sys.stderr)
+        return 2
+    except grpc.RpcError as error:  # a server's answer, e.g. INVALID_ARGUMENT for a bad request
+        print(f"specd {args.command}: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

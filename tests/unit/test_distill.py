@@ -238,3 +238,13 @@ def test_makefile_recipes_are_valid_distill_commands():
     assert training["answer_settings"]["answers_per_prompt"] == recipe.answers_per_prompt
     assert training["answer_settings"]["max_new_tokens"] == recipe.max_new_tokens
     assert len(manifest.head_token_ids) >= recipe.head_vocab
+
+
+def test_cli_reports_a_users_mistake_as_a_message(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """`specd distill` with a device torch cannot use: exit status 2 and one line, no traceback."""
+    from specd.cli import main
+
+    assert main(["distill", "--out", str(tmp_path / "draft"), "--device", "tpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("specd distill: --device 'tpu'") and "Traceback" not in err
+    assert not (tmp_path / "draft").exists()  # refused before any work

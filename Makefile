@@ -54,8 +54,8 @@ bench: setup
 # The shipped default, in about 12 minutes on one H100: the oracle writes 12 sampled answers to
 # each of the 599 training prompts (1M answer tokens, 3 min) and records its features along them
 # (1 min), then 5691 steps of distillation (4.5 min) and the held-out measurement (3 min);
-# resumable (rerun continues from $(DRAFT_WORK)).
-draft:
+# resumable (rerun continues from $(DRAFT_WORK)). `protos` generates the gRPC modules the CLI imports.
+draft: protos
 	$(GPU_PY) -m specd.cli distill --kind features --device cuda --oracle smollm2-135m-instruct --out $(DRAFT_WORK) \
 		--head-vocab 8192 --answers-per-prompt 12 --max-new-tokens 192 --temperature 0.7 --gen-batch-size 256 \
 		--steps 5691 --minutes 0 --batch-size 64 --lr 3e-3 --unroll 2 --seed 0 --eval-prompts 32

@@ -49,7 +49,7 @@ from specd.draft_artifact import DraftManifest, save_draft_artifact, slice_outpu
 from specd.errors import InvalidArgument
 from specd.feature_draft import FeatureDraftModel
 from specd.kv import KVSession
-from specd.models import EMBEDDED_ORACLE, LoadedModel, load_model, resolve_source
+from specd.models import EMBEDDED_ORACLE, LoadedModel, check_device, load_model, resolve_source
 from specd.sampling import SamplingParams
 
 DEFAULT_PROMPTS = Path(__file__).parent / "data" / "distill_prompts.jsonl"
@@ -790,18 +790,6 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return parser
 
 
-def _check_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise InvalidArgument(f"--device {name!r} is not a device torch knows: {exc}") from exc
-    if device.type not in ("cpu", "cuda"):
-        raise InvalidArgument(f"--device must be cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidArgument(f"--device {name}: torch sees no CUDA device here")
-    return device
-
-
 def _portable_source(source: str) -> str:
     """The oracle source to record in the manifest: local paths made absolute, names kept."""
     _, path = resolve_source(source)
@@ -811,7 +799,7 @@ def _portable_source(source: str) -> str:
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = _check_device(args.device)
+    device = check_device(args.device)  # before any work
     if args.layers < 1:
         raise InvalidArgument("--layers must be at least 1")
     if args.unroll < 1:

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from specd.errors import IncompatiblePair, InvalidArgument
 from specd.feature_draft import FeatureDraftModel
-from specd.models import DRAFT_ARTIFACT_MANIFEST, LoadedModel, load_model
+from specd.models import DRAFT_ARTIFACT_MANIFEST, LoadedModel, check_device, load_model
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "draft.safetensors"
@@ -119,6 +119,7 @@ def load_draft_artifact(
 ) -> LoadedModel:
     """Rebuild a distilled draft from its oracle, overlaid with the retrained tensors."""
     path = Path(path)
+    torch_device = check_device(device)
     manifest = DraftManifest.read(path)
     features = manifest.kind == "features"
     layers = 0 if features else manifest.layers
@@ -148,7 +149,6 @@ def load_draft_artifact(
             param.copy_(stored[name].to(param.dtype))
     if head_ids is not None and not features:
         slice_output_head(model, head_ids)
-    torch_device = torch.device(device)
     model.to(device=torch_device, dtype=loaded.dtype).eval()
     context = loaded.max_context if not max_context else min(loaded.max_context, max_context)
     loaded.model = model

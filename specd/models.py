@@ -129,6 +129,19 @@ def _materialize_gguf(gguf: Path, cache_dir: Path | None) -> Path | None:
     return target
 
 
+def check_device(name: str) -> torch.device:
+    """The torch device `name` names (cpu, cuda, cuda:N), refused with a clear message where it cannot be used."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise InvalidArgument(f"device {name!r} is not a device torch knows: {exc}") from exc
+    if device.type not in ("cpu", "cuda"):
+        raise InvalidArgument(f"device must be cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgument(f"device {name!r}: torch sees no CUDA device here")
+    return device
+
+
 def load_model(
     source: str,
     *,
@@ -141,6 +154,7 @@ def load_model(
     """Load a causal LM and its tokenizer. `layers` > 0 keeps only the first N decoder layers."""
     if dtype not in DTYPES:
         raise InvalidArgument(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    torch_device = check_device(device)
     kind, path = resolve_source(source)
     torch_dtype = DTYPES[dtype]
     if kind == "dir" and path is not None and (path / DRAFT_ARTIFACT_MANIFEST).exists():
@@ -162,7 +176,6 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(where)
     if layers:
         truncate_layers(model, layers)
-    torch_device = torch.device(device)
     model.to(torch_device).eval()
     context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
     if max_context:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -160,21 +161,26 @@ def test_manifest_is_checked(tmp_path: Path):
         load_model(str(tmp_path))
 
 
-def test_feature_draft_distills_and_beats_untrained(setup: Path):
-    """--kind features: trained on the oracle's features, loaded by path, better than untrained."""
-    out = setup / "feature-draft"
-    args = tiny_args(setup, "--kind", "features", "--steps", "60", "--k", "3", "--unroll", "3")
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+)
+def test_feature_draft_distills_and_beats_untrained(setup: Path, device: str):
+    """--kind features: trained on the oracle's features (every stage on --device), loaded by path
+    on the CPU, better than untrained."""
+    out = setup / f"feature-draft-{device}"
+    args = tiny_args(setup, "--kind", "features", "--steps", "60", "--k", "3", "--unroll", "3", "--device", device)
     args.out = out
     assert args.func(args) == 0
     manifest = DraftManifest.read(out)
     assert manifest.kind == "features" and manifest.layers == 1
-    assert manifest.training["unroll"] == 3 and manifest.training["device"] == "cpu"
+    figures = manifest.training
+    assert figures["unroll"] == 3
+    assert figures["device"] == ("cpu" if device == "cpu" else torch.cuda.get_device_name())
     stored = load_file(str(out / manifest.weights))
     assert stored and all(name.startswith(("fuse.", "layer.")) for name in stored)
     draft = load_model(str(out))
-    assert draft.feature_dim == 64
+    assert draft.device.type == "cpu" and draft.feature_dim == 64
     assert draft.head_token_ids == manifest.head_token_ids
-    figures = manifest.training
     assert figures["held_out_token_agreement"] > figures["untrained_token_agreement"]
     assert figures["held_out_acceptance"] > figures["untrained_acceptance"]
     assert figures["draft_ms_per_token"] > 0 and figures["cost_ratio"] > 0
@@ -182,26 +188,12 @@ def test_feature_draft_distills_and_beats_untrained(setup: Path):
     assert sorted((out / "work" / "features").glob("chunk-*.pt"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_feature_draft_distills_on_cuda(setup: Path):
-    """--device cuda: answers, features, training and measurement on the GPU; the artifact loads on the CPU."""
-    out = setup / "cuda-feature-draft"
-    args = tiny_args(setup, "--kind", "features", "--steps", "60", "--k", "3", "--device", "cuda")
-    args.out = out
-    assert args.func(args) == 0
-    manifest = DraftManifest.read(out)
-    figures = manifest.training
-    assert figures["device"] == torch.cuda.get_device_name()
-    assert figures["held_out_token_agreement"] > figures["untrained_token_agreement"]
-    assert figures["held_out_acceptance"] > figures["untrained_acceptance"]
-    draft = load_model(str(out))
-    assert draft.device.type == "cpu" and draft.feature_dim == 64
-
-
 def test_distill_refuses_a_device_it_cannot_use_and_a_bad_unroll(setup: Path):
     for device in ("tpu", "nonsense"):
-        with pytest.raises(InvalidArgument, match="--device"):
+        with pytest.raises(InvalidArgument, match=f"device.*{device}"):
             distill.run(tiny_args(setup, "--device", device))
+        with pytest.raises(InvalidArgument, match=f"device.*{device}"):  # the workers' loading path too
+            load_model(str(setup / "oracle"), device=device)
     with pytest.raises(InvalidArgument, match="--unroll"):
         distill.run(tiny_args(setup, "--kind", "features", "--unroll", "0"))
     if not torch.cuda.is_available():
@@ -214,8 +206,9 @@ def makefile_distill_commands() -> dict[str, list[str]]:
     text = (Path(__file__).resolve().parents[2] / "Makefile").read_text().replace("\\\n", " ")
     commands, target = {}, None
     for line in text.splitlines():
-        if line and not line[0].isspace() and ":" in line and "=" not in line.split(":")[0]:
-            target = line.split(":")[0].strip()
+        rule = re.match(r"([\w.-]+):(?!=)", line)  # a target's line, not a `NAME := value`
+        if rule:
+            target = rule.group(1)
         elif line.startswith("\t") and " distill " in line:
             argv = line.split()
             commands[target] = argv[argv.index("distill") + 1 :]
@@ -246,5 +239,5 @@ def test_cli_reports_a_users_mistake_as_a_message(tmp_path: Path, capsys: pytest
 
     assert main(["distill", "--out", str(tmp_path / "draft"), "--device", "tpu"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("specd distill: --device 'tpu'") and "Traceback" not in err
+    assert err.startswith("specd distill: device 'tpu'") and "Traceback" not in err
     assert not (tmp_path / "draft").exists()  # refused before any work

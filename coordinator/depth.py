@@ -29,6 +29,17 @@ rounds only (starting from `lookup_prior`: a copied token was the oracle's in 77
 matches on the benchmark's prompts), and `lookup_depth()` gives the k of best goodput for a
 copied block (no draft time or draft round trip), or 0 when the draft's best round is expected
 to do better.
+
+With `confidence_stop` (the default) the block's length is decided token by token instead, by
+the draft (specd.stopping): a position's expected acceptance comes from the draft's confidence
+there, which separates easy text from hard far better than any per-position average, so code
+gets long blocks and chat short ones within the same request. The policy then asks for k_max
+tokens and sends a stop rule: end the block before the token whose chance of being reached and
+accepted is below goodput x (t_draft + verify growth per token), goodput being the measured
+tokens per second of recent drafted rounds. It learns the calibration (acceptance per band of
+the draft's confidence) from every tested token, and asks the draft at all only while drafted
+rounds measure faster than the modelled oracle alone (probing every `probe_every` rounds
+otherwise).
 """
 
 from __future__ import annotations
@@ -37,6 +48,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from coordinator.stats import RoundObservation
+from specd.stopping import StopRule
 
 
 class DepthPolicy(Protocol):
@@ -48,6 +60,10 @@ class DepthPolicy(Protocol):
 
     def lookup_depth(self) -> int:
         """The depth of a block copied by prompt lookup, when one is on offer (0 = ask the draft)."""
+        ...
+
+    def stop_rule(self) -> StopRule | None:
+        """How the draft may end a block of choose_k() tokens early (None: it proposes all of them)."""
         ...
 
     def observe(self, round: RoundObservation) -> None:
@@ -72,6 +88,9 @@ class FixedDepth:
     def lookup_depth(self) -> int:
         return self.k
 
+    def stop_rule(self) -> StopRule | None:
+        return None
+
     def observe(self, round: RoundObservation) -> None:
         pass
 
@@ -92,6 +111,9 @@ class HeuristicDepth:
 
     def lookup_depth(self) -> int:
         return self.k
+
+    def stop_rule(self) -> StopRule | None:
+        return None
 
     def observe(self, round: RoundObservation) -> None:
         if round.k == 0:
@@ -126,6 +148,13 @@ class GoodputState:
     lookup_acceptance: list[float] = field(default_factory=list)
     lookup_accepted_weight: list[float] = field(default_factory=list)
     lookup_tested_weight: list[float] = field(default_factory=list)
+    # The stop rule: tests and acceptances of model-proposed tokens per band of the draft's confidence,
+    # and the discounted tokens and wall time of the rounds that asked the draft (their goodput).
+    calibration_accepted: list[float] = field(default_factory=list)
+    calibration_tested: list[float] = field(default_factory=list)
+    drafted_tokens: float = 0.0
+    drafted_seconds: float = 0.0
+    drafted_rounds: float = 0.0
 
 
 def expected_tokens(acceptance: list[float], k: int) -> float:
@@ -137,6 +166,11 @@ def expected_tokens(acceptance: list[float], k: int) -> float:
     return total
 
 
+CALIBRATION_BANDS = 10
+# Pseudo-tests pulling a band's estimate towards the band's own confidence, and the most tests a band
+# keeps (older evidence is scaled down beyond it): calibration is the draft's, so it is learned slowly.
+CALIBRATION_SHRINK = 4.0
+CALIBRATION_CAP = 200.0
 VERIFY_WEIGHT_CAP = 20
 VERIFY_TRUSTED_ROUNDS = 3
 # Until two depths have been timed, assume each extra verified token costs this share of a step.
@@ -156,6 +190,7 @@ class GoodputDepth:
         probe_every: int = 4,
         probe_k: int = 1,
         lookup_prior: float = 0.8,
+        confidence_stop: int = 1,
     ):
         if k_max < 1:
             raise ValueError("k_max must be >= 1")
@@ -166,11 +201,13 @@ class GoodputDepth:
         self.probe_every = probe_every
         self.probe_k = min(probe_k, k_max)
         self.lookup_prior = lookup_prior
+        self.confidence_stop = bool(confidence_stop)
         self.state = GoodputState(
             acceptance=[prior_acceptance] * k_max, observed=[0] * k_max,
             accepted_weight=[0.0] * k_max, tested_weight=[0.0] * k_max,
             lookup_acceptance=[lookup_prior] * k_max,
             lookup_accepted_weight=[0.0] * k_max, lookup_tested_weight=[0.0] * k_max,
+            calibration_accepted=[0.0] * CALIBRATION_BANDS, calibration_tested=[0.0] * CALIBRATION_BANDS,
         )
         self.name = "goodput"
         self._rounds_since_draft = 0
@@ -190,17 +227,38 @@ class GoodputDepth:
             self._count(s.lookup_accepted_weight, s.lookup_tested_weight, round)
             s.lookup_acceptance = self._estimates(s.lookup_accepted_weight, s.lookup_tested_weight, self.lookup_prior)
             return
-        if round.k == 0:
+        if not round.draft_asked:
             self._rounds_since_draft += 1
             return
         self._rounds_since_draft = 0
         s.rtt_draft_seconds = self._ema(s.rtt_draft_seconds or None, round.draft_network_seconds)
         modelled = round.k - len(round.lookup_positions)  # tokens the draft's model proposed
-        if modelled > 0:
-            s.draft_token_seconds = self._ema(s.draft_token_seconds, round.draft_seconds / modelled)
+        # A block the stop rule ended ran one more model step: the one whose confidence ended it.
+        steps = modelled + int(round.asked is not None and round.k < round.asked)
+        if steps > 0:
+            s.draft_token_seconds = self._ema(s.draft_token_seconds, round.draft_seconds / steps)
         for i in self._count(s.accepted_weight, s.tested_weight, round):
             s.observed[i] += 1
         s.acceptance = self._estimates(s.accepted_weight, s.tested_weight)
+        fade = 1.0 - 1.0 / self.window
+        s.drafted_tokens = fade * s.drafted_tokens + round.accepted + 1
+        s.drafted_seconds = fade * s.drafted_seconds + round.wall_seconds
+        s.drafted_rounds = fade * s.drafted_rounds + 1
+        self._calibrate(round)
+
+    def _calibrate(self, round: RoundObservation) -> None:
+        """Count each tested model-proposed token in the band of the draft's confidence for it."""
+        s = self.state
+        for i, confidence in enumerate(round.confidences[: min(round.accepted + 1, round.k)]):
+            if i in round.lookup_positions:
+                continue
+            band = min(CALIBRATION_BANDS - 1, max(0, int(confidence * CALIBRATION_BANDS)))
+            s.calibration_accepted[band] += 1.0 if i < round.accepted else 0.0
+            s.calibration_tested[band] += 1.0
+            if s.calibration_tested[band] > CALIBRATION_CAP:
+                scale = CALIBRATION_CAP / s.calibration_tested[band]
+                s.calibration_accepted[band] *= scale
+                s.calibration_tested[band] *= scale
 
     def _count(self, accepted: list[float], tested: list[float], round: RoundObservation) -> range:
         """Fade the evidence, then count the positions this round tested (returned).
@@ -246,18 +304,29 @@ class GoodputDepth:
         trusted = [x for x in seen if counts.get(x, 0) >= VERIFY_TRUSTED_ROUNDS]
         if k in trusted:
             return seen[k]
+        mean_k, mean_t, slope = self._verify_line()
+        if trusted:
+            anchor = min(trusted, key=lambda x: (abs(x - k), x))
+            return max(1e-6, seen[anchor] + slope * (k - anchor))
+        return max(1e-6, mean_t + slope * (k - mean_k))
+
+    def verify_growth(self) -> float:
+        """Seconds each further verified token adds: the slope of the line through the per-k averages."""
+        return self._verify_line()[2] if self.state.verify_seconds_by_k else 0.0
+
+    def _verify_line(self) -> tuple[float, float, float]:
+        """(centre k, centre seconds, slope >= 0) of the weighted least-squares line through the per-k
+        averages; with one k seen, the slope assumes ASSUMED_VERIFY_GROWTH of a step per token."""
+        seen, counts = self.state.verify_seconds_by_k, self.state.verify_rounds_by_k
         weights = {x: min(counts.get(x, 1), VERIFY_WEIGHT_CAP) for x in seen}
         total = sum(weights.values())
         mean_k = sum(w * x for x, w in weights.items()) / total
         mean_t = sum(w * seen[x] for x, w in weights.items()) / total
         var = sum(w * (x - mean_k) ** 2 for x, w in weights.items())
         if var == 0:
-            return mean_t * (1 + ASSUMED_VERIFY_GROWTH * (k - mean_k))  # one k seen so far
-        slope = max(0.0, sum(w * (x - mean_k) * (seen[x] - mean_t) for x, w in weights.items()) / var)
-        if trusted:
-            anchor = min(trusted, key=lambda x: (abs(x - k), x))
-            return max(1e-6, seen[anchor] + slope * (k - anchor))
-        return max(1e-6, mean_t + slope * (k - mean_k))
+            return mean_k, mean_t, ASSUMED_VERIFY_GROWTH * mean_t
+        slope = sum(w * (x - mean_k) * (seen[x] - mean_t) for x, w in weights.items()) / var
+        return mean_k, mean_t, max(0.0, slope)
 
     def round_seconds(self, k: int, *, drafted: bool = True) -> float:
         """Predicted wall time of a round of depth k; drafted=False: a copied block (no draft call)."""
@@ -277,19 +346,67 @@ class GoodputDepth:
         return max(range(self.k_max + 1), key=lambda k: (scores[k], -k))
 
     def choose_k(self) -> int:
+        """With the stop rule, k_max or 0: the draft itself ends each block where it stops paying, so
+        the policy only decides whether asking the draft pays at all (its measured goodput against
+        the oracle's alone). Without it, the depth of best modelled goodput."""
         k = self.best_k()
+        if self.confidence_stop:
+            measured = self.measured_draft_goodput()
+            k = self.k_max if (k > 0 if measured is None else measured > self.goodput(0)) else 0
         if k == 0 and self._rounds_since_draft >= self.probe_every:
-            return self.probe_k
+            return self.k_max if self.confidence_stop else self.probe_k
         return k
+
+    def measured_draft_goodput(self) -> float | None:
+        """Committed tokens per second of the recent rounds that asked the draft (None before any)."""
+        s = self.state
+        return s.drafted_tokens / s.drafted_seconds if s.drafted_seconds > 0 else None
+
+    def draft_goodput(self) -> float:
+        """Expected goodput of asking the draft: measured under the stop rule, else modelled at the best k."""
+        measured = self.measured_draft_goodput() if self.confidence_stop else None
+        return measured if measured is not None else self.goodput(self.best_k())
+
+    def calibration(self) -> list[float]:
+        """Expected acceptance of a model-proposed token per band of the draft's confidence: each band's
+        acceptance, pulled towards the band's own confidence, then made non-decreasing (pooling
+        neighbours that disagree, weighted by their evidence)."""
+        s = self.state
+        pools: list[list[float]] = []  # [estimate, weight, bands]
+        for band, (accepted, tested) in enumerate(zip(s.calibration_accepted, s.calibration_tested)):
+            middle = (band + 0.5) / CALIBRATION_BANDS
+            weight = tested + CALIBRATION_SHRINK
+            pools.append([(accepted + CALIBRATION_SHRINK * middle) / weight, weight, 1])
+            while len(pools) > 1 and pools[-2][0] > pools[-1][0]:
+                (high, w1, n1), (low, w2, n2) = pools.pop(-2), pools.pop()
+                pools.append([(high * w1 + low * w2) / (w1 + w2), w1 + w2, n1 + n2])
+        return [estimate for estimate, _, bands in pools for _ in range(int(bands))]
+
+    def stop_rule(self) -> StopRule | None:
+        """End a block before the token whose chance of being reached and accepted is below
+        goodput x its marginal cost (one draft step and one more verified position): such a token
+        adds fewer expected tokens than the same time spent at the session's current rate.
+        Maximising tokens minus goodput x seconds this way, with goodput re-measured as it
+        improves, converges on the best ratio of tokens to seconds (Dinkelbach's method)."""
+        if not self.confidence_stop:
+            return None
+        s = self.state
+        draft = s.draft_token_seconds if s.draft_token_seconds is not None else 0.1 * self.verify_seconds(0)
+        threshold = self.draft_goodput() * (draft + self.verify_growth())
+        return StopRule(
+            min_survival=min(1.0, max(0.0, threshold)),
+            calibration=tuple(self.calibration()),
+            lookup_acceptance=min(1.0, max(0.0, s.lookup_acceptance[0])),
+        )
 
     def lookup_goodput(self, k: int) -> float:
         """Expected committed tokens per second of a copied block of depth k."""
         return expected_tokens(self.state.lookup_acceptance, k) / self.round_seconds(k, drafted=False)
 
     def lookup_depth(self) -> int:
-        """The copied block's best depth, or 0 when the draft's best round is expected to do better."""
+        """The copied block's best depth, or 0 when asking the draft is expected to do better."""
         depth = max(range(1, self.k_max + 1), key=lambda k: (self.lookup_goodput(k), -k))
-        return depth if self.lookup_goodput(depth) > self.goodput(self.best_k()) else 0
+        return depth if self.lookup_goodput(depth) > self.draft_goodput() else 0
 
     # -- carrying state between sessions ------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
@@ -325,9 +442,22 @@ class GoodputDepth:
             rtt_draft_seconds=float(state.get("rtt_draft_seconds", 0.0)),
             loop_seconds=float(state.get("loop_seconds", 0.0)),
             rounds=int(state.get("rounds", 0)),
+            calibration_accepted=self._bands(state.get("calibration_accepted")),
+            calibration_tested=self._bands(state.get("calibration_tested")),
         )
+        drafted = float(state.get("drafted_rounds", 0.0))
+        if drafted > 0:  # the recent goodput of drafted rounds, as at most `carry` rounds of evidence
+            scale = min(1.0, self.carry / drafted)
+            self.state.drafted_rounds = drafted * scale
+            self.state.drafted_tokens = float(state.get("drafted_tokens", 0.0)) * scale
+            self.state.drafted_seconds = float(state.get("drafted_seconds", 0.0)) * scale
         self.state.acceptance = self._estimates(accepted, tested)
         self.state.lookup_acceptance = self._estimates(lookup_accepted, lookup_tested, self.lookup_prior)
+
+    @staticmethod
+    def _bands(values: list[float] | None) -> list[float]:
+        values = [float(v) for v in values or []]
+        return values if len(values) == CALIBRATION_BANDS else [0.0] * CALIBRATION_BANDS
 
     def _carried(self, accepted: list[float], tested: list[float]) -> tuple[list[float], list[float]]:
         """Counts padded to k_max, the pair's history counting as at most `carry` tests per position."""
@@ -344,7 +474,7 @@ POLICY_NAMES = ("goodput", "heuristic", "fixed:K")
 
 GOODPUT_OPTIONS = {
     "smoothing": float, "prior_acceptance": float, "window": float, "shrink": float, "carry": float,
-    "probe_every": int, "probe_k": int, "lookup_prior": float,
+    "probe_every": int, "probe_k": int, "lookup_prior": float, "confidence_stop": int,
 }
 
 
@@ -363,6 +493,8 @@ def _goodput_options(text: str) -> dict[str, Any]:
         raise ValueError("goodput smoothing must be in (0, 1] and prior_acceptance in [0, 1]")
     if not 0 <= options.get("lookup_prior", 0.5) <= 1:
         raise ValueError("goodput lookup_prior must be in [0, 1]")
+    if options.get("confidence_stop", 0) not in (0, 1):
+        raise ValueError("goodput confidence_stop must be 0 (off) or 1 (on)")
     if options.get("probe_every", 1) < 1 or options.get("probe_k", 1) < 1:
         raise ValueError("goodput probe_every and probe_k must be at least 1")
     if options.get("window", 2) <= 1 or options.get("shrink", 0) < 0 or options.get("carry", 0) < 0:

@@ -2,7 +2,8 @@
 
     open draft + oracle sessions (prompt prefilled once on each)
     repeat:  k = policy.choose_k()
-             k > 0: draft.Propose(tokens committed since last time, k) -> d_1..d_k, q
+             k > 0: draft.Propose(tokens committed since last time, k, policy.stop_rule())
+                    -> d_1..d_m, q (m = k, or fewer where the stop rule ends the block)
              oracle.Verify(d_1..d_k, q) -> m accepted + the oracle's own token
              commit d_1..d_m + that token; both workers roll their caches back to it
     close both sessions (always: on completion, error, cancellation or deadline)
@@ -237,6 +238,8 @@ class SpeculativeSession:
         distributions: list[common_pb2.TokenDistribution] = []
         draft_compute = draft_wall = 0.0
         lookup_positions: tuple[int, ...] = ()
+        confidences: tuple[float, ...] = ()
+        asked = 0
         if lookup_block:
             draft_tokens = list(lookup_block)
             lookup_positions = tuple(range(len(draft_tokens)))
@@ -247,17 +250,18 @@ class SpeculativeSession:
             try:
                 proposal = await self.draft.propose(
                     self.session_id, self._draft_pending, self._committed_length, k, self._timeout(),
-                    join_features(self._features_pending),
+                    join_features(self._features_pending), self.policy.stop_rule(),
                 )
             except grpc.aio.AioRpcError as error:
                 self._draft_lost(error)
-                k = 0
             else:
+                asked = k
                 self._draft_pending = []
                 self._features_pending = []
                 draft_tokens, distributions = proposal.tokens, proposal.distributions
                 draft_compute, draft_wall = proposal.compute_seconds, proposal.wall_seconds
                 lookup_positions = tuple(proposal.lookup_positions)
+                confidences = tuple(proposal.confidences)
         verdict = await self.oracle.verify(
             self.session_id, draft_tokens, distributions, self._committed_length, self._timeout()
         )
@@ -269,7 +273,7 @@ class SpeculativeSession:
         if verdict.features is not None and self._draft_open:
             self._features_pending.append(verdict.features)
         return committed, RoundObservation(
-            k=k,
+            k=len(draft_tokens),
             accepted=verdict.accepted,
             draft_seconds=draft_compute,
             verify_seconds=verdict.compute_seconds,
@@ -277,6 +281,8 @@ class SpeculativeSession:
             oracle_network_seconds=max(0.0, verdict.wall_seconds - verdict.compute_seconds),
             lookup_positions=lookup_positions,
             lookup_led=bool(lookup_block),
+            asked=asked,
+            confidences=confidences,
         )
 
     def _apply_limits(self, tokens: list[int]) -> list[int]:

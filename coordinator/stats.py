@@ -26,6 +26,17 @@ class RoundObservation:
     loop_seconds: float = 0.0  # the rest of the round's wall time: the session loop's own work
     lookup_positions: tuple[int, ...] = ()  # draft positions proposed by prompt lookup (0 = first)
     lookup_led: bool = False  # the session loop's own lookup proposed the block; the draft was not asked
+    asked: int | None = None  # the most tokens asked of the draft (None: exactly k; 0: not asked)
+    confidences: tuple[float, ...] = ()  # the draft's confidence per proposed token (Proposal.confidences)
+
+    @property
+    def draft_asked(self) -> bool:
+        """Whether the draft was asked for this round's block (which a stop rule may have left empty)."""
+        return not self.lookup_led and (self.k if self.asked is None else self.asked) > 0
+
+    @property
+    def wall_seconds(self) -> float:
+        return self.draft_seconds + self.verify_seconds + self.network_seconds + self.loop_seconds
 
     @property
     def lookup_accepted(self) -> int:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from specd.security import Security
 from specd.server import channel_options
+from specd.stopping import StopRule
 from specd.v1 import common_pb2, draft_pb2, draft_pb2_grpc, oracle_pb2, oracle_pb2_grpc
 
 
@@ -18,6 +19,7 @@ class TimedProposal:
     compute_seconds: float
     wall_seconds: float
     lookup_positions: list[int] = field(default_factory=list)
+    confidences: list[float] = field(default_factory=list)  # the draft's, per token (Proposal.confidences)
 
 
 @dataclass(frozen=True)
@@ -97,14 +99,19 @@ class DraftClient(WorkerClient):
 
     async def propose(
         self, session_id: str, append: list[int], committed_length: int, k: int, timeout: float | None,
-        features: common_pb2.Features | None = None,
+        features: common_pb2.Features | None = None, stop: StopRule | None = None,
     ) -> TimedProposal:
+        """k tokens, or with `stop` at most k (possibly none)."""
         started = time.perf_counter()
         await self._delay()
         reply = await self.stub.Propose(
             draft_pb2.ProposeRequest(
                 session_id=session_id, append_token_ids=append, committed_length=committed_length, depth=k,
                 features=features,
+                stop=None if stop is None else draft_pb2.StopRule(
+                    min_survival=stop.min_survival, calibration=stop.calibration,
+                    lookup_acceptance=stop.lookup_acceptance,
+                ),
             ),
             timeout=timeout,
             metadata=self.metadata,
@@ -115,6 +122,7 @@ class DraftClient(WorkerClient):
             compute_seconds=reply.draft_seconds,
             wall_seconds=time.perf_counter() - started,
             lookup_positions=list(reply.lookup_positions),
+            confidences=list(reply.confidences),
         )
 
 

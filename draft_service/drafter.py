@@ -8,6 +8,13 @@ each token is drawn from a proposal distribution q (the warped distribution rest
 top-N tokens, renormalised), and q is returned exactly, so the oracle's rejection sampling
 stays lossless.
 
+With a stop rule the block ends early where the draft stops trusting it: each position's
+expected acceptance comes from the draft's confidence there (the highest probability of the
+distribution the token is drawn from, mapped through the coordinator's calibration), and the
+block stops before the position where the product of those expectations, the chance that
+the whole block so far is accepted, falls below the rule's threshold. The decision reads the
+distribution only, never the token drawn from it, so rejection sampling stays lossless.
+
 With prompt lookup (specd.lookup), a position whose last n tokens occurred earlier in the
 session takes the token that followed them instead of the model's guess, at no model cost; the
 model only runs for positions the lookup cannot fill, catching up on the looked-up tokens
@@ -28,6 +35,7 @@ from specd.feature_draft import FeatureSession
 from specd.lookup import NgramIndex
 from specd.models import LoadedModel
 from specd.sampling import SamplingParams, Stream, keyed_uniform, sample_from, warp_probs
+from specd.stopping import StopRule
 from specd.worker import ModelWorker, OpenResult, PositionFeatures, WorkerSession
 
 
@@ -43,6 +51,7 @@ class DraftProposal:
     distributions: list[SparseDistribution]  # empty for greedy sessions
     seconds: float
     looked_up: list[int] = field(default_factory=list)  # positions proposed by prompt lookup, not the model
+    confidences: list[float] = field(default_factory=list)  # per token: the top probability where it was drawn
 
 
 class Drafter(ModelWorker):
@@ -98,8 +107,9 @@ class Drafter(ModelWorker):
 
     def propose(
         self, session_id: str, append: list[int], committed_length: int, k: int,
-        features: PositionFeatures | None = None,
+        features: PositionFeatures | None = None, stop: StopRule | None = None,
     ) -> DraftProposal:
+        """k tokens, or fewer when `stop` ends the block early."""
         session = self.sessions.get(session_id)
         if any(not 0 <= t < self.vocab_size for t in append):
             raise InvalidArgument(f"appended token ids must be in [0, {self.vocab_size})")
@@ -126,6 +136,8 @@ class Drafter(ModelWorker):
         )
         tokens: list[int] = []
         distributions: list[SparseDistribution] = []
+        confidences: list[float] = []
+        survival = 1.0  # the chance, as the stop rule estimates it, that the whole block is accepted
         position = len(session.committed)
         logits: torch.Tensor | None = None
         unfed = 0  # drafted tokens the model has not read yet
@@ -135,7 +147,11 @@ class Drafter(ModelWorker):
             if session.lookup is not None:
                 guess = session.lookup.guess(session.committed[-session.lookup.max_n :] + tokens)
             if guess is not None:
-                token = guess
+                if stop is not None:
+                    survival *= stop.lookup_acceptance
+                    if survival < stop.min_survival:
+                        break
+                token, confidence = guess, 1.0
                 looked_up.append(i)
                 if not session.params.greedy:
                     distributions.append(SparseDistribution([token], [1.0]))
@@ -144,19 +160,31 @@ class Drafter(ModelWorker):
                 for fed in tokens[len(tokens) - unfed :]:
                     logits = steps.send(fed)
                 unfed = 0
-                token = self._choose(logits[: self._head_size], session.params, position + i, distributions)
+                token, distribution, confidence = self._choose(logits[: self._head_size], session.params, position + i)
+                if stop is not None:
+                    survival *= stop.expected_acceptance(confidence)
+                    if survival < stop.min_survival:  # decided on the distribution, not on the token drawn
+                        break
+                if distribution is not None:
+                    distributions.append(distribution)
             tokens.append(token)
+            confidences.append(confidence)
             unfed += 1
         return DraftProposal(
-            tokens=tokens, distributions=distributions, seconds=time.perf_counter() - started, looked_up=looked_up
+            tokens=tokens, distributions=distributions, seconds=time.perf_counter() - started, looked_up=looked_up,
+            confidences=confidences,
         )
 
     def _choose(
-        self, logits: torch.Tensor, params: SamplingParams, position: int, distributions: list[SparseDistribution]
-    ) -> int:
-        """The model's token at a position: its argmax, or a draw from q (appended to distributions)."""
+        self, logits: torch.Tensor, params: SamplingParams, position: int
+    ) -> tuple[int, SparseDistribution | None, float]:
+        """The model's token at a position (its argmax, or a draw from q), q for sampled sessions
+        (None for greedy ones), and the confidence there: the highest probability of the distribution
+        the token comes from (the softmax for greedy sessions, q for sampled ones)."""
         if params.greedy:
-            return self._token_id(int(logits.argmax()))
+            top = logits.float().max()
+            confidence = float(1.0 / torch.exp(logits.float() - top).sum())
+            return self._token_id(int(logits.argmax())), None, confidence
         probs = warp_probs(logits[None], params)[0]
         top = torch.topk(probs, min(self.proposal_top_n, self._head_size))
         values, indices = top.values.cpu(), top.indices.cpu()  # off the model's device: N values at most
@@ -165,8 +193,7 @@ class Drafter(ModelWorker):
         ids = indices[keep] if self._head_ids is None else self._head_ids[indices[keep]]
         q = q[keep]
         token = int(ids[sample_from(q, keyed_uniform(params.seed, position, Stream.DRAFT))])
-        distributions.append(SparseDistribution(ids.tolist(), q.tolist()))
-        return token
+        return token, SparseDistribution(ids.tolist(), q.tolist()), float(q[0])
 
     @staticmethod
     def _token_steps(session: WorkerSession) -> Generator[torch.Tensor, int, None]:

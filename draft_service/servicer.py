@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from draft_service.drafter import Drafter
+from specd.stopping import StopRule
 from specd.server import ModelExecutor, grpc_errors
 from specd.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 from specd.worker_service import WorkerServicerMixin, features_from_proto, session_id_from
@@ -35,6 +36,7 @@ class DraftServicer(WorkerServicerMixin, draft_pb2_grpc.DraftServiceServicer):
             request.committed_length,
             request.depth,
             features_from_proto(request.features),
+            stop_rule_from_proto(request),
         )
         self.metrics.forward.labels("propose").observe(proposal.seconds)
         return draft_pb2.Proposal(
@@ -44,4 +46,12 @@ class DraftServicer(WorkerServicerMixin, draft_pb2_grpc.DraftServiceServicer):
             ],
             draft_seconds=proposal.seconds,
             lookup_positions=proposal.looked_up,
+            confidences=proposal.confidences,
         )
+
+
+def stop_rule_from_proto(request: draft_pb2.ProposeRequest) -> StopRule | None:
+    if not request.HasField("stop"):
+        return None
+    rule = request.stop
+    return StopRule(rule.min_survival, tuple(rule.calibration), rule.lookup_acceptance)

@@ -13,6 +13,7 @@ from specd.bench.measure import Cell, RequestRecord, StreamSummary
 ORACLE_ALONE = "specd-k0"
 ADAPTIVE = "specd-adaptive"
 ADAPTIVE_MODEL_ONLY = "specd-adaptive-no-lookup"  # the same, prompt lookup off in coordinator and draft
+ADAPTIVE_FIXED_BLOCKS = "specd-adaptive-no-stop-rule"  # the same, blocks of the modelled best k (no stop rule)
 HF_PLAIN = "transformers-generate"
 HF_ASSISTED = "transformers-assisted"
 

@@ -16,6 +16,7 @@ and the transformers baselines decode exactly the same input.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from specd.bench.measure import RequestRecord, StreamRecord, StreamSummary, set_
 from specd.bench.prompts import BenchPrompt, PromptSet
 from specd.bench.results import (
     ADAPTIVE,
+    ADAPTIVE_FIXED_BLOCKS,
     ADAPTIVE_MODEL_ONLY,
     HF_ASSISTED,
     HF_PLAIN,
@@ -58,6 +60,12 @@ class Config:
     depth: int | None = None  # specd: fixed k, None = the coordinator's policy
     assisted: bool = False  # transformers: with the draft as assistant
     lookup: bool = True  # specd: prompt lookup on (the default), or off in the coordinator and the draft
+    policy: str = "goodput"  # specd: the coordinator's depth policy (for depth=None)
+
+    @property
+    def coordinator(self) -> tuple[bool, str]:
+        """Configurations with the same value share a coordinator."""
+        return self.lookup, self.policy
 
 
 def speed_configs(max_depth: int, with_transformers: bool, model_only: bool = False) -> list[Config]:
@@ -71,10 +79,17 @@ def speed_configs(max_depth: int, with_transformers: bool, model_only: bool = Fa
     configs += [Config(fixed_key(k), f"specd, fixed k={k}", "specd", depth=k) for k in range(1, max_depth + 1)]
     configs.append(Config(ADAPTIVE, "specd, adaptive (goodput)", "specd", depth=None))
     if model_only:
-        configs.append(
-            Config(ADAPTIVE_MODEL_ONLY, "specd, adaptive, model draft only (no prompt lookup)", "specd", lookup=False)
-        )
+        configs += [
+            Config(ADAPTIVE_MODEL_ONLY, "specd, adaptive, model draft only (no prompt lookup)", "specd", lookup=False),
+            Config(
+                ADAPTIVE_FIXED_BLOCKS, "specd, adaptive, no stop rule (blocks of the modelled best k)", "specd",
+                policy=FIXED_BLOCKS_POLICY,
+            ),
+        ]
     return configs
+
+
+FIXED_BLOCKS_POLICY = "goodput:confidence_stop=0"
 
 
 @dataclass
@@ -163,16 +178,15 @@ async def baseline_request(
 
 
 async def run_config(
-    client: AsyncSpecdClient, ctx: BenchContext, config: Config, prompt: BenchPrompt, temperature: float, seed: int,
-    model_only_client: AsyncSpecdClient | None = None,
+    clients: dict[tuple[bool, str], AsyncSpecdClient], ctx: BenchContext, config: Config, prompt: BenchPrompt,
+    temperature: float, seed: int,
 ) -> tuple[RequestRecord, list[int]]:
-    """One request of a configuration; `model_only_client` serves the configurations without prompt lookup."""
+    """One request of a configuration, through the client of its coordinator (Config.coordinator)."""
     if config.engine == "transformers":
         return await baseline_request(ctx, prompt, assisted=config.assisted, temperature=temperature, seed=seed)
-    if not config.lookup:
-        assert model_only_client is not None, "a configuration without prompt lookup needs its coordinator"
-        client = model_only_client
-    return await specd_request(client, ctx, prompt, depth=config.depth, temperature=temperature, seed=seed)
+    return await specd_request(
+        clients[config.coordinator], ctx, prompt, depth=config.depth, temperature=temperature, seed=seed
+    )
 
 
 def config_result(config: Config, records: list[RequestRecord], categories: list[str]) -> ConfigResult:
@@ -227,9 +241,10 @@ def warmup_requests(with_transformers: bool, kernels: bool) -> int:
 def speed_requests(
     ctx_prompts: int, max_depth: int, with_transformers: bool, passes: int = 1, model_only: bool = False
 ) -> int:
-    configs = len(speed_configs(max_depth, with_transformers, model_only))
-    warmups = warmup_requests(with_transformers, True) + (warmup_requests(False, False) if model_only else 0)
-    return warmups + passes * ctx_prompts * configs
+    configs = speed_configs(max_depth, with_transformers, model_only)
+    coordinators = len({c.coordinator for c in configs if c.engine == "specd"})
+    warmups = warmup_requests(with_transformers, True) + (coordinators - 1) * warmup_requests(False, False)
+    return warmups + passes * ctx_prompts * len(configs)
 
 
 async def speed_section(
@@ -241,23 +256,29 @@ async def speed_section(
     model_only = ctx.stack.model_only_draft is not None
     configs = speed_configs(ctx.max_depth, ctx.baselines is not None, model_only)
     fastest: dict[tuple[str, int], RequestRecord] = {}
-    running = await ctx.stack.coordinator(f"speed-t{temperature:g}")
-    plain = await ctx.stack.coordinator(f"speed-t{temperature:g}-no-lookup", lookup=False) if model_only else None
+    variants = list(dict.fromkeys(c.coordinator for c in configs if c.engine == "specd"))
+    running: dict[tuple[bool, str], RunningCoordinator] = {}
     try:
-        async with AsyncSpecdClient(running.address) as client, AsyncSpecdClient(
-            plain.address if plain else running.address
-        ) as plain_client:
-            warmup = await warm_up(client, ctx, temperature, kernels=True)
-            if plain is not None:
-                await warm_up(plain_client, ctx, temperature, kernels=False)
+        async with contextlib.AsyncExitStack() as stack:
+            clients: dict[tuple[bool, str], AsyncSpecdClient] = {}
+            for lookup, policy in variants:
+                label = f"speed-t{temperature:g}" + ("" if lookup else "-no-lookup") + (
+                    "" if policy == "goodput" else "-" + policy.replace(":", "-").replace("=", "")
+                )
+                running[(lookup, policy)] = await ctx.stack.coordinator(label, lookup=lookup, policy=policy)
+                clients[(lookup, policy)] = await stack.enter_async_context(
+                    AsyncSpecdClient(running[(lookup, policy)].address)
+                )
+            warmup = ""
+            for n, variant in enumerate(variants):
+                text = await warm_up(clients[variant], ctx, temperature, kernels=n == 0)
+                warmup = warmup or text
             for number in range(passes):
                 for index, prompt in enumerate(prompts):
                     seed = ctx.seed + index
                     outputs: dict[str, tuple[RequestRecord, list[int]]] = {}
                     for config in configs:
-                        outputs[config.key] = await run_config(
-                            client, ctx, config, prompt, temperature, seed, plain_client
-                        )
+                        outputs[config.key] = await run_config(clients, ctx, config, prompt, temperature, seed)
                         ctx.step(f"T={temperature:g} pass {number + 1}/{passes} {prompt.id} {config.key}")
                     for key, (record, tokens) in outputs.items():
                         if temperature == 0 and HF_PLAIN in outputs and key != HF_PLAIN:
@@ -266,9 +287,8 @@ async def speed_section(
                         if kept is None or record.seconds < kept.seconds:
                             fastest[(key, index)] = record
     finally:
-        await ctx.stack.close_coordinator(running)
-        if plain is not None:
-            await ctx.stack.close_coordinator(plain)
+        for coordinator in running.values():
+            await ctx.stack.close_coordinator(coordinator)
     records = {c.key: [fastest[(c.key, i)] for i in range(len(prompts))] for c in configs}
     categories = ctx.prompts.categories
     results = [config_result(c, records[c.key], categories) for c in configs]
@@ -318,7 +338,7 @@ async def rtt_section(ctx: BenchContext, delays_ms: list[float], per_category: i
                 warmup = await warm_up(client, ctx, 0.0, kernels=False)
                 for prompt in prompts:
                     for config in (alone, adaptive):
-                        record, _ = await run_config(client, ctx, config, prompt, 0.0, ctx.seed)
+                        record, _ = await run_config({config.coordinator: client}, ctx, config, prompt, 0.0, ctx.seed)
                         records[config.key].append(record)
                         ctx.step(f"RTT {delay:g} ms {prompt.id} {config.key}")
         finally:

@@ -78,10 +78,10 @@ class BenchStack:
                 raise result
 
     async def coordinator(
-        self, label: str, *, oracle_delay_ms: float = 0.0, lookup: bool = True
+        self, label: str, *, oracle_delay_ms: float = 0.0, lookup: bool = True, policy: str = "goodput"
     ) -> RunningCoordinator:
-        """A fresh coordinator (own control plane, fresh policy state) over the oracle and a draft
-        (lookup=False: prompt lookup off in the coordinator, and the draft worker without it)."""
+        """A fresh coordinator (own control plane, fresh state of depth policy `policy`) over the oracle
+        and a draft (lookup=False: prompt lookup off in the coordinator, and the draft worker without it)."""
         draft = self.draft if lookup else self.model_only_draft
         assert self.oracle is not None and draft is not None, "start() first (with model_only_draft for lookup=False)"
         config = CoordinatorConfig(
@@ -89,7 +89,7 @@ class BenchStack:
             metrics_port=-1,
             oracles=[self.oracle.address],
             drafts=[draft.address],
-            depth_policy="goodput",
+            depth_policy=policy,
             max_depth=self.settings.max_depth,
             oracle_delay_ms=oracle_delay_ms,
             **({} if lookup else {"lookup_min_ngram": 0}),

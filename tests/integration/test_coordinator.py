@@ -74,8 +74,9 @@ async def test_unrelated_pair_ends_with_k_zero_and_is_exact(ray_local, tiny_dir,
                 result = await client.generate(token_ids=prompt_ids, max_tokens=48, stop_at_eos=False)
                 assert result.token_ids == expected
         depths = list(result.stats.depth_per_round)
-        tail = depths[-16:]  # converged: the oracle alone, with a k = 1 probe after every 4 rounds
-        assert sum(1 for k in tail if k) <= 4 and max(tail) <= 1, depths
+        tail = depths[-16:]  # converged: the oracle alone, with a probe after every 4 rounds
+        # The draft's confidence means little here; the stop rule learns that and keeps probes short.
+        assert sum(1 for k in tail if k) <= 4 and max(tail) <= 4, depths
     finally:
         await running.stop()
 

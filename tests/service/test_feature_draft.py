@@ -34,6 +34,9 @@ class Cycle:
     def lookup_depth(self) -> int:
         return 0
 
+    def stop_rule(self):
+        return None
+
     def observe(self, round) -> None:
         pass
 

@@ -14,7 +14,7 @@ VERIFY_BASE, VERIFY_SLOPE = 0.050, 0.004  # seconds: t_verify(k) = base + slope 
 
 def policy_with(acceptance, draft_token_seconds, rtt_oracle=0.0, rtt_draft=0.0, k_max=8) -> GoodputDepth:
     """A goodput policy that has learned exactly these figures (no pull towards neighbours)."""
-    policy = GoodputDepth(k_max=k_max, shrink=0.0)
+    policy = GoodputDepth(confidence_stop=0, k_max=k_max, shrink=0.0)
     policy.state.tested_weight = [8.0] * k_max
     policy.state.accepted_weight = [8.0 * a for a in acceptance]
     policy.state.acceptance = list(acceptance)
@@ -89,7 +89,7 @@ def rounds_of(policy, accept_fraction: float, n: int, t_draft=0.004) -> None:
 
 
 def test_goodput_adapts_within_bounded_rounds_when_acceptance_changes():
-    policy = GoodputDepth(k_max=8)
+    policy = GoodputDepth(confidence_stop=0, k_max=8)
     rounds_of(policy, 1.0, 30)
     assert policy.choose_k() >= 6  # a draft that is always right earns a long block
     # The draft turns useless: k must fall to 0 within bounded rounds. Acceptance is a count over
@@ -109,7 +109,7 @@ def test_goodput_adapts_within_bounded_rounds_when_acceptance_changes():
 
 
 def test_untested_positions_inherit_the_deepest_tested_estimate():
-    policy = GoodputDepth(k_max=8, prior_acceptance=0.3)
+    policy = GoodputDepth(confidence_stop=0, k_max=8, prior_acceptance=0.3)
     for _ in range(10):
         policy.observe(RoundObservation(k=2, accepted=2, draft_seconds=0.002, verify_seconds=0.05))
     estimate = policy.estimated_acceptance()
@@ -129,7 +129,7 @@ def test_noisy_acceptance_does_not_push_a_useful_draft_to_zero():
     """Acceptance 0.45 per position, with CPU-like costs where k = 1-2 pays: single misses must not
     swing the policy to the oracle alone."""
     rng = random.Random(0)
-    policy = GoodputDepth(k_max=8)
+    policy = GoodputDepth(confidence_stop=0, k_max=8)
     verify = {0: 0.090, 1: 0.103, 2: 0.106}
     depths = []
     for _ in range(300):
@@ -149,16 +149,16 @@ def test_noisy_acceptance_does_not_push_a_useful_draft_to_zero():
 def test_a_new_session_follows_its_own_text_within_a_few_rounds():
     """The pair's history is a prior worth at most `carry` tests: a request whose first tokens are
     rejected is not held at a long block by hundreds of earlier successes."""
-    veteran = GoodputDepth(k_max=8)
+    veteran = GoodputDepth(confidence_stop=0, k_max=8)
     for _ in range(200):
         veteran.observe(RoundObservation(k=4, accepted=4, draft_seconds=0.004, verify_seconds=0.05))
-    fresh = make_policy("goodput", 8, veteran.snapshot())
+    fresh = make_policy("goodput:confidence_stop=0", 8, veteran.snapshot())
     assert fresh.state.tested_weight[0] == pytest.approx(fresh.carry)
     for _ in range(6):
         fresh.observe(RoundObservation(k=4, accepted=0, draft_seconds=0.004, verify_seconds=0.05))
     assert fresh.estimated_acceptance()[0] < 0.5
     # States saved before counts existed still restore from their estimates.
-    old = make_policy("goodput", 8, {"acceptance": [0.9] * 8, "observed": [50] * 8})
+    old = make_policy("goodput:confidence_stop=0", 8, {"acceptance": [0.9] * 8, "observed": [50] * 8})
     assert old.estimated_acceptance()[0] == pytest.approx((0.9 * 8 + 2 * 0.6) / 10)
 
 
@@ -183,17 +183,17 @@ def test_a_hard_prompt_after_easier_ones_falls_back_to_short_blocks():
             depths.append(k)
         return depths
 
-    easy = GoodputDepth(k_max=8)
+    easy = GoodputDepth(confidence_stop=0, k_max=8)
     run(easy, [0.72, 0.65, 0.55] + [0.5] * 5, 60)
-    middling = make_policy("goodput", 8, easy.snapshot())
+    middling = make_policy("goodput:confidence_stop=0", 8, easy.snapshot())
     run(middling, [0.2, 0.4] + [0.05] * 6, 35)
-    hard = make_policy("goodput", 8, middling.snapshot())
+    hard = make_policy("goodput:confidence_stop=0", 8, middling.snapshot())
     depths = run(hard, [0.1, 0.3] + [0.05] * 6, 40)
     assert sum(depths[-15:]) / 15 <= 1.2, depths
 
 
 def test_goodput_learns_verify_cost_growth():
-    policy = GoodputDepth(k_max=8)
+    policy = GoodputDepth(confidence_stop=0, k_max=8)
     for k, t in ((1, 0.05), (4, 0.08)):
         policy.observe(RoundObservation(k=k, accepted=0, draft_seconds=0.0, verify_seconds=t))
     assert policy.verify_seconds(8) == pytest.approx(0.12, rel=0.05)
@@ -203,7 +203,7 @@ def test_goodput_learns_verify_cost_growth():
 def test_goodput_uses_measured_verify_costs_where_no_line_fits():
     """CPU verification: flat for a few tokens, then a jump. A line through all points would put
     k = 2 too high and k = 5 too low; measured depths use their own averages."""
-    policy = GoodputDepth(k_max=8)
+    policy = GoodputDepth(confidence_stop=0, k_max=8)
     measured = {0: 0.077, 2: 0.080, 4: 0.126, 8: 0.150}
     for _ in range(3):
         for k, t in measured.items():
@@ -215,7 +215,7 @@ def test_goodput_uses_measured_verify_costs_where_no_line_fits():
 
 
 def test_one_cold_start_outlier_does_not_freeze_the_depth():
-    policy = GoodputDepth(k_max=8)
+    policy = GoodputDepth(confidence_stop=0, k_max=8)
     policy.observe(RoundObservation(k=3, accepted=3, draft_seconds=0.006, verify_seconds=0.010))  # cold start
     for _ in range(20):
         policy.observe(RoundObservation(k=4, accepted=4, draft_seconds=0.008, verify_seconds=0.0033, oracle_network_seconds=0.01))
@@ -225,7 +225,7 @@ def test_one_cold_start_outlier_does_not_freeze_the_depth():
 
 def test_goodput_state_round_trips_through_a_snapshot():
     policy = policy_with([0.9, 0.8] + [0.5] * 6, 0.004, rtt_oracle=0.01)
-    clone = GoodputDepth(k_max=8, shrink=0.0)
+    clone = GoodputDepth(confidence_stop=0, k_max=8, shrink=0.0)
     clone.restore(policy.snapshot())
     assert clone.choose_k() == policy.choose_k()
     assert clone.state == policy.state
@@ -293,7 +293,7 @@ def test_copies_that_miss_give_way_to_the_draft():
 
 
 def test_a_model_led_round_prices_only_the_tokens_the_model_drafted():
-    policy = GoodputDepth(k_max=8)
+    policy = GoodputDepth(confidence_stop=0, k_max=8)
     policy.observe(RoundObservation(k=4, accepted=4, draft_seconds=0.012, verify_seconds=0.06, lookup_positions=(2, 3)))
     assert policy.state.draft_token_seconds == pytest.approx(0.006)
 
@@ -304,16 +304,177 @@ def test_fixed_and_heuristic_copy_blocks_of_their_own_depth():
 
 
 def test_lookup_estimates_cross_sessions_with_at_most_carry_tests():
-    policy = GoodputDepth(k_max=8)
+    policy = GoodputDepth(confidence_stop=0, k_max=8)
     for _ in range(40):
         policy.observe(lookup_round(5, 5))
-    clone = GoodputDepth(k_max=8)
+    clone = GoodputDepth(confidence_stop=0, k_max=8)
     clone.restore(policy.snapshot())
     assert max(clone.state.lookup_tested_weight) <= clone.carry + 1e-9
     assert clone.lookup_depth() == policy.lookup_depth()
     old = policy.snapshot()
     for name in ("lookup_acceptance", "lookup_accepted_weight", "lookup_tested_weight"):
         old.pop(name)
-    fresh = GoodputDepth(k_max=8)
+    fresh = GoodputDepth(confidence_stop=0, k_max=8)
     fresh.restore(old)  # a state saved before copied blocks had estimates of their own
     assert fresh.state.lookup_acceptance == [fresh.lookup_prior] * 8
+
+
+# -- blocks the draft ends by its own confidence (the stop rule) ----------------------------------
+
+DRAFT_STEP = 0.004
+
+
+def confident_round(
+    confidences: list[float], accepted: int, asked: int = 8, lookup_positions: tuple[int, ...] = ()
+) -> RoundObservation:
+    """A round whose block the stop rule ended after len(confidences) tokens (synthetic seconds)."""
+    k = len(confidences)
+    steps = k - len(lookup_positions) + (k < asked)
+    return RoundObservation(
+        k=k, accepted=accepted, draft_seconds=DRAFT_STEP * steps, verify_seconds=VERIFY_BASE + VERIFY_SLOPE * k,
+        asked=asked, confidences=tuple(confidences), lookup_positions=lookup_positions,
+    )
+
+
+def test_the_threshold_is_goodput_times_the_cost_of_one_more_token():
+    policy = GoodputDepth(k_max=8)
+    fade, tokens, seconds = 1 - 1 / policy.window, 0.0, 0.0
+    for k in (1, 3, 5, 1, 3, 5, 1, 3, 5):  # blocks the stop rule ended: k tokens, k + 1 draft steps
+        obs = RoundObservation(
+            k=k, accepted=k - 1, draft_seconds=DRAFT_STEP * (k + 1), verify_seconds=VERIFY_BASE + VERIFY_SLOPE * k,
+            asked=8, confidences=(0.5,) * k,
+        )
+        policy.observe(obs)
+        tokens, seconds = fade * tokens + k, fade * seconds + obs.wall_seconds
+    goodput = policy.measured_draft_goodput()
+    assert goodput == pytest.approx(tokens / seconds)
+    assert policy.verify_growth() == pytest.approx(VERIFY_SLOPE)
+    assert policy.state.draft_token_seconds == pytest.approx(DRAFT_STEP)
+    rule = policy.stop_rule()
+    assert rule is not None
+    assert rule.min_survival == pytest.approx(goodput * (DRAFT_STEP + VERIFY_SLOPE))
+    assert policy.choose_k() == 8  # the draft decides where each block ends
+
+
+def test_calibration_learns_what_confidence_is_worth_and_never_decreases():
+    policy = GoodputDepth(k_max=8)
+    assert policy.calibration() == pytest.approx([(b + 0.5) / 10 for b in range(10)])  # before evidence: itself
+    rng = random.Random(0)
+    for _ in range(400):
+        # A draft that is right 95% of the time at confidence 0.35 but only 20% at 0.55.
+        confidences = [rng.choice([0.35, 0.55, 0.95])]
+        right = rng.random() < {0.35: 0.95, 0.55: 0.2, 0.95: 0.97}[confidences[0]]
+        policy.observe(confident_round(confidences, int(right), asked=1))
+    table = policy.calibration()
+    assert table == sorted(table)
+    assert table[9] > 0.9
+    assert table[3] == pytest.approx(table[5])  # the contradicting bands are pooled
+    assert 0.45 < table[3] < 0.7
+    assert max(policy.state.calibration_tested) <= 200 + 1e-9  # evidence is capped
+
+
+def test_copied_positions_are_left_out_of_the_calibration():
+    policy = GoodputDepth(k_max=8)
+    policy.observe(confident_round([1.0, 1.0, 0.15], accepted=1, lookup_positions=(0, 1)))
+    assert policy.state.calibration_tested[9] == 0  # positions 0 and 1 were copies
+    assert policy.state.calibration_tested[1] == 0  # position 2 was never tested (position 1 was rejected)
+    policy.observe(confident_round([0.15], accepted=0))
+    assert policy.state.calibration_tested[1] == 1
+    assert policy.state.draft_token_seconds == pytest.approx(DRAFT_STEP)  # two model steps: the token, the one that stopped
+
+
+def test_drafting_stops_when_drafted_rounds_are_slower_than_the_oracle_alone():
+    policy = GoodputDepth(k_max=8, probe_every=4)
+    for _ in range(6):  # the oracle alone: one token per 50 ms
+        policy.observe(RoundObservation(k=0, accepted=0, draft_seconds=0.0, verify_seconds=VERIFY_BASE, asked=0))
+    for _ in range(20):  # drafted rounds that commit one token in 60 ms: worse than not asking
+        policy.observe(confident_round([0.1], accepted=0))
+    assert policy.choose_k() == 0
+    assert policy.stop_rule() is not None
+    for _ in range(4):
+        policy.observe(RoundObservation(k=0, accepted=0, draft_seconds=0.0, verify_seconds=VERIFY_BASE, asked=0))
+    assert policy.choose_k() == 8  # a probe, which the stop rule keeps short
+
+
+def test_an_empty_block_counts_as_a_drafted_round():
+    policy = GoodputDepth(k_max=8)
+    policy.observe(confident_round([], accepted=0))
+    assert policy.state.drafted_rounds == 1 and policy.state.rtt_draft_seconds == 0
+    assert policy.state.draft_token_seconds == pytest.approx(DRAFT_STEP)
+
+
+def test_the_stop_rule_state_crosses_sessions():
+    policy = GoodputDepth(k_max=8)
+    for _ in range(50):
+        policy.observe(confident_round([0.95, 0.95, 0.15], accepted=2))
+    clone = make_policy("goodput", 8, policy.snapshot())
+    assert clone.calibration() == policy.calibration()
+    assert clone.state.drafted_rounds <= clone.carry + 1e-9
+    assert clone.measured_draft_goodput() == pytest.approx(policy.measured_draft_goodput())
+    assert make_policy("goodput", 8, {"acceptance": [0.5] * 8}).calibration() == GoodputDepth(k_max=8).calibration()
+
+
+def test_only_the_goodput_policy_sends_a_stop_rule():
+    assert FixedDepth(3).stop_rule() is None and HeuristicDepth().stop_rule() is None
+    assert make_policy("goodput:confidence_stop=0", 8).stop_rule() is None
+    assert make_policy("goodput", 8).stop_rule() is not None
+    with pytest.raises(ValueError):
+        make_policy("goodput:confidence_stop=2", 8)
+
+
+def simulated_rounds(seed: int, rounds: int) -> list[list[tuple[float, bool]]]:
+    """Per round, 8 positions of (the draft's confidence, whether the oracle agrees). The text
+    alternates easy and hard stretches, and the confidence is calibrated: P(agree) = confidence."""
+    rng = random.Random(seed)
+    out = []
+    for r in range(rounds):
+        easy = (r // 20) % 2 == 0
+        block = []
+        for _ in range(8):
+            c = min(0.99, max(0.01, rng.betavariate(8, 1.5) if easy else rng.betavariate(1.5, 3)))
+            block.append((c, rng.random() < c))
+        out.append(block)
+    return out
+
+
+def play(block: list[tuple[float, bool]], length: int) -> tuple[int, int]:
+    """(tokens committed, accepted) when the first `length` positions are verified."""
+    accepted = 0
+    while accepted < length and block[accepted][1]:
+        accepted += 1
+    return accepted + 1, accepted
+
+
+def test_the_stop_rule_beats_every_fixed_depth_when_confidence_is_informative():
+    """Same simulated text and costs for all: the policy (choose_k + stop rule + what it learns)
+    against each fixed k, in committed tokens per simulated second."""
+    rounds = simulated_rounds(0, 600)
+
+    def cost(length: int, steps: int) -> float:
+        return VERIFY_BASE + VERIFY_SLOPE * length + DRAFT_STEP * steps
+
+    fixed = {}
+    for k in range(9):
+        tokens = sum(play(block, k)[0] for block in rounds)
+        fixed[k] = tokens / sum(cost(k, k) for _ in rounds)
+    policy = GoodputDepth(k_max=8)
+    tokens = seconds = 0.0
+    for block in rounds:
+        asked, rule = policy.choose_k(), policy.stop_rule()
+        assert rule is not None
+        length, survival = 0, 1.0
+        while length < asked:
+            survival *= rule.expected_acceptance(block[length][0])
+            if survival < rule.min_survival:
+                break
+            length += 1
+        committed, accepted = play(block, length)
+        steps = length + (length < asked) if asked else 0
+        obs = RoundObservation(
+            k=length, accepted=accepted, draft_seconds=DRAFT_STEP * steps, verify_seconds=cost(length, 0),
+            asked=asked, confidences=tuple(c for c, _ in block[:length]),
+        )
+        policy.observe(obs)
+        tokens += committed
+        seconds += obs.wall_seconds
+    assert tokens / seconds > 1.05 * max(fixed.values()), (tokens / seconds, fixed)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coordinator.depth import FixedDepth
+from coordinator.depth import FixedDepth, GoodputDepth
 from coordinator.loop import SessionRequest, SpeculativeSession, run_to_completion
 from coordinator.workers import DraftClient, OracleClient
 from draft_service.drafter import Drafter
@@ -55,14 +55,14 @@ def cuda_reference(tiny_dir):
     return out
 
 
-async def generate(oracle, draft, prompt, k, sampling=None):
+async def generate(oracle, draft, prompt, k, sampling=None, policy=None):
     oracle_client, draft_client = OracleClient(oracle.address), DraftClient(draft.address)
     try:
         session = SpeculativeSession(
             SessionRequest(prompt=prompt, sampling=sampling or common_pb2.SamplingParams(), max_tokens=MAX_TOKENS),
             draft_client,
             oracle_client,
-            FixedDepth(k),
+            policy or FixedDepth(k),
         )
         return await run_to_completion(session), session.stats
     finally:
@@ -84,6 +84,15 @@ async def test_drafts_on_either_device_are_exact_against_the_gpu_oracle(cuda_wor
     for prompt in PROMPTS:
         tokens, _ = await generate(cuda_workers["oracle"], cuda_workers[draft], prompt, k)
         assert tokens == cuda_reference[tuple(prompt)], (draft, prompt)
+
+
+@pytest.mark.parametrize("draft", ["lookup", "feature", "cpu_feature"])
+async def test_blocks_the_stop_rule_ends_on_either_device_are_exact(cuda_workers, cuda_reference, draft):
+    policy = GoodputDepth(k_max=8)
+    for prompt in PROMPTS:
+        tokens, _ = await generate(cuda_workers["oracle"], cuda_workers[draft], prompt, 8, policy=policy)
+        assert tokens == cuda_reference[tuple(prompt)], (draft, prompt)
+    assert sum(policy.state.calibration_tested) > 0
 
 
 async def test_sampling_on_the_gpu_is_reproducible_by_seed(cuda_workers):

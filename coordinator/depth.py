@@ -33,13 +33,12 @@ to do better.
 With `confidence_stop` (the default) the block's length is decided token by token instead, by
 the draft (specd.stopping): a position's expected acceptance comes from the draft's confidence
 there, which separates easy text from hard far better than any per-position average, so code
-gets long blocks and chat short ones within the same request. The policy then asks for k_max
-tokens and sends a stop rule: end the block before the token whose chance of being reached and
-accepted is below goodput x (t_draft + verify growth per token), goodput being the measured
-tokens per second of recent drafted rounds. It learns the calibration (acceptance per band of
-the draft's confidence) from every tested token, and asks the draft at all only while drafted
-rounds measure faster than the modelled oracle alone (probing every `probe_every` rounds
-otherwise).
+gets long blocks and chat short ones within the same request. Whenever the model above picks
+k > 0, the policy asks for k_max tokens with a stop rule: keep a computed token while its
+chance of being reached and accepted is at least goodput x verify growth per token, and
+compute one more position while it is at least goodput x (t_draft + verify growth), goodput
+being the measured tokens per second of recent drafted rounds. It learns the calibration
+(acceptance per band of the draft's confidence) from every tested token.
 """
 
 from __future__ import annotations
@@ -346,13 +345,11 @@ class GoodputDepth:
         return max(range(self.k_max + 1), key=lambda k: (scores[k], -k))
 
     def choose_k(self) -> int:
-        """With the stop rule, k_max or 0: the draft itself ends each block where it stops paying, so
-        the policy only decides whether asking the draft pays at all (its measured goodput against
-        the oracle's alone). Without it, the depth of best modelled goodput."""
+        """The depth of best modelled goodput; with the stop rule, k_max whenever that is above 0: the
+        draft itself then ends each block where it stops paying."""
         k = self.best_k()
-        if self.confidence_stop:
-            measured = self.measured_draft_goodput()
-            k = self.k_max if (k > 0 if measured is None else measured > self.goodput(0)) else 0
+        if self.confidence_stop and k > 0:
+            k = self.k_max
         if k == 0 and self._rounds_since_draft >= self.probe_every:
             return self.k_max if self.confidence_stop else self.probe_k
         return k
@@ -383,20 +380,22 @@ class GoodputDepth:
         return [estimate for estimate, _, bands in pools for _ in range(int(bands))]
 
     def stop_rule(self) -> StopRule | None:
-        """End a block before the token whose chance of being reached and accepted is below
-        goodput x its marginal cost (one draft step and one more verified position): such a token
-        adds fewer expected tokens than the same time spent at the session's current rate.
-        Maximising tokens minus goodput x seconds this way, with goodput re-measured as it
-        improves, converges on the best ratio of tokens to seconds (Dinkelbach's method)."""
+        """Keep a computed token while its chance of being reached and accepted is at least goodput x
+        the verify growth per token, and compute a further position while it is at least goodput x
+        (draft step + verify growth): a token below the line adds fewer expected tokens than the same
+        time spent at the session's current rate. Maximising tokens minus goodput x seconds this way,
+        with goodput re-measured as it improves, converges on the best ratio of tokens to seconds
+        (Dinkelbach's method)."""
         if not self.confidence_stop:
             return None
         s = self.state
         draft = s.draft_token_seconds if s.draft_token_seconds is not None else 0.1 * self.verify_seconds(0)
-        threshold = self.draft_goodput() * (draft + self.verify_growth())
+        goodput, growth = self.draft_goodput(), self.verify_growth()
         return StopRule(
-            min_survival=min(1.0, max(0.0, threshold)),
+            min_survival=min(1.0, max(0.0, goodput * growth)),
             calibration=tuple(self.calibration()),
             lookup_acceptance=min(1.0, max(0.0, s.lookup_acceptance[0])),
+            extend_survival=min(1.0, max(0.0, goodput * (draft + growth))),
         )
 
     def lookup_goodput(self, k: int) -> float:

@@ -110,7 +110,7 @@ class DraftClient(WorkerClient):
                 features=features,
                 stop=None if stop is None else draft_pb2.StopRule(
                     min_survival=stop.min_survival, calibration=stop.calibration,
-                    lookup_acceptance=stop.lookup_acceptance,
+                    lookup_acceptance=stop.lookup_acceptance, extend_survival=stop.extend_survival,
                 ),
             ),
             timeout=timeout,

@@ -11,8 +11,9 @@ stays lossless.
 With a stop rule the block ends early where the draft stops trusting it: each position's
 expected acceptance comes from the draft's confidence there (the highest probability of the
 distribution the token is drawn from, mapped through the coordinator's calibration), and the
-block stops before the position where the product of those expectations, the chance that
-the whole block so far is accepted, falls below the rule's threshold. The decision reads the
+block keeps a token while the product of those expectations, the chance that the whole block
+so far is accepted, stays above one threshold, and computes a further position only while it
+stays above a second. The decision reads the
 distribution only, never the token drawn from it, so rejection sampling stays lossless.
 
 With prompt lookup (specd.lookup), a position whose last n tokens occurred earlier in the
@@ -170,6 +171,8 @@ class Drafter(ModelWorker):
             tokens.append(token)
             confidences.append(confidence)
             unfed += 1
+            if stop is not None and survival < stop.extend_threshold:  # the next position would not pay its step
+                break
         return DraftProposal(
             tokens=tokens, distributions=distributions, seconds=time.perf_counter() - started, looked_up=looked_up,
             confidences=confidences,

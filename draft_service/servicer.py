@@ -54,4 +54,4 @@ def stop_rule_from_proto(request: draft_pb2.ProposeRequest) -> StopRule | None:
     if not request.HasField("stop"):
         return None
     rule = request.stop
-    return StopRule(rule.min_survival, tuple(rule.calibration), rule.lookup_acceptance)
+    return StopRule(rule.min_survival, tuple(rule.calibration), rule.lookup_acceptance, rule.extend_survival)

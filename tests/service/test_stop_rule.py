@@ -73,6 +73,10 @@ def test_the_block_ends_where_the_estimated_survival_drops_below_the_threshold(s
         stopped = propose(drafter, f"cut{cut}", 8, StopRule(survival))
         assert stopped.tokens == full.tokens[:cut]
         assert stopped.confidences == full.confidences[:cut]
+    for cut in range(1, 8):  # keep every computed token, but compute no further once survival drops
+        survival = math.sqrt(math.prod(full.confidences[:cut]) * math.prod(full.confidences[: cut + 1]))
+        ended = propose(drafter, f"end{cut}", 8, StopRule(0.0, extend_survival=survival))
+        assert ended.tokens == full.tokens[: cut + 1]
     assert propose(drafter, "trusting", 8, StopRule(0.99, calibration=(1.0,) * 10)).tokens == full.tokens
     assert propose(drafter, "doubting", 8, StopRule(0.01, calibration=(0.0,) * 10)).tokens == []
 
@@ -92,7 +96,8 @@ def test_copied_tokens_count_at_the_rules_lookup_acceptance(oracle_model):
 
 @pytest.mark.parametrize(
     "rule", [dict(min_survival=1.5), dict(min_survival=math.nan), dict(min_survival=0.5, calibration=(0.2, 1.2)),
-             dict(min_survival=0.5, lookup_acceptance=-0.1), dict(min_survival=0.5, calibration=(0.5,) * 101)],
+             dict(min_survival=0.5, lookup_acceptance=-0.1), dict(min_survival=0.5, calibration=(0.5,) * 101),
+             dict(min_survival=0.5, extend_survival=1.01)],
 )
 def test_a_malformed_rule_is_refused(rule):
     with pytest.raises(InvalidArgument):

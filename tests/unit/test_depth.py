@@ -352,7 +352,8 @@ def test_the_threshold_is_goodput_times_the_cost_of_one_more_token():
     assert policy.state.draft_token_seconds == pytest.approx(DRAFT_STEP)
     rule = policy.stop_rule()
     assert rule is not None
-    assert rule.min_survival == pytest.approx(goodput * (DRAFT_STEP + VERIFY_SLOPE))
+    assert rule.min_survival == pytest.approx(goodput * VERIFY_SLOPE)  # keeping a computed token
+    assert rule.extend_survival == pytest.approx(goodput * (DRAFT_STEP + VERIFY_SLOPE))  # computing another
     assert policy.choose_k() == 8  # the draft decides where each block ends
 
 
@@ -383,11 +384,12 @@ def test_copied_positions_are_left_out_of_the_calibration():
     assert policy.state.draft_token_seconds == pytest.approx(DRAFT_STEP)  # two model steps: the token, the one that stopped
 
 
-def test_drafting_stops_when_drafted_rounds_are_slower_than_the_oracle_alone():
+def test_drafting_stops_when_the_drafts_tokens_keep_being_rejected():
     policy = GoodputDepth(k_max=8, probe_every=4)
     for _ in range(6):  # the oracle alone: one token per 50 ms
         policy.observe(RoundObservation(k=0, accepted=0, draft_seconds=0.0, verify_seconds=VERIFY_BASE, asked=0))
-    for _ in range(20):  # drafted rounds that commit one token in 60 ms: worse than not asking
+    assert policy.choose_k() == 8
+    for _ in range(20):  # drafted rounds whose one token is rejected: worse than not asking
         policy.observe(confident_round([0.1], accepted=0))
     assert policy.choose_k() == 0
     assert policy.stop_rule() is not None
@@ -462,14 +464,16 @@ def test_the_stop_rule_beats_every_fixed_depth_when_confidence_is_informative():
     for block in rounds:
         asked, rule = policy.choose_k(), policy.stop_rule()
         assert rule is not None
-        length, survival = 0, 1.0
+        length, steps, survival = 0, 0, 1.0
         while length < asked:
+            steps += 1  # the draft computes this position
             survival *= rule.expected_acceptance(block[length][0])
             if survival < rule.min_survival:
                 break
             length += 1
+            if survival < rule.extend_threshold:
+                break
         committed, accepted = play(block, length)
-        steps = length + (length < asked) if asked else 0
         obs = RoundObservation(
             k=length, accepted=accepted, draft_seconds=DRAFT_STEP * steps, verify_seconds=cost(length, 0),
             asked=asked, confidences=tuple(c for c, _ in block[:length]),

@@ -13,8 +13,8 @@ expected acceptance comes from the draft's confidence there (the highest probabi
 distribution the token is drawn from, mapped through the coordinator's calibration), and the
 block keeps a token while the product of those expectations, the chance that the whole block
 so far is accepted, stays above one threshold, and computes a further position only while it
-stays above a second. The decision reads the
-distribution only, never the token drawn from it, so rejection sampling stays lossless.
+stays above a second. The decision reads the distribution only, never the token drawn from it,
+so rejection sampling stays lossless.
 
 With prompt lookup (specd.lookup), a position whose last n tokens occurred earlier in the
 session takes the token that followed them instead of the model's guess, at no model cost; the

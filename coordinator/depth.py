@@ -231,9 +231,9 @@ class GoodputDepth:
             return
         self._rounds_since_draft = 0
         s.rtt_draft_seconds = self._ema(s.rtt_draft_seconds or None, round.draft_network_seconds)
-        modelled = round.k - len(round.lookup_positions)  # tokens the draft's model proposed
-        # A block the stop rule ended ran one more model step: the one whose confidence ended it.
-        steps = modelled + int(round.asked is not None and round.k < round.asked)
+        # Positions the draft's model computed: one per token it proposed, unless it says otherwise
+        # (a block the stop rule ended may have computed one it did not keep).
+        steps = round.k - len(round.lookup_positions) if round.model_steps is None else round.model_steps
         if steps > 0:
             s.draft_token_seconds = self._ema(s.draft_token_seconds, round.draft_seconds / steps)
         for i in self._count(s.accepted_weight, s.tested_weight, round):

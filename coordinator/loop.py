@@ -240,6 +240,7 @@ class SpeculativeSession:
         lookup_positions: tuple[int, ...] = ()
         confidences: tuple[float, ...] = ()
         asked = 0
+        model_steps: int | None = None
         if lookup_block:
             draft_tokens = list(lookup_block)
             lookup_positions = tuple(range(len(draft_tokens)))
@@ -262,6 +263,7 @@ class SpeculativeSession:
                 draft_compute, draft_wall = proposal.compute_seconds, proposal.wall_seconds
                 lookup_positions = tuple(proposal.lookup_positions)
                 confidences = tuple(proposal.confidences)
+                model_steps = proposal.model_steps
         verdict = await self.oracle.verify(
             self.session_id, draft_tokens, distributions, self._committed_length, self._timeout()
         )
@@ -283,6 +285,7 @@ class SpeculativeSession:
             lookup_led=bool(lookup_block),
             asked=asked,
             confidences=confidences,
+            model_steps=model_steps,
         )
 
     def _apply_limits(self, tokens: list[int]) -> list[int]:

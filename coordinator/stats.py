@@ -28,6 +28,7 @@ class RoundObservation:
     lookup_led: bool = False  # the session loop's own lookup proposed the block; the draft was not asked
     asked: int | None = None  # the most tokens asked of the draft (None: exactly k; 0: not asked)
     confidences: tuple[float, ...] = ()  # the draft's confidence per proposed token (Proposal.confidences)
+    model_steps: int | None = None  # positions the draft's model computed (None: one per modelled token)
 
     @property
     def draft_asked(self) -> bool:

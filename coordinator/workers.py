@@ -20,6 +20,7 @@ class TimedProposal:
     wall_seconds: float
     lookup_positions: list[int] = field(default_factory=list)
     confidences: list[float] = field(default_factory=list)  # the draft's, per token (Proposal.confidences)
+    model_steps: int = 0  # positions the draft's model computed (Proposal.model_steps)
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class DraftClient(WorkerClient):
             wall_seconds=time.perf_counter() - started,
             lookup_positions=list(reply.lookup_positions),
             confidences=list(reply.confidences),
+            model_steps=reply.model_steps,
         )
 
 

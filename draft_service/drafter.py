@@ -53,6 +53,7 @@ class DraftProposal:
     seconds: float
     looked_up: list[int] = field(default_factory=list)  # positions proposed by prompt lookup, not the model
     confidences: list[float] = field(default_factory=list)  # per token: the top probability where it was drawn
+    model_steps: int = 0  # positions the model computed, kept or not
 
 
 class Drafter(ModelWorker):
@@ -143,6 +144,7 @@ class Drafter(ModelWorker):
         logits: torch.Tensor | None = None
         unfed = 0  # drafted tokens the model has not read yet
         looked_up: list[int] = []
+        model_steps = 0
         for i in range(k):
             guess = None
             if session.lookup is not None:
@@ -161,6 +163,7 @@ class Drafter(ModelWorker):
                 for fed in tokens[len(tokens) - unfed :]:
                     logits = steps.send(fed)
                 unfed = 0
+                model_steps += 1
                 token, distribution, confidence = self._choose(logits[: self._head_size], session.params, position + i)
                 if stop is not None:
                     survival *= stop.expected_acceptance(confidence)
@@ -175,7 +178,7 @@ class Drafter(ModelWorker):
                 break
         return DraftProposal(
             tokens=tokens, distributions=distributions, seconds=time.perf_counter() - started, looked_up=looked_up,
-            confidences=confidences,
+            confidences=confidences, model_steps=model_steps,
         )
 
     def _choose(
@@ -185,9 +188,9 @@ class Drafter(ModelWorker):
         (None for greedy ones), and the confidence there: the highest probability of the distribution
         the token comes from (the softmax for greedy sessions, q for sampled ones)."""
         if params.greedy:
-            top = logits.float().max()
-            confidence = float(1.0 / torch.exp(logits.float() - top).sum())
-            return self._token_id(int(logits.argmax())), None, confidence
+            logits = logits.float()
+            top, index = logits.max(0)
+            return self._token_id(int(index)), None, float(1.0 / torch.exp(logits - top).sum())
         probs = warp_probs(logits[None], params)[0]
         top = torch.topk(probs, min(self.proposal_top_n, self._head_size))
         values, indices = top.values.cpu(), top.indices.cpu()  # off the model's device: N values at most

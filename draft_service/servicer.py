@@ -47,6 +47,7 @@ class DraftServicer(WorkerServicerMixin, draft_pb2_grpc.DraftServiceServicer):
             draft_seconds=proposal.seconds,
             lookup_positions=proposal.looked_up,
             confidences=proposal.confidences,
+            model_steps=proposal.model_steps,
         )
 
 

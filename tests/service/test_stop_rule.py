@@ -65,7 +65,7 @@ def propose(drafter: Drafter, session: str, k: int, stop: StopRule | None, param
 def test_the_block_ends_where_the_estimated_survival_drops_below_the_threshold(soft_draft):
     drafter = Drafter(soft_draft, **LIMITS)
     full = propose(drafter, "full", 8, None)
-    assert len(full.tokens) == len(full.confidences) == 8
+    assert len(full.tokens) == len(full.confidences) == full.model_steps == 8
     assert all(0 < c < 0.999 for c in full.confidences)
     assert propose(drafter, "never", 8, StopRule(0.0)).tokens == full.tokens
     for cut in range(8):  # a threshold between the survival of the first cut tokens and of one more
@@ -73,10 +73,12 @@ def test_the_block_ends_where_the_estimated_survival_drops_below_the_threshold(s
         stopped = propose(drafter, f"cut{cut}", 8, StopRule(survival))
         assert stopped.tokens == full.tokens[:cut]
         assert stopped.confidences == full.confidences[:cut]
+        assert stopped.model_steps == cut + 1  # the position whose confidence ended the block was computed
     for cut in range(1, 8):  # keep every computed token, but compute no further once survival drops
         survival = math.sqrt(math.prod(full.confidences[:cut]) * math.prod(full.confidences[: cut + 1]))
         ended = propose(drafter, f"end{cut}", 8, StopRule(0.0, extend_survival=survival))
         assert ended.tokens == full.tokens[: cut + 1]
+        assert ended.model_steps == cut + 1  # no position computed beyond the last kept one
     assert propose(drafter, "trusting", 8, StopRule(0.99, calibration=(1.0,) * 10)).tokens == full.tokens
     assert propose(drafter, "doubting", 8, StopRule(0.01, calibration=(0.0,) * 10)).tokens == []
 
@@ -85,13 +87,13 @@ def test_copied_tokens_count_at_the_rules_lookup_acceptance(oracle_model):
     drafter = Drafter(oracle_model, lookup_ngram=(3, 8), **LIMITS)
     span = [40, 41, 42, 43, 44, 45, 46, 47]
     prompt = [3, 4, 5] + span + [60, 61] + span[:3]
-    for lookup_acceptance, expected in ((0.9, 3), (0.5, 1)):  # 0.9^3 >= 0.7 > 0.9^4; 0.5 >= 0.4 > 0.25
+    # 0.9^3 >= 0.7 > 0.9^4; 0.5 >= 0.4 > 0.25
+    for rule, expected in ((StopRule(0.7, lookup_acceptance=0.9), 3), (StopRule(0.4, lookup_acceptance=0.5), 1)):
         drafter.open("s", prompt, SamplingParams())
-        rule = StopRule(0.7 if lookup_acceptance == 0.9 else 0.4, lookup_acceptance=lookup_acceptance)
         proposal = drafter.propose("s", [], 0, 5, stop=rule)
         drafter.close("s")
         assert proposal.tokens == span[3 : 3 + expected]
-        assert proposal.confidences == [1.0] * expected
+        assert proposal.confidences == [1.0] * expected and proposal.model_steps == 0
 
 
 @pytest.mark.parametrize(
@@ -116,7 +118,7 @@ async def test_a_malformed_rule_over_grpc_is_invalid_argument_and_the_session_su
         bad = draft_pb2.ProposeRequest(session_id="bad-rule", depth=4, stop=draft_pb2.StopRule(min_survival=2.0))
         await expect_status(stub.Propose(bad), grpc.StatusCode.INVALID_ARGUMENT, "min_survival")
         good = await draft_client.propose("bad-rule", [], 0, 4, 10.0, stop=StopRule(0.0))
-        assert len(good.tokens) == len(good.confidences) == 4
+        assert len(good.tokens) == len(good.confidences) == good.model_steps == 4
     finally:
         await oracle_client.close_session("bad-rule")
         await draft_client.close_session("bad-rule")

@@ -329,10 +329,10 @@ def confident_round(
 ) -> RoundObservation:
     """A round whose block the stop rule ended after len(confidences) tokens (synthetic seconds)."""
     k = len(confidences)
-    steps = k - len(lookup_positions) + (k < asked)
+    steps = k - len(lookup_positions) + (k < asked)  # the position whose survival ended the block
     return RoundObservation(
         k=k, accepted=accepted, draft_seconds=DRAFT_STEP * steps, verify_seconds=VERIFY_BASE + VERIFY_SLOPE * k,
-        asked=asked, confidences=tuple(confidences), lookup_positions=lookup_positions,
+        asked=asked, confidences=tuple(confidences), lookup_positions=lookup_positions, model_steps=steps,
     )
 
 
@@ -342,7 +342,7 @@ def test_the_threshold_is_goodput_times_the_cost_of_one_more_token():
     for k in (1, 3, 5, 1, 3, 5, 1, 3, 5):  # blocks the stop rule ended: k tokens, k + 1 draft steps
         obs = RoundObservation(
             k=k, accepted=k - 1, draft_seconds=DRAFT_STEP * (k + 1), verify_seconds=VERIFY_BASE + VERIFY_SLOPE * k,
-            asked=8, confidences=(0.5,) * k,
+            asked=8, confidences=(0.5,) * k, model_steps=k + 1,
         )
         policy.observe(obs)
         tokens, seconds = fade * tokens + k, fade * seconds + obs.wall_seconds
@@ -476,7 +476,7 @@ def test_the_stop_rule_beats_every_fixed_depth_when_confidence_is_informative():
         committed, accepted = play(block, length)
         obs = RoundObservation(
             k=length, accepted=accepted, draft_seconds=DRAFT_STEP * steps, verify_seconds=cost(length, 0),
-            asked=asked, confidences=tuple(c for c, _ in block[:length]),
+            asked=asked, confidences=tuple(c for c, _ in block[:length]), model_steps=steps,
         )
         policy.observe(obs)
         tokens += committed

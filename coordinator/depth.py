@@ -38,7 +38,10 @@ k > 0, the policy asks for k_max tokens with a stop rule: keep a computed token 
 chance of being reached and accepted is at least goodput x verify growth per token, and
 compute one more position while it is at least goodput x (t_draft + verify growth), goodput
 being the measured tokens per second of recent drafted rounds. It learns the calibration
-(acceptance per band of the draft's confidence) from every tested token.
+(acceptance per band of the draft's confidence) from every tested token, and the acceptance of
+looked-up tokens per length of the match behind them (a 3-token match is right far less often
+than an 8-token one); a match expected to do worse than the draft's model does on average is
+passed over for the model's own token (the rule's `lookup_floor`).
 """
 
 from __future__ import annotations
@@ -154,6 +157,9 @@ class GoodputState:
     drafted_tokens: float = 0.0
     drafted_seconds: float = 0.0
     drafted_rounds: float = 0.0
+    # Tested looked-up tokens (copied blocks and the draft's own lookup) per length of their match.
+    lookup_length_accepted: list[float] = field(default_factory=list)
+    lookup_length_tested: list[float] = field(default_factory=list)
 
 
 def expected_tokens(acceptance: list[float], k: int) -> float:
@@ -170,6 +176,11 @@ CALIBRATION_BANDS = 10
 # keeps (older evidence is scaled down beyond it): calibration is the draft's, so it is learned slowly.
 CALIBRATION_SHRINK = 4.0
 CALIBRATION_CAP = 200.0
+# Expected acceptance of a looked-up token by its match's length (1..8 tokens; longer counts as 8)
+# before any is tested: on the benchmark's prompts (the oracle's greedy answers, 96 tokens each) a
+# copy was right 17% of the time after a 1-token match, 48% after 2, 58% after 3, 67% after 4,
+# 71% after 5 and 81-92% after 6-8.
+LOOKUP_LENGTH_PRIOR = (0.15, 0.45, 0.55, 0.65, 0.7, 0.8, 0.85, 0.9)
 VERIFY_WEIGHT_CAP = 20
 VERIFY_TRUSTED_ROUNDS = 3
 # Until two depths have been timed, assume each extra verified token costs this share of a step.
@@ -207,6 +218,8 @@ class GoodputDepth:
             lookup_acceptance=[lookup_prior] * k_max,
             lookup_accepted_weight=[0.0] * k_max, lookup_tested_weight=[0.0] * k_max,
             calibration_accepted=[0.0] * CALIBRATION_BANDS, calibration_tested=[0.0] * CALIBRATION_BANDS,
+            lookup_length_accepted=[0.0] * len(LOOKUP_LENGTH_PRIOR),
+            lookup_length_tested=[0.0] * len(LOOKUP_LENGTH_PRIOR),
         )
         self.name = "goodput"
         self._rounds_since_draft = 0
@@ -222,6 +235,7 @@ class GoodputDepth:
         s.verify_rounds_by_k[round.k] = s.verify_rounds_by_k.get(round.k, 0) + 1
         s.rtt_oracle_seconds = self._ema(s.rtt_oracle_seconds if s.rounds > 1 else None, round.oracle_network_seconds)
         s.loop_seconds = self._ema(s.loop_seconds if s.rounds > 1 else None, round.loop_seconds)
+        self._count_lookup_lengths(round)
         if round.lookup_led:
             self._count(s.lookup_accepted_weight, s.lookup_tested_weight, round)
             s.lookup_acceptance = self._estimates(s.lookup_accepted_weight, s.lookup_tested_weight, self.lookup_prior)
@@ -252,12 +266,16 @@ class GoodputDepth:
             if i in round.lookup_positions:
                 continue
             band = min(CALIBRATION_BANDS - 1, max(0, int(confidence * CALIBRATION_BANDS)))
-            s.calibration_accepted[band] += 1.0 if i < round.accepted else 0.0
-            s.calibration_tested[band] += 1.0
-            if s.calibration_tested[band] > CALIBRATION_CAP:
-                scale = CALIBRATION_CAP / s.calibration_tested[band]
-                s.calibration_accepted[band] *= scale
-                s.calibration_tested[band] *= scale
+            _count_capped(s.calibration_accepted, s.calibration_tested, band, i < round.accepted)
+
+    def _count_lookup_lengths(self, round: RoundObservation) -> None:
+        """Count each tested looked-up token under the length of its match."""
+        s = self.state
+        tested = min(round.accepted + 1, round.k)
+        for position, length in zip(round.lookup_positions, round.lookup_lengths):
+            if position < tested:
+                entry = min(len(LOOKUP_LENGTH_PRIOR), max(1, length)) - 1
+                _count_capped(s.lookup_length_accepted, s.lookup_length_tested, entry, position < round.accepted)
 
     def _count(self, accepted: list[float], tested: list[float], round: RoundObservation) -> range:
         """Fade the evidence, then count the positions this round tested (returned).
@@ -369,15 +387,20 @@ class GoodputDepth:
         acceptance, pulled towards the band's own confidence, then made non-decreasing (pooling
         neighbours that disagree, weighted by their evidence)."""
         s = self.state
-        pools: list[list[float]] = []  # [estimate, weight, bands]
-        for band, (accepted, tested) in enumerate(zip(s.calibration_accepted, s.calibration_tested)):
-            middle = (band + 0.5) / CALIBRATION_BANDS
-            weight = tested + CALIBRATION_SHRINK
-            pools.append([(accepted + CALIBRATION_SHRINK * middle) / weight, weight, 1])
-            while len(pools) > 1 and pools[-2][0] > pools[-1][0]:
-                (high, w1, n1), (low, w2, n2) = pools.pop(-2), pools.pop()
-                pools.append([(high * w1 + low * w2) / (w1 + w2), w1 + w2, n1 + n2])
-        return [estimate for estimate, _, bands in pools for _ in range(int(bands))]
+        middles = [(band + 0.5) / CALIBRATION_BANDS for band in range(CALIBRATION_BANDS)]
+        return _non_decreasing_estimates(s.calibration_accepted, s.calibration_tested, middles)
+
+    def model_acceptance(self) -> float:
+        """How often a tested model-proposed token is accepted, over every band of the calibration."""
+        s = self.state
+        tested = sum(s.calibration_tested)
+        return (sum(s.calibration_accepted) + CALIBRATION_SHRINK * self.prior_acceptance) / (tested + CALIBRATION_SHRINK)
+
+    def lookup_by_length(self) -> list[float]:
+        """Expected acceptance of a looked-up token per length of its match (1..8 tokens), learned the way
+        the calibration is, pulled towards LOOKUP_LENGTH_PRIOR."""
+        s = self.state
+        return _non_decreasing_estimates(s.lookup_length_accepted, s.lookup_length_tested, LOOKUP_LENGTH_PRIOR)
 
     def stop_rule(self) -> StopRule | None:
         """Keep a computed token while its chance of being reached and accepted is at least goodput x
@@ -396,6 +419,8 @@ class GoodputDepth:
             calibration=tuple(self.calibration()),
             lookup_acceptance=min(1.0, max(0.0, s.lookup_acceptance[0])),
             extend_survival=min(1.0, max(0.0, goodput * (draft + growth))),
+            lookup_by_length=tuple(min(1.0, max(0.0, a)) for a in self.lookup_by_length()),
+            lookup_floor=min(1.0, max(0.0, self.model_acceptance())),
         )
 
     def lookup_goodput(self, k: int) -> float:
@@ -443,6 +468,8 @@ class GoodputDepth:
             rounds=int(state.get("rounds", 0)),
             calibration_accepted=self._bands(state.get("calibration_accepted")),
             calibration_tested=self._bands(state.get("calibration_tested")),
+            lookup_length_accepted=self._bands(state.get("lookup_length_accepted"), len(LOOKUP_LENGTH_PRIOR)),
+            lookup_length_tested=self._bands(state.get("lookup_length_tested"), len(LOOKUP_LENGTH_PRIOR)),
         )
         drafted = float(state.get("drafted_rounds", 0.0))
         if drafted > 0:  # the recent goodput of drafted rounds, as at most `carry` rounds of evidence
@@ -454,9 +481,9 @@ class GoodputDepth:
         self.state.lookup_acceptance = self._estimates(lookup_accepted, lookup_tested, self.lookup_prior)
 
     @staticmethod
-    def _bands(values: list[float] | None) -> list[float]:
+    def _bands(values: list[float] | None, size: int = CALIBRATION_BANDS) -> list[float]:
         values = [float(v) for v in values or []]
-        return values if len(values) == CALIBRATION_BANDS else [0.0] * CALIBRATION_BANDS
+        return values if len(values) == size else [0.0] * size
 
     def _carried(self, accepted: list[float], tested: list[float]) -> tuple[list[float], list[float]]:
         """Counts padded to k_max, the pair's history counting as at most `carry` tests per position."""
@@ -529,3 +556,28 @@ def speedup_bound(alpha: float, cost_ratio: float, k: int) -> float:
     """S(k) = E(k) / (k c + 1) for a constant acceptance alpha (used in docs and tests)."""
     return expected_tokens([alpha] * k, k) / (k * cost_ratio + 1)
 
+
+
+def _count_capped(accepted: list[float], tested: list[float], entry: int, hit: bool) -> None:
+    """One test of a calibration entry; beyond CALIBRATION_CAP tests older evidence is scaled down."""
+    accepted[entry] += 1.0 if hit else 0.0
+    tested[entry] += 1.0
+    if tested[entry] > CALIBRATION_CAP:
+        scale = CALIBRATION_CAP / tested[entry]
+        accepted[entry] *= scale
+        tested[entry] *= scale
+
+
+def _non_decreasing_estimates(
+    accepted: list[float], tested: list[float], priors: list[float] | tuple[float, ...]
+) -> list[float]:
+    """Each entry's acceptance pulled towards its prior by CALIBRATION_SHRINK pseudo-tests, then made
+    non-decreasing along the entries (neighbours that disagree are pooled, weighted by evidence)."""
+    pools: list[list[float]] = []  # [estimate, weight, entries]
+    for hits, tests, prior in zip(accepted, tested, priors):
+        weight = tests + CALIBRATION_SHRINK
+        pools.append([(hits + CALIBRATION_SHRINK * prior) / weight, weight, 1])
+        while len(pools) > 1 and pools[-2][0] > pools[-1][0]:
+            (high, w1, n1), (low, w2, n2) = pools.pop(-2), pools.pop()
+            pools.append([(high * w1 + low * w2) / (w1 + w2), w1 + w2, n1 + n2])
+    return [estimate for estimate, _, entries in pools for _ in range(int(entries))]

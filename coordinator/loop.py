@@ -191,13 +191,13 @@ class SpeculativeSession:
             if self._committed_length + 1 > self.request.max_context:
                 self.finish = Finish.LENGTH
                 break
-            block = self._lookup_block()
+            block, lengths = self._lookup_block()
             if block:
                 k = len(block)
             else:
                 k = min(self.policy.choose_k(), self._depth_limit()) if self._draft_open else 0
             self.current_k = k
-            tokens, obs = await self._round(k, block)
+            tokens, obs = await self._round(k, block, lengths)
             # Everything since the last round's RPCs ended that is not this round's RPCs: the
             # loop's own work, including handing the last tokens to the stream.
             now = time.perf_counter()
@@ -216,34 +216,51 @@ class SpeculativeSession:
             if tokens:
                 yield tokens
 
-    def _lookup_block(self) -> list[int]:
-        """A copy of what followed the session's last tokens when they occurred before, as long as the
-        policy wants lookup blocks (empty: no match, or a copy would not pay)."""
+    def _lookup_block(self) -> tuple[list[int], list[int]]:
+        """A copy of what followed the session's last tokens when they occurred before, and the length of
+        the match behind each copied token, as long as the policy wants lookup blocks (empty: no match,
+        or a copy would not pay). Under the policy's stop rule the copy ends where the draft's own
+        block would: at a match below the rule's floor, or where the block's survival drops below
+        min_survival."""
         if self._lookup is None:
-            return []
+            return [], []
         tail = self._lookup.tokens[-self._lookup.max_n :]
-        guess = self._lookup.guess(tail)
-        if guess is None:  # the common case: no match, and no need to ask the policy
-            return []
+        found = self._lookup.match(tail)
+        if found is None:  # the common case: no match, and no need to ask the policy
+            return [], []
         depth = min(self.policy.lookup_depth(), self._depth_limit())
+        stop = self.policy.stop_rule() if depth else None
         block: list[int] = []
-        while guess is not None and len(block) < depth:
+        lengths: list[int] = []
+        survival = 1.0
+        while found is not None and len(block) < depth:
+            guess, length = found
+            if stop is not None:
+                survival *= stop.lookup_expected(length)
+                if not stop.uses_lookup(length) or survival < stop.min_survival:
+                    break
             block.append(guess)
-            guess = self._lookup.guess(tail + block)
-        return block
+            lengths.append(length)
+            found = self._lookup.match(tail + block)
+        return block, lengths
 
-    async def _round(self, k: int, lookup_block: list[int] | None = None) -> tuple[list[int], RoundObservation]:
-        """One round: a block from the draft (k > 0), a copied block (lookup_block), or none (k = 0)."""
+    async def _round(
+        self, k: int, lookup_block: list[int] | None = None, lookup_lengths: list[int] | None = None
+    ) -> tuple[list[int], RoundObservation]:
+        """One round: a block from the draft (k > 0), a copied block (lookup_block, with the length of the
+        match behind each token), or none (k = 0)."""
         draft_tokens: list[int] = []
         distributions: list[common_pb2.TokenDistribution] = []
         draft_compute = draft_wall = 0.0
         lookup_positions: tuple[int, ...] = ()
+        lengths: tuple[int, ...] = ()
         confidences: tuple[float, ...] = ()
         asked = 0
         model_steps: int | None = None
         if lookup_block:
             draft_tokens = list(lookup_block)
             lookup_positions = tuple(range(len(draft_tokens)))
+            lengths = tuple(lookup_lengths or ())
             if self.request.sampling.temperature > 0:  # each copied token is a one-token proposal q
                 distributions = [common_pb2.TokenDistribution(token_ids=[t], probs=[1.0]) for t in draft_tokens]
         elif k > 0:
@@ -262,6 +279,7 @@ class SpeculativeSession:
                 draft_tokens, distributions = proposal.tokens, proposal.distributions
                 draft_compute, draft_wall = proposal.compute_seconds, proposal.wall_seconds
                 lookup_positions = tuple(proposal.lookup_positions)
+                lengths = tuple(proposal.lookup_lengths)
                 confidences = tuple(proposal.confidences)
                 model_steps = proposal.model_steps
         verdict = await self.oracle.verify(
@@ -282,6 +300,7 @@ class SpeculativeSession:
             draft_network_seconds=max(0.0, draft_wall - draft_compute),
             oracle_network_seconds=max(0.0, verdict.wall_seconds - verdict.compute_seconds),
             lookup_positions=lookup_positions,
+            lookup_lengths=lengths,
             lookup_led=bool(lookup_block),
             asked=asked,
             confidences=confidences,

@@ -25,6 +25,7 @@ class RoundObservation:
     oracle_network_seconds: float = 0.0  # the Verify RPC's wall time minus the oracle's compute
     loop_seconds: float = 0.0  # the rest of the round's wall time: the session loop's own work
     lookup_positions: tuple[int, ...] = ()  # draft positions proposed by prompt lookup (0 = first)
+    lookup_lengths: tuple[int, ...] = ()  # per entry of lookup_positions: the match's length (empty: unknown)
     lookup_led: bool = False  # the session loop's own lookup proposed the block; the draft was not asked
     asked: int | None = None  # the most tokens asked of the draft (None: exactly k; 0: not asked)
     confidences: tuple[float, ...] = ()  # the draft's confidence per proposed token (Proposal.confidences)

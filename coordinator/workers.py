@@ -19,6 +19,7 @@ class TimedProposal:
     compute_seconds: float
     wall_seconds: float
     lookup_positions: list[int] = field(default_factory=list)
+    lookup_lengths: list[int] = field(default_factory=list)  # per looked-up position (Proposal.lookup_lengths)
     confidences: list[float] = field(default_factory=list)  # the draft's, per token (Proposal.confidences)
     model_steps: int = 0  # positions the draft's model computed (Proposal.model_steps)
 
@@ -112,6 +113,7 @@ class DraftClient(WorkerClient):
                 stop=None if stop is None else draft_pb2.StopRule(
                     min_survival=stop.min_survival, calibration=stop.calibration,
                     lookup_acceptance=stop.lookup_acceptance, extend_survival=stop.extend_survival,
+                    lookup_by_length=stop.lookup_by_length, lookup_floor=stop.lookup_floor,
                 ),
             ),
             timeout=timeout,
@@ -123,6 +125,7 @@ class DraftClient(WorkerClient):
             compute_seconds=reply.draft_seconds,
             wall_seconds=time.perf_counter() - started,
             lookup_positions=list(reply.lookup_positions),
+            lookup_lengths=list(reply.lookup_lengths),
             confidences=list(reply.confidences),
             model_steps=reply.model_steps,
         )

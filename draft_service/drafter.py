@@ -19,7 +19,10 @@ so rejection sampling stays lossless.
 With prompt lookup (specd.lookup), a position whose last n tokens occurred earlier in the
 session takes the token that followed them instead of the model's guess, at no model cost; the
 model only runs for positions the lookup cannot fill, catching up on the looked-up tokens
-before them. A sampled session sends a looked-up token as a one-token q.
+before them. A sampled session sends a looked-up token as a one-token q. Under a stop rule a
+looked-up token is expected to be accepted as often as matches of its length are, and a match
+expected below the rule's `lookup_floor` is passed over for the model's own token; that choice
+depends on the context only, never on a draw, so it keeps sampling lossless too.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class DraftProposal:
     distributions: list[SparseDistribution]  # empty for greedy sessions
     seconds: float
     looked_up: list[int] = field(default_factory=list)  # positions proposed by prompt lookup, not the model
+    lookup_lengths: list[int] = field(default_factory=list)  # per looked-up position: its match's length
     confidences: list[float] = field(default_factory=list)  # per token: the top probability where it was drawn
     model_steps: int = 0  # positions the model computed, kept or not
 
@@ -144,18 +148,23 @@ class Drafter(ModelWorker):
         logits: torch.Tensor | None = None
         unfed = 0  # drafted tokens the model has not read yet
         looked_up: list[int] = []
+        lookup_lengths: list[int] = []
         model_steps = 0
         for i in range(k):
-            guess = None
+            found = None
             if session.lookup is not None:
-                guess = session.lookup.guess(session.committed[-session.lookup.max_n :] + tokens)
-            if guess is not None:
+                found = session.lookup.match(session.committed[-session.lookup.max_n :] + tokens)
+                if found is not None and stop is not None and not stop.uses_lookup(found[1]):
+                    found = None  # the model is expected to do better here
+            if found is not None:
+                guess, length = found
                 if stop is not None:
-                    survival *= stop.lookup_acceptance
+                    survival *= stop.lookup_expected(length)
                     if survival < stop.min_survival:
                         break
                 token, confidence = guess, 1.0
                 looked_up.append(i)
+                lookup_lengths.append(length)
                 if not session.params.greedy:
                     distributions.append(SparseDistribution([token], [1.0]))
             else:
@@ -178,7 +187,7 @@ class Drafter(ModelWorker):
                 break
         return DraftProposal(
             tokens=tokens, distributions=distributions, seconds=time.perf_counter() - started, looked_up=looked_up,
-            confidences=confidences, model_steps=model_steps,
+            lookup_lengths=lookup_lengths, confidences=confidences, model_steps=model_steps,
         )
 
     def _choose(

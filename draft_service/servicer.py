@@ -46,6 +46,7 @@ class DraftServicer(WorkerServicerMixin, draft_pb2_grpc.DraftServiceServicer):
             ],
             draft_seconds=proposal.seconds,
             lookup_positions=proposal.looked_up,
+            lookup_lengths=proposal.lookup_lengths,
             confidences=proposal.confidences,
             model_steps=proposal.model_steps,
         )
@@ -55,4 +56,7 @@ def stop_rule_from_proto(request: draft_pb2.ProposeRequest) -> StopRule | None:
     if not request.HasField("stop"):
         return None
     rule = request.stop
-    return StopRule(rule.min_survival, tuple(rule.calibration), rule.lookup_acceptance, rule.extend_survival)
+    return StopRule(
+        rule.min_survival, tuple(rule.calibration), rule.lookup_acceptance, rule.extend_survival,
+        tuple(rule.lookup_by_length), rule.lookup_floor,
+    )

@@ -7,6 +7,11 @@ well. Each pays while that chance, times the tokens per second the session makes
 cost: hence two thresholds, `min_survival` to keep a computed token and `extend_survival` to
 compute another. The coordinator's depth policy turns that into `min_survival` and learns `calibration`
 (what the draft's confidence is worth); the drafter applies the rule token by token.
+
+A token proposed by prompt lookup is worth what its match is worth: on the benchmark's prompts a
+copied token was the oracle's about 58% of the time after a 3-token match and 90% after an 8-token
+one, so the rule carries an expected acceptance per match length (`lookup_by_length`) and a floor
+below which the model drafts the position instead (`lookup_floor`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass
 from specd.errors import InvalidArgument
 
 MAX_CALIBRATION_BANDS = 100
+MAX_LOOKUP_LENGTHS = 32
 
 
 @dataclass(frozen=True)
@@ -26,15 +32,23 @@ class StopRule:
     calibration: tuple[float, ...] = ()  # expected acceptance by confidence band; empty: the confidence itself
     lookup_acceptance: float = 0.8  # expected acceptance of a looked-up token
     extend_survival: float = 0.0  # compute a further position only while the survival is at least this
+    lookup_by_length: tuple[float, ...] = ()  # entry i: a looked-up token after an (i + 1)-token match
+    lookup_floor: float = 0.0  # a match expected below this is not used: the model drafts the position
 
     def __post_init__(self) -> None:
-        values = (self.min_survival, self.lookup_acceptance, self.extend_survival, *self.calibration)
+        values = (
+            self.min_survival, self.lookup_acceptance, self.extend_survival, self.lookup_floor,
+            *self.calibration, *self.lookup_by_length,
+        )
         if not all(0.0 <= v <= 1.0 for v in values):  # also refuses NaN
             raise InvalidArgument(
-                "stop rule: min_survival, extend_survival, lookup_acceptance and calibration must lie in [0, 1]"
+                "stop rule: min_survival, extend_survival, lookup_acceptance, lookup_floor, calibration and "
+                "lookup_by_length must lie in [0, 1]"
             )
         if len(self.calibration) > MAX_CALIBRATION_BANDS:
             raise InvalidArgument(f"stop rule: at most {MAX_CALIBRATION_BANDS} calibration entries")
+        if len(self.lookup_by_length) > MAX_LOOKUP_LENGTHS:
+            raise InvalidArgument(f"stop rule: at most {MAX_LOOKUP_LENGTHS} lookup_by_length entries")
 
     @property
     def extend_threshold(self) -> float:
@@ -45,3 +59,13 @@ class StopRule:
             return confidence
         bands = len(self.calibration)
         return self.calibration[min(bands - 1, max(0, int(confidence * bands)))]
+
+    def lookup_expected(self, match_length: int) -> float:
+        """Expected acceptance of a token copied after a match of this many tokens."""
+        if not self.lookup_by_length:
+            return self.lookup_acceptance
+        return self.lookup_by_length[min(len(self.lookup_by_length), max(1, match_length)) - 1]
+
+    def uses_lookup(self, match_length: int) -> bool:
+        """Whether a match of this length is worth proposing rather than the model's own token."""
+        return self.lookup_expected(match_length) >= self.lookup_floor

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from coordinator.depth import FixedDepth, GoodputDepth
@@ -82,3 +84,29 @@ async def test_sampled_sessions_with_copied_blocks_reproduce_by_seed(oracle, fea
     second, _ = await run(oracle, feature_draft, prompt, GoodputDepth(k_max=8), sampling)
     assert first == second and len(first) == MAX_TOKENS
     assert stats.lookup_drafted > 0
+
+
+class FloorAboveEveryMatch(GoodputDepth):
+    """The goodput policy, with a stop rule that expects every match to do worse than the draft."""
+
+    def stop_rule(self):
+        return dataclasses.replace(super().stop_rule(), lookup_by_length=(0.5,) * 8, lookup_floor=0.9)
+
+
+async def test_matches_below_the_floor_are_neither_copied_nor_proposed(oracle, feature_draft, repetitive):
+    for ids, expected in repetitive:
+        tokens, stats = await run(oracle, feature_draft, ids, FloorAboveEveryMatch(k_max=8))
+        assert tokens == expected
+        assert stats.lookup_drafted == 0 and stats.drafted > 0
+
+
+async def test_the_policy_learns_acceptance_per_match_length_from_the_rounds(oracle, feature_draft, repetitive):
+    policy = GoodputDepth(k_max=8)
+    for ids, expected in repetitive:
+        tokens, _ = await run(oracle, feature_draft, ids, policy)
+        assert tokens == expected
+    tested = policy.state.lookup_length_tested
+    assert sum(tested) > 0 and all(t == 0 for t in tested[:2])  # lookup (3, 8) never matches 1 or 2 tokens
+    rule = policy.stop_rule()
+    assert list(rule.lookup_by_length) == policy.lookup_by_length()
+    assert rule.lookup_floor == pytest.approx(policy.model_acceptance())

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 
-from coordinator.depth import FixedDepth, GoodputDepth, HeuristicDepth, expected_tokens, make_policy, speedup_bound
+from coordinator.depth import (
+    LOOKUP_LENGTH_PRIOR, FixedDepth, GoodputDepth, HeuristicDepth, expected_tokens, make_policy, speedup_bound,
+)
 from coordinator.stats import RoundObservation
 
 VERIFY_BASE, VERIFY_SLOPE = 0.050, 0.004  # seconds: t_verify(k) = base + slope * k
@@ -414,6 +417,35 @@ def test_the_stop_rule_state_crosses_sessions():
     assert clone.state.drafted_rounds <= clone.carry + 1e-9
     assert clone.measured_draft_goodput() == pytest.approx(policy.measured_draft_goodput())
     assert make_policy("goodput", 8, {"acceptance": [0.5] * 8}).calibration() == GoodputDepth(k_max=8).calibration()
+
+
+def test_copied_tokens_are_learned_per_match_length_from_every_kind_of_round():
+    policy = GoodputDepth(k_max=8)
+    assert policy.lookup_by_length() == pytest.approx(list(LOOKUP_LENGTH_PRIOR))  # before evidence: the prior
+    for _ in range(60):
+        # A copied block: a 3-token match rejected (the block's later copies were never tested) ...
+        policy.observe(replace(lookup_round(3, 0), lookup_lengths=(3, 4, 5)))
+        # ... and the draft's own copies after 7- and 8-token matches, then a model token, all accepted.
+        policy.observe(replace(
+            confident_round([1.0, 1.0, 0.5], accepted=3, lookup_positions=(0, 1)), lookup_lengths=(7, 8),
+        ))
+    s = policy.state
+    assert s.lookup_length_tested[2] > 0 and s.lookup_length_tested[3] == s.lookup_length_tested[4] == 0
+    assert s.lookup_length_accepted[2] == 0 and s.lookup_length_accepted[6] == s.lookup_length_tested[6] > 0
+    table = policy.lookup_by_length()
+    assert table == sorted(table)
+    assert table[2] < 0.1 and table[6] > 0.95
+    assert max(s.lookup_length_tested) <= 200 + 1e-9  # evidence is capped
+    rule = policy.stop_rule()
+    assert list(rule.lookup_by_length) == pytest.approx(table)
+    assert rule.lookup_floor == pytest.approx((60 + 4 * 0.6) / (60 + 4))  # the model's token: accepted each time
+    assert not rule.uses_lookup(3) and rule.uses_lookup(8)
+    clone = make_policy("goodput", 8, policy.snapshot())
+    assert clone.lookup_by_length() == pytest.approx(table)
+    old = policy.snapshot()
+    for name in ("lookup_length_accepted", "lookup_length_tested"):
+        old.pop(name)
+    assert make_policy("goodput", 8, old).lookup_by_length() == pytest.approx(list(LOOKUP_LENGTH_PRIOR))
 
 
 def test_only_the_goodput_policy_sends_a_stop_rule():

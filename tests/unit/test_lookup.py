@@ -22,6 +22,15 @@ def test_the_longest_match_wins_over_a_later_shorter_one():
     assert index.guess([7, 3]) == 6  # no (7, 3): falls back to the latest (3)
 
 
+def test_a_match_reports_its_length():
+    index = NgramIndex(1, 4)
+    index.extend([4, 2, 3, 8, 5, 3, 6])
+    assert index.match([2, 3]) == (8, 2)
+    assert index.match([7, 3]) == (6, 1)
+    assert index.match([4, 2, 3, 8]) == (5, 4)
+    assert index.match([9]) is None
+
+
 def test_no_guess_without_an_earlier_match_of_at_least_min_n():
     index = NgramIndex(3, 4)
     index.extend([1, 2, 9, 1, 2])

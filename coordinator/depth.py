@@ -40,8 +40,7 @@ compute one more position while it is at least goodput x (t_draft + verify growt
 being the measured tokens per second of recent drafted rounds. It learns the calibration
 (acceptance per band of the draft's confidence) from every tested token, and the acceptance of
 looked-up tokens per length of the match behind them (a 3-token match is right far less often
-than an 8-token one); a match expected to do worse than the draft's model does on average is
-passed over for the model's own token (the rule's `lookup_floor`).
+than an 8-token one), so a short match ends a block sooner than a long one.
 """
 
 from __future__ import annotations
@@ -390,12 +389,6 @@ class GoodputDepth:
         middles = [(band + 0.5) / CALIBRATION_BANDS for band in range(CALIBRATION_BANDS)]
         return _non_decreasing_estimates(s.calibration_accepted, s.calibration_tested, middles)
 
-    def model_acceptance(self) -> float:
-        """How often a tested model-proposed token is accepted, over every band of the calibration."""
-        s = self.state
-        tested = sum(s.calibration_tested)
-        return (sum(s.calibration_accepted) + CALIBRATION_SHRINK * self.prior_acceptance) / (tested + CALIBRATION_SHRINK)
-
     def lookup_by_length(self) -> list[float]:
         """Expected acceptance of a looked-up token per length of its match (1..8 tokens), learned the way
         the calibration is, pulled towards LOOKUP_LENGTH_PRIOR."""
@@ -420,7 +413,6 @@ class GoodputDepth:
             lookup_acceptance=min(1.0, max(0.0, s.lookup_acceptance[0])),
             extend_survival=min(1.0, max(0.0, goodput * (draft + growth))),
             lookup_by_length=tuple(min(1.0, max(0.0, a)) for a in self.lookup_by_length()),
-            lookup_floor=min(1.0, max(0.0, self.model_acceptance())),
         )
 
     def lookup_goodput(self, k: int) -> float:

@@ -219,8 +219,8 @@ class SpeculativeSession:
     def _lookup_block(self) -> tuple[list[int], list[int]]:
         """A copy of what followed the session's last tokens when they occurred before, and the length of
         the match behind each copied token, as long as the policy wants lookup blocks (empty: no match,
-        or a copy would not pay). Under the policy's stop rule the copy ends where the draft's own
-        block would: at a match below the rule's floor, or where the block's survival drops below
+        or a copy would not pay). Under the policy's stop rule the copy ends where the block's
+        survival, the product of its tokens' expected acceptance by match length, drops below
         min_survival."""
         if self._lookup is None:
             return [], []
@@ -237,7 +237,7 @@ class SpeculativeSession:
             guess, length = found
             if stop is not None:
                 survival *= stop.lookup_expected(length)
-                if not stop.uses_lookup(length) or survival < stop.min_survival:
+                if survival < stop.min_survival:
                     break
             block.append(guess)
             lengths.append(length)

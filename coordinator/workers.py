@@ -113,7 +113,7 @@ class DraftClient(WorkerClient):
                 stop=None if stop is None else draft_pb2.StopRule(
                     min_survival=stop.min_survival, calibration=stop.calibration,
                     lookup_acceptance=stop.lookup_acceptance, extend_survival=stop.extend_survival,
-                    lookup_by_length=stop.lookup_by_length, lookup_floor=stop.lookup_floor,
+                    lookup_by_length=stop.lookup_by_length,
                 ),
             ),
             timeout=timeout,

@@ -20,9 +20,7 @@ With prompt lookup (specd.lookup), a position whose last n tokens occurred earli
 session takes the token that followed them instead of the model's guess, at no model cost; the
 model only runs for positions the lookup cannot fill, catching up on the looked-up tokens
 before them. A sampled session sends a looked-up token as a one-token q. Under a stop rule a
-looked-up token is expected to be accepted as often as matches of its length are, and a match
-expected below the rule's `lookup_floor` is passed over for the model's own token; that choice
-depends on the context only, never on a draw, so it keeps sampling lossless too.
+looked-up token is expected to be accepted as often as matches of its length are.
 """
 
 from __future__ import annotations
@@ -154,8 +152,6 @@ class Drafter(ModelWorker):
             found = None
             if session.lookup is not None:
                 found = session.lookup.match(session.committed[-session.lookup.max_n :] + tokens)
-                if found is not None and stop is not None and not stop.uses_lookup(found[1]):
-                    found = None  # the model is expected to do better here
             if found is not None:
                 guess, length = found
                 if stop is not None:

@@ -58,5 +58,5 @@ def stop_rule_from_proto(request: draft_pb2.ProposeRequest) -> StopRule | None:
     rule = request.stop
     return StopRule(
         rule.min_survival, tuple(rule.calibration), rule.lookup_acceptance, rule.extend_survival,
-        tuple(rule.lookup_by_length), rule.lookup_floor,
+        tuple(rule.lookup_by_length),
     )

@@ -10,8 +10,7 @@ compute another. The coordinator's depth policy turns that into `min_survival` a
 
 A token proposed by prompt lookup is worth what its match is worth: on the benchmark's prompts a
 copied token was the oracle's about 58% of the time after a 3-token match and 90% after an 8-token
-one, so the rule carries an expected acceptance per match length (`lookup_by_length`) and a floor
-below which the model drafts the position instead (`lookup_floor`).
+one, so the rule carries an expected acceptance per match length (`lookup_by_length`).
 """
 
 from __future__ import annotations
@@ -33,16 +32,15 @@ class StopRule:
     lookup_acceptance: float = 0.8  # expected acceptance of a looked-up token
     extend_survival: float = 0.0  # compute a further position only while the survival is at least this
     lookup_by_length: tuple[float, ...] = ()  # entry i: a looked-up token after an (i + 1)-token match
-    lookup_floor: float = 0.0  # a match expected below this is not used: the model drafts the position
 
     def __post_init__(self) -> None:
         values = (
-            self.min_survival, self.lookup_acceptance, self.extend_survival, self.lookup_floor,
+            self.min_survival, self.lookup_acceptance, self.extend_survival,
             *self.calibration, *self.lookup_by_length,
         )
         if not all(0.0 <= v <= 1.0 for v in values):  # also refuses NaN
             raise InvalidArgument(
-                "stop rule: min_survival, extend_survival, lookup_acceptance, lookup_floor, calibration and "
+                "stop rule: min_survival, extend_survival, lookup_acceptance, calibration and "
                 "lookup_by_length must lie in [0, 1]"
             )
         if len(self.calibration) > MAX_CALIBRATION_BANDS:
@@ -65,7 +63,3 @@ class StopRule:
         if not self.lookup_by_length:
             return self.lookup_acceptance
         return self.lookup_by_length[min(len(self.lookup_by_length), max(1, match_length)) - 1]
-
-    def uses_lookup(self, match_length: int) -> bool:
-        """Whether a match of this length is worth proposing rather than the model's own token."""
-        return self.lookup_expected(match_length) >= self.lookup_floor

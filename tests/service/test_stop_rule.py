@@ -110,30 +110,10 @@ def test_copied_tokens_count_at_their_match_lengths_acceptance(oracle_model):
     assert proposal.looked_up == [0, 1] and proposal.lookup_lengths == [3, 4]
 
 
-def test_a_match_below_the_floor_is_passed_over_for_the_models_token(oracle_model):
-    drafter = Drafter(oracle_model, lookup_ngram=(3, 8), **LIMITS)
-    model_only = Drafter(oracle_model, **LIMITS)
-    span = [40, 41, 42, 43, 44, 45, 46, 47]
-    prompt = [3, 4, 5] + span + [60, 61] + span[:3]
-    floor = StopRule(0.0, lookup_by_length=(0.2, 0.2, 0.3, 0.3, 0.9), lookup_floor=0.5)
-    results = []
-    for worker in (drafter, model_only):
-        worker.open("s", prompt, SamplingParams())
-        results.append(worker.propose("s", [], 0, 3, stop=floor))
-        worker.close("s")
-    copied, modelled = results
-    # The 3- and 4-token matches fall below the floor: the model drafts those positions; its
-    # tokens leave no further match, so the whole block is the model's.
-    assert copied.tokens == modelled.tokens and copied.looked_up == []
-    assert copied.model_steps == 3
-    assert StopRule(0.0, lookup_acceptance=0.4, lookup_floor=0.5).uses_lookup(8) is False
-    assert StopRule(0.0, lookup_acceptance=0.5, lookup_floor=0.5).uses_lookup(1) is True
-
-
 @pytest.mark.parametrize(
     "rule", [dict(min_survival=1.5), dict(min_survival=math.nan), dict(min_survival=0.5, calibration=(0.2, 1.2)),
              dict(min_survival=0.5, lookup_acceptance=-0.1), dict(min_survival=0.5, calibration=(0.5,) * 101),
-             dict(min_survival=0.5, extend_survival=1.01), dict(min_survival=0.5, lookup_floor=-1.0),
+             dict(min_survival=0.5, extend_survival=1.01),
              dict(min_survival=0.5, lookup_by_length=(0.5, 1.5)), dict(min_survival=0.5, lookup_by_length=(0.5,) * 33)],
 )
 def test_a_malformed_rule_is_refused(rule):

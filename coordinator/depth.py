@@ -549,7 +549,6 @@ def speedup_bound(alpha: float, cost_ratio: float, k: int) -> float:
     return expected_tokens([alpha] * k, k) / (k * cost_ratio + 1)
 
 
-
 def _count_capped(accepted: list[float], tested: list[float], entry: int, hit: bool) -> None:
     """One test of a calibration entry; beyond CALIBRATION_CAP tests older evidence is scaled down."""
     accepted[entry] += 1.0 if hit else 0.0

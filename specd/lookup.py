@@ -33,13 +33,9 @@ class NgramIndex:
                 self._follower[tuple(self.tokens[end - n : end])] = end
             self.tokens.append(token)
 
-    def guess(self, recent: list[int]) -> int | None:
-        """The token that followed the longest n-gram ending `recent` (its last max_n tokens are enough)."""
-        found = self.match(recent)
-        return None if found is None else found[0]
-
     def match(self, recent: list[int]) -> tuple[int, int] | None:
-        """(the guess, the length n of the match behind it), or None when no n-gram matches."""
+        """(the token that followed the longest n-gram ending `recent`, that n), or None when no n-gram
+        matches; the last max_n tokens of `recent` are enough."""
         for n in range(min(self.max_n, len(recent)), self.min_n - 1, -1):
             position = self._follower.get(tuple(recent[len(recent) - n :]))
             if position is not None:

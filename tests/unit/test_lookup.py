@@ -12,14 +12,14 @@ from specd.lookup import NgramIndex
 def test_guesses_the_token_after_the_latest_earlier_occurrence():
     index = NgramIndex(2, 4)
     index.extend([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3])
-    assert index.guess([1, 2, 3]) == 7  # the later of the two earlier occurrences; the tail itself has no follower
+    assert index.match([1, 2, 3])[0] == 7  # the later of the two earlier occurrences; the tail itself has no follower
 
 
 def test_the_longest_match_wins_over_a_later_shorter_one():
     index = NgramIndex(1, 3)
     index.extend([4, 2, 3, 8, 5, 3, 6])
-    assert index.guess([2, 3]) == 8  # (2, 3) matched before the later (3) -> 6 is considered
-    assert index.guess([7, 3]) == 6  # no (7, 3): falls back to the latest (3)
+    assert index.match([2, 3])[0] == 8  # (2, 3) matched before the later (3) -> 6 is considered
+    assert index.match([7, 3])[0] == 6  # no (7, 3): falls back to the latest (3)
 
 
 def test_a_match_reports_its_length():
@@ -34,17 +34,17 @@ def test_a_match_reports_its_length():
 def test_no_guess_without_an_earlier_match_of_at_least_min_n():
     index = NgramIndex(3, 4)
     index.extend([1, 2, 9, 1, 2])
-    assert index.guess([1, 2]) is None  # only a 2-gram repeats
-    assert index.guess([9, 1, 2]) is None  # that 3-gram occurs only at the end, with nothing after it yet
-    assert index.guess([]) is None
+    assert index.match([1, 2]) is None  # only a 2-gram repeats
+    assert index.match([9, 1, 2]) is None  # that 3-gram occurs only at the end, with nothing after it yet
+    assert index.match([]) is None
 
 
 def test_recent_tokens_need_not_be_in_the_index():
     """Drafted tokens extend the tail that is looked up without being committed."""
     index = NgramIndex(2, 3)
     index.extend([1, 2, 3, 4, 5])
-    assert index.guess([9, 9, 2, 3]) == 4
-    assert index.guess([1, 2, 3, 4, 5]) is None
+    assert index.match([9, 9, 2, 3])[0] == 4
+    assert index.match([1, 2, 3, 4, 5]) is None
 
 
 def test_incremental_extension_matches_one_extension():
@@ -55,7 +55,7 @@ def test_incremental_extension_matches_one_extension():
     for start in range(0, len(tokens), 7):
         pieces.extend(tokens[start : start + 7])
     probes = [[rng.randrange(6) for _ in range(5)] for _ in range(100)]
-    assert [whole.guess(p) for p in probes] == [pieces.guess(p) for p in probes]
+    assert [whole.match(p) for p in probes] == [pieces.match(p) for p in probes]
     assert len(whole) == len(pieces) == 200
 
 

@@ -47,6 +47,12 @@ class WorkerConfig(BaseSettings):
         "only (verifying 4-9 tokens gets about a quarter cheaper than with 'stock'; twice the memory), 'stock' keeps "
         "torch's layers, 'auto' is 'packed' while the copies take at most 3 GiB, else 'dual' under that limit.",
     )
+    grouped_attention: bool = Field(
+        True,
+        description="On CPU, attend from a block of several tokens (a verify block, a prompt after a cached "
+        "prefix) on the key/value heads themselves instead of a per-query-head copy of the KV cache; same "
+        "arithmetic per row, and verifying stops growing dearer with the context's length.",
+    )
     max_sessions: int = Field(64, ge=1, description="Sessions held at once; more get RESOURCE_EXHAUSTED.")
     session_ttl_seconds: float = Field(300.0, gt=0, description="Idle sessions are evicted after this long.")
     max_context: int = Field(0, ge=0, description="Max tokens per session (0 uses the model's own limit).")

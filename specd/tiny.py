@@ -46,15 +46,16 @@ def build_tokenizer(vocab_size: int = 384) -> PreTrainedTokenizerFast:
 
 def build_model(
     vocab_size: int, *, seed: int, layers: int = 2, hidden: int = 64, heads: int = 4, max_context: int = 512,
-    logit_scale: float = 100.0,
+    logit_scale: float = 100.0, kv_heads: int = 0,
 ) -> LlamaForCausalLM:
+    """A random-weight llama; kv_heads > 0 gives grouped-query attention (kv_heads must divide heads)."""
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=hidden * 2,
         num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=heads,
+        num_key_value_heads=kv_heads or heads,
         max_position_embeddings=max_context,
         tie_word_embeddings=False,
         eos_token_id=None,

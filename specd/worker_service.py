@@ -19,6 +19,7 @@ import torch
 
 from specd import validation
 from specd.config import WorkerConfig
+from specd.attention import use_grouped_attention
 from specd.cpu_linear import use_cpu_linear
 from specd.errors import InvalidArgument
 from specd.feature_draft import features_from_bytes, features_to_bytes
@@ -131,6 +132,8 @@ def load_for(config: WorkerConfig) -> LoadedModel:
         cache_dir=Path(config.cache_dir) if config.cache_dir else None,
     )
     use_cpu_linear(loaded.model, config.cpu_linear)
+    if config.grouped_attention:
+        use_grouped_attention(loaded.model)
     return loaded
 
 

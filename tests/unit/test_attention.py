@@ -1,0 +1,103 @@
+"""Grouped attention for multi-token blocks: the same logits as transformers' SDPA, no KV copy."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers.integrations.sdpa_attention as sdpa_attention
+
+from specd.attention import GROUPED_SDPA, use_grouped_attention
+from specd.feature_draft import FeatureDraftModel, FeatureSession
+from specd.kv import KVSession
+from specd.tiny import build_model
+
+CPU = torch.device("cpu")
+PROMPT = [5, 17, 42, 99, 7, 3, 250, 31]
+
+
+def _model(kv_heads: int = 2) -> torch.nn.Module:
+    return build_model(384, seed=5, layers=2, hidden=64, heads=8, kv_heads=kv_heads, max_context=256)
+
+
+def _refuse_kv_copies(monkeypatch) -> None:
+    def repeat_kv(hidden_states, n_rep):
+        if n_rep > 1:
+            raise AssertionError(f"key/value heads copied {n_rep} times")
+        return hidden_states
+
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", repeat_kv)
+
+
+def test_blocks_over_a_cache_keep_their_logits():
+    reference, model = _model(), _model()
+    assert use_grouped_attention(model)
+    assert model.config._attn_implementation == GROUPED_SDPA
+    sessions = [KVSession(m, CPU) for m in (reference, model)]
+    for session in sessions:
+        session.forward(PROMPT)
+    for rows in (1, 2, 3, 5, 9, 16):
+        block = [(20 + 7 * i) % 384 for i in range(rows)]
+        ref_logits, logits = (s.forward(block) for s in sessions)
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-4)
+        assert torch.equal(logits.argmax(-1), ref_logits.argmax(-1))
+        if rows % 2:  # keep some blocks, roll others back, as verification does
+            for session in sessions:
+                session.rollback(session.cached_length - rows + 1)
+
+
+def test_blocks_attend_without_copying_the_cache(monkeypatch):
+    reference, model = _model(), _model()
+    use_grouped_attention(model)
+    sessions = [KVSession(m, CPU) for m in (reference, model)]
+    for session in sessions:
+        session.forward(PROMPT)
+    _refuse_kv_copies(monkeypatch)
+    with pytest.raises(AssertionError, match="copied 4 times"):
+        sessions[0].forward([11, 12, 13])  # transformers' own path copies for a masked block
+    assert sessions[1].forward([11, 12, 13]).shape == (3, 384)
+    assert sessions[1].forward([14]).shape == (1, 384)  # one token: transformers' path, no copy either
+
+
+def test_padded_batches_generate_the_same():
+    reference, model = _model(kv_heads=4), _model(kv_heads=4)
+    use_grouped_attention(model)
+    ids = torch.tensor([[0, 0, 0, 9, 8, 7, 6], [1, 2, 3, 4, 5, 6, 7]])
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    with torch.inference_mode():
+        expected = reference.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert out.tolist() == expected.tolist()
+
+
+def test_only_grouped_sdpa_models_on_a_cpu_are_switched():
+    assert not use_grouped_attention(_model(kv_heads=0))  # as many key/value heads as query heads
+    eager = _model()
+    eager.set_attn_implementation("eager")
+    assert not use_grouped_attention(eager)
+    assert eager.config._attn_implementation == "eager"
+    model = _model()
+    assert use_grouped_attention(model)
+    assert not use_grouped_attention(model)  # already switched
+
+
+def test_a_feature_draft_catches_up_the_same():
+    oracle = _model()
+    reference = FeatureDraftModel(oracle, None).eval()
+    draft = copy.deepcopy(reference)
+    assert use_grouped_attention(draft)
+    assert reference.config._attn_implementation == "sdpa"
+    torch.manual_seed(0)
+    features = torch.randn(len(PROMPT) - 1, 64)
+    lasts = []
+    for model in (reference, draft):
+        session = FeatureSession(model, CPU)
+        session.receive(0, features[:3])
+        session.catch_up(PROMPT[:4])
+        session.receive(3, features[3:])
+        session.catch_up(PROMPT)  # four positions after cached ones: a masked block
+        g, logits = session.last
+        lasts.append((g, logits, session.step(g, 5)[1]))
+    for ref, mine in zip(*lasts):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-4)

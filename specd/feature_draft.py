@@ -35,6 +35,7 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
 from specd.errors import InvalidArgument
+from specd.kv import SessionCache
 
 # Features travel as little-endian float16, row-major [rows, dim]: the draft only conditions on
 # them, so their precision affects acceptance, never the output.
@@ -118,7 +119,7 @@ class FeatureSession:
     def __init__(self, model: FeatureDraftModel, device: torch.device):
         self.model = model
         self.device = device
-        self.cache = DynamicCache()
+        self.cache = SessionCache()
         self.fed = 0  # positions 0..fed-1 are in the cache, each with its real feature
         self.pending: list[torch.Tensor] = []  # real features received but not fed yet, [rows, H] each
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # (g, logits) of the last real position

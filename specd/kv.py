@@ -10,13 +10,89 @@ from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+# Room a layer's buffers keep beyond what they hold: at least this many positions, or a quarter more.
+SPARE_POSITIONS = 256
+
+
+class GrowingLayer(DynamicLayer):
+    """A cache layer whose keys and values live in buffers with room to spare.
+
+    transformers' DynamicLayer appends by concatenation, which copies the layer's whole cache on
+    every forward pass (twice per layer: keys and values). Here a pass writes its positions into
+    the spare room, and `keys`/`values` are views of the filled part; only when the room runs out
+    are the buffers replaced by larger ones (a quarter more than needed, at least SPARE_POSITIONS),
+    so copies are rare. Cropping just moves the end. The views hold the same numbers as the
+    concatenated tensors would, so attention computes the same."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.length = 0
+        self._key_buffer: torch.Tensor | None = None
+        self._value_buffer: torch.Tensor | None = None
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if self._key_buffer is None or self._value_buffer is None or end > self._key_buffer.shape[-2]:
+            room = end + max(SPARE_POSITIONS, end // 4)
+            self._key_buffer = self._grown(self._key_buffer, key_states, room)
+            self._value_buffer = self._grown(self._value_buffer, value_states, room)
+        self._key_buffer[..., self.length : end, :].copy_(key_states)
+        self._value_buffer[..., self.length : end, :].copy_(value_states)
+        self._set_length(end)
+        return self.keys, self.values
+
+    def _grown(self, buffer: torch.Tensor | None, states: torch.Tensor, room: int) -> torch.Tensor:
+        grown = states.new_empty((*states.shape[:-2], room, states.shape[-1]))
+        if buffer is not None and self.length:
+            grown[..., : self.length, :].copy_(buffer[..., : self.length, :])
+        return grown
+
+    def _set_length(self, length: int) -> None:
+        assert self._key_buffer is not None and self._value_buffer is not None
+        self.length = length
+        self.keys = self._key_buffer[..., :length, :]
+        self.values = self._value_buffer[..., :length, :]
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative count of positions to remove, got {tokens_to_remove}")
+        if tokens_to_remove and self.is_initialized and self._key_buffer is not None:
+            self._set_length(max(0, self.length + tokens_to_remove))
+
+    def reset(self) -> None:
+        self._key_buffer = self._value_buffer = None
+        self.length = 0
+        super().reset()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("a session cache holds one sequence")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("a session cache holds one sequence")
+
+
+class SessionCache(DynamicCache):
+    """A DynamicCache of GrowingLayer: appending a forward pass's positions copies no earlier ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer_class_to_replicate = GrowingLayer
 
 
 class KVSession:
     def __init__(self, model: torch.nn.Module, device: torch.device):
         self.model = model
         self.device = device
-        self.cache = DynamicCache()
+        self.cache = SessionCache()
         self.cached_ids: list[int] = []  # tokens whose keys/values the cache holds, in order
         self.forward_passes = 0
 

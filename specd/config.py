@@ -51,7 +51,7 @@ class WorkerConfig(BaseSettings):
         True,
         description="On CPU, attend from a block of several tokens (a verify block, a prompt after a cached "
         "prefix) on the key/value heads themselves instead of a per-query-head copy of the KV cache; same "
-        "arithmetic per row, and verifying stops growing dearer with the context's length.",
+        "arithmetic per row, without a copy of the whole cache per verify (which grows with the context).",
     )
     max_sessions: int = Field(64, ge=1, description="Sessions held at once; more get RESOURCE_EXHAUSTED.")
     session_ttl_seconds: float = Field(300.0, gt=0, description="Idle sessions are evicted after this long.")

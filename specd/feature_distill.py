@@ -157,7 +157,7 @@ def _losses(
     positions = torch.arange(features.shape[1], device=features.device)[None].expand(features.shape[0], -1)
     total, kls = 0.0, []
     for number in range(passes):
-        g, _ = model(features, next_ids, positions)
+        g, _ = model(features, next_ids, positions, logits="none")
         loss, kl = distill_loss(g[rows, cols], model.head.weight, top_rows, top_logprobs)
         regression = F.smooth_l1_loss(g[rows, cols] / scale, targets[rows, cols] / scale)
         total = total + loss + REGRESSION_WEIGHT * regression

@@ -28,6 +28,7 @@ so training begins from the oracle's own distribution one position early rather 
 from __future__ import annotations
 
 import copy
+from typing import Literal
 
 import torch
 from torch import nn
@@ -93,10 +94,13 @@ class FeatureDraftModel(nn.Module):
         next_ids: torch.Tensor,
         positions: torch.Tensor,
         cache: DynamicCache | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits: Literal["all", "last", "none"] = "all",
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """features [B, T, H] at positions [B, T], next_ids [B, T] the tokens after them.
 
-        Returns (g [B, T, H] the predicted next features, logits [B, T, head vocab]).
+        Returns (g [B, T, H] the predicted next features, the head's logits: [B, T, head vocab] for
+        "all", [B, 1, head vocab] for the last position only, None for "none"). The head is most
+        of a step's weights, so callers that read fewer rows ask for fewer.
         """
         x = self.fuse(torch.cat([self.embed(next_ids), features.to(self.fuse.weight.dtype)], dim=-1))
         mask = create_causal_mask(
@@ -110,7 +114,9 @@ class FeatureDraftModel(nn.Module):
             use_cache=cache is not None,
             position_embeddings=self.rotary(x, position_ids=positions),
         )
-        return x, self.head(x)
+        if logits == "none":
+            return x, None
+        return x, self.head(x if logits == "all" else x[:, -1:])
 
 
 class FeatureSession:
@@ -154,7 +160,8 @@ class FeatureSession:
             )
         ids = torch.tensor([committed[self.fed + 1 : self.fed + n + 1]], dtype=torch.long, device=self.device)
         positions = torch.arange(self.fed, self.fed + n, device=self.device)[None]
-        g, logits = self.model(features[None], ids, positions, self.cache)
+        g, logits = self.model(features[None], ids, positions, self.cache, logits="last")
+        assert logits is not None
         self.fed += n
         self.last = (g[0, -1:], logits[0, -1])
 
@@ -165,6 +172,7 @@ class FeatureSession:
         ids = torch.tensor([[token]], dtype=torch.long, device=self.device)
         positions = torch.tensor([[position]], device=self.device)
         g, logits = self.model(feature[None], ids, positions, self.cache)
+        assert logits is not None
         return g[0], logits[0, -1]
 
     def _crop(self, keep: int) -> None:

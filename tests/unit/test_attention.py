@@ -101,3 +101,17 @@ def test_a_feature_draft_catches_up_the_same():
         lasts.append((g, logits, session.step(g, 5)[1]))
     for ref, mine in zip(*lasts):
         torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_a_feature_draft_computes_only_the_logits_asked_for():
+    draft = FeatureDraftModel(_model(), None).eval()
+    torch.manual_seed(1)
+    features, ids = torch.randn(1, 6, 64), torch.tensor([PROMPT[1:7]])
+    positions = torch.arange(6)[None]
+    with torch.inference_mode():
+        g, logits = draft(features, ids, positions)
+        g_last, last = draft(features, ids, positions, logits="last")
+        g_none, none = draft(features, ids, positions, logits="none")
+    assert logits.shape == (1, 6, 384) and last.shape == (1, 1, 384) and none is None
+    assert torch.equal(g_last, g) and torch.equal(g_none, g)
+    torch.testing.assert_close(last[0, 0], logits[0, -1])

@@ -116,6 +116,12 @@ async def test_cancelled_stream_and_expired_deadline_leave_no_session(coordinato
             await client.generate(token_ids=prompt_ids, max_tokens=450, stop_at_eos=False, depth=8, timeout=0.3)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert await no_sessions_left(oracle, unrelated_draft, same_draft)
+    # The coordinator tells the control plane of the release after the workers' sessions close
+    # (fire-and-forget), so the plane may lag the workers by a moment.
+    for _ in range(100):
+        if await coordinator.plane.call("list_sessions") == []:
+            break
+        await asyncio.sleep(0.05)
     assert await coordinator.plane.call("list_sessions") == []
 
 

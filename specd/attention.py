@@ -27,7 +27,6 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 GROUPED_SDPA = "specd_grouped_sdpa"
-_registered = False
 
 
 def grouped_sdpa(
@@ -74,15 +73,12 @@ def grouped_sdpa(
 
 
 def _register() -> None:
-    global _registered
-    if _registered:
-        return
+    """Make the name known to transformers (registering again replaces the entry with itself)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     AttentionInterface.register(GROUPED_SDPA, grouped_sdpa)
     AttentionMaskInterface.register(GROUPED_SDPA, sdpa_mask)  # the masks SDPA takes
-    _registered = True
 
 
 def use_grouped_attention(model: nn.Module) -> bool:

@@ -18,6 +18,10 @@ A feature draft (ModelInfo.feature_dim > 0) reads the oracle's final hidden stat
 session opens after the oracle's, with the prompt's features, and each Propose carries the
 features of the positions committed since the previous one (returned by the verdicts).
 
+For greedy sessions the policy may let the draft branch (DepthPolicy.tree_width): the block is
+then a draft tree (specd.tree), which the oracle verifies in the same one pass, and the round
+commits the tokens on the path it accepted plus its own.
+
 Per-token traffic is these two RPCs; nothing here touches Ray.
 """
 
@@ -257,6 +261,7 @@ class SpeculativeSession:
         confidences: tuple[float, ...] = ()
         asked = 0
         model_steps: int | None = None
+        parents: list[int] = []
         if lookup_block:
             draft_tokens = list(lookup_block)
             lookup_positions = tuple(range(len(draft_tokens)))
@@ -269,6 +274,7 @@ class SpeculativeSession:
                 proposal = await self.draft.propose(
                     self.session_id, self._draft_pending, self._committed_length, k, self._timeout(),
                     join_features(self._features_pending), self.policy.stop_rule(),
+                    self.policy.tree_width() if self.request.sampling.temperature == 0 else 0,
                 )
             except grpc.aio.AioRpcError as error:
                 self._draft_lost(error)
@@ -282,10 +288,12 @@ class SpeculativeSession:
                 lengths = tuple(proposal.lookup_lengths)
                 confidences = tuple(proposal.confidences)
                 model_steps = proposal.model_steps
+                parents = proposal.parents
         verdict = await self.oracle.verify(
-            self.session_id, draft_tokens, distributions, self._committed_length, self._timeout()
+            self.session_id, draft_tokens, distributions, self._committed_length, self._timeout(), parents
         )
-        committed = draft_tokens[: verdict.accepted] + [verdict.next_token]
+        kept = [draft_tokens[i] for i in verdict.path] if parents else draft_tokens[: verdict.accepted]
+        committed = kept + [verdict.next_token]
         self._committed_length += len(committed)
         self._draft_pending.extend(committed)
         if self._lookup is not None:
@@ -305,6 +313,8 @@ class SpeculativeSession:
             asked=asked,
             confidences=confidences,
             model_steps=model_steps,
+            parents=tuple(parents),
+            path=tuple(verdict.path),
         )
 
     def _apply_limits(self, tokens: list[int]) -> list[int]:

@@ -4,12 +4,16 @@ drafted = draft tokens proposed; accepted = draft tokens the oracle kept;
 acceptance rate = accepted / drafted;
 mean acceptance length = 1 + accepted / rounds that drafted (tokens committed per such round,
 counting the oracle's own recovered or bonus token).
+For a draft tree (specd.tree) drafted counts every token of the tree and accepted those on the
+accepted path, so a tree's acceptance rate is lower than a chain's for the same tokens per round;
+per-position counts are by depth.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from specd import tree
 from specd.v1 import generation_pb2
 
 
@@ -30,6 +34,38 @@ class RoundObservation:
     asked: int | None = None  # the most tokens asked of the draft (None: exactly k; 0: not asked)
     confidences: tuple[float, ...] = ()  # the draft's confidence per proposed token (Proposal.confidences)
     model_steps: int | None = None  # positions the draft's model computed (None: one per modelled token)
+    parents: tuple[int, ...] = ()  # a draft tree's (specd.tree); empty for a chain
+    path: tuple[int, ...] = ()  # a draft tree's accepted tokens, root side first
+
+    @property
+    def depth(self) -> int:
+        """The block's depth: k for a chain, the deepest token's depth for a tree."""
+        return max(tree.depths(list(self.parents))) if self.parents else self.k
+
+    def tested_top_choices(self) -> list[tuple[int, float, bool]]:
+        """(token index, confidence, accepted) for each tested token the draft proposed as its top choice:
+        a chain's tokens up to the first rejection; in a tree the first child of the root and of each
+        accepted token."""
+        if not self.parents:
+            tested = min(self.accepted + 1, self.k)
+            return [(i, c, i < self.accepted) for i, c in enumerate(self.confidences[:tested])]
+        return [(i, p, hit) for i, p, hit, first in self._tested_in_tree() if first]
+
+    def tested_alternatives(self) -> list[tuple[float, bool]]:
+        """(probability, accepted) for each tested alternative of a tree (a child other than the first)."""
+        return [(p, hit) for _, p, hit, first in self._tested_in_tree() if not first] if self.parents else []
+
+    def _tested_in_tree(self) -> list[tuple[int, float, bool, bool]]:
+        """(index, draft probability, accepted, first child) for the children of the root and of accepted tokens."""
+        reached = {tree.ROOT, *self.path}
+        on_path = set(self.path)
+        seen: set[int] = set()
+        out = []
+        for i, parent in enumerate(self.parents):
+            if parent in reached and i < len(self.confidences):
+                out.append((i, self.confidences[i], i in on_path, parent not in seen))
+            seen.add(parent)
+        return out
 
     @property
     def draft_asked(self) -> bool:
@@ -83,10 +119,11 @@ class SpeculationStats:
         self.accepted += obs.accepted
         self.lookup_drafted += len(obs.lookup_positions)
         self.lookup_accepted += obs.lookup_accepted
-        while len(self.drafted_per_position) < obs.k:
+        depth = obs.depth
+        while len(self.drafted_per_position) < depth:
             self.drafted_per_position.append(0)
             self.accepted_per_position.append(0)
-        for position in range(obs.k):
+        for position in range(depth):
             self.drafted_per_position[position] += 1
             if position < obs.accepted:
                 self.accepted_per_position[position] += 1

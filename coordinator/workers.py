@@ -22,6 +22,7 @@ class TimedProposal:
     lookup_lengths: list[int] = field(default_factory=list)  # per looked-up position (Proposal.lookup_lengths)
     confidences: list[float] = field(default_factory=list)  # the draft's, per token (Proposal.confidences)
     model_steps: int = 0  # positions the draft's model computed (Proposal.model_steps)
+    parents: list[int] = field(default_factory=list)  # a draft tree's (Proposal.parents); empty: a chain
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class TimedVerdict:
     compute_seconds: float
     wall_seconds: float
     features: common_pb2.Features | None = None  # sessions opened with return_features
+    path: list[int] = field(default_factory=list)  # a draft tree's accepted tokens (Verdict.accepted_path)
 
 
 def join_features(parts: list[common_pb2.Features]) -> common_pb2.Features | None:
@@ -101,9 +103,9 @@ class DraftClient(WorkerClient):
 
     async def propose(
         self, session_id: str, append: list[int], committed_length: int, k: int, timeout: float | None,
-        features: common_pb2.Features | None = None, stop: StopRule | None = None,
+        features: common_pb2.Features | None = None, stop: StopRule | None = None, tree_width: int = 0,
     ) -> TimedProposal:
-        """k tokens, or with `stop` at most k (possibly none)."""
+        """k tokens, or with `stop` at most k (possibly none); tree_width > 1 allows a draft tree."""
         started = time.perf_counter()
         await self._delay()
         reply = await self.stub.Propose(
@@ -113,8 +115,9 @@ class DraftClient(WorkerClient):
                 stop=None if stop is None else draft_pb2.StopRule(
                     min_survival=stop.min_survival, calibration=stop.calibration,
                     lookup_acceptance=stop.lookup_acceptance, extend_survival=stop.extend_survival,
-                    lookup_by_length=stop.lookup_by_length,
+                    lookup_by_length=stop.lookup_by_length, alternative_calibration=stop.alternative_calibration,
                 ),
+                tree_width=tree_width,
             ),
             timeout=timeout,
             metadata=self.metadata,
@@ -128,6 +131,7 @@ class DraftClient(WorkerClient):
             lookup_lengths=list(reply.lookup_lengths),
             confidences=list(reply.confidences),
             model_steps=reply.model_steps,
+            parents=list(reply.parents),
         )
 
 
@@ -160,6 +164,7 @@ class OracleClient(WorkerClient):
         distributions: list[common_pb2.TokenDistribution],
         committed_length: int,
         timeout: float | None,
+        parents: list[int] | None = None,
     ) -> TimedVerdict:
         started = time.perf_counter()
         await self._delay()
@@ -169,6 +174,7 @@ class OracleClient(WorkerClient):
                 draft_token_ids=draft_tokens,
                 draft_distributions=distributions,
                 committed_length=committed_length,
+                draft_parents=parents or [],
             ),
             timeout=timeout,
             metadata=self.metadata,
@@ -180,4 +186,5 @@ class OracleClient(WorkerClient):
             compute_seconds=reply.verify_seconds,
             wall_seconds=time.perf_counter() - started,
             features=reply.features if reply.HasField("features") else None,
+            path=list(reply.accepted_path),
         )

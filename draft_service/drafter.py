@@ -21,6 +21,10 @@ session takes the token that followed them instead of the model's guess, at no m
 model only runs for positions the lookup cannot fill, catching up on the looked-up tokens
 before them. A sampled session sends a looked-up token as a one-token q. Under a stop rule a
 looked-up token is expected to be accepted as often as matches of its length are.
+
+Asked for a tree (tree_width > 1), a greedy session of a feature draft proposes a draft tree
+(specd.tree) instead of a chain: the draft grows it level by level, one forward pass per level
+over several tokens under a tree mask, and keeps the tokens the stop rule says pay.
 """
 
 from __future__ import annotations
@@ -31,14 +35,19 @@ from typing import Generator
 
 import torch
 
-from specd import validation
+from specd import tree, validation
 from specd.errors import InvalidArgument
 from specd.feature_draft import FeatureSession
 from specd.lookup import NgramIndex
 from specd.models import LoadedModel
 from specd.sampling import SamplingParams, Stream, keyed_uniform, sample_from, warp_probs
 from specd.stopping import StopRule
+from specd.tree import ROOT
 from specd.worker import ModelWorker, OpenResult, PositionFeatures, WorkerSession
+
+
+# Most alternatives a tree block may offer per position.
+MAX_TREE_WIDTH = 16
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,28 @@ class DraftProposal:
     looked_up: list[int] = field(default_factory=list)  # positions proposed by prompt lookup, not the model
     lookup_lengths: list[int] = field(default_factory=list)  # per looked-up position: its match's length
     confidences: list[float] = field(default_factory=list)  # per token: the top probability where it was drawn
-    model_steps: int = 0  # positions the model computed, kept or not
+    model_steps: int = 0  # positions the model computed, kept or not (for a tree: its forward passes)
+    parents: list[int] = field(default_factory=list)  # a draft tree's (specd.tree); empty for a chain
+
+
+@dataclass
+class _TreeNode:
+    token: int
+    parent: int  # index into the candidate list, or ROOT
+    depth: int
+    survival: float
+    prob: float  # the draft's probability of the token
+    g: torch.Tensor | None = None  # the draft's feature after it, once computed
+    row: int = -1  # its speculative row in the draft's cache, once computed
+
+
+def _ancestors(nodes: list[_TreeNode], i: int) -> list[int]:
+    """Candidate i and its ancestors (ROOT: none)."""
+    path = []
+    while i != ROOT:
+        path.append(i)
+        i = nodes[i].parent
+    return path
 
 
 class Drafter(ModelWorker):
@@ -111,14 +141,17 @@ class Drafter(ModelWorker):
 
     def propose(
         self, session_id: str, append: list[int], committed_length: int, k: int,
-        features: PositionFeatures | None = None, stop: StopRule | None = None,
+        features: PositionFeatures | None = None, stop: StopRule | None = None, tree_width: int = 0,
     ) -> DraftProposal:
-        """k tokens, or fewer when `stop` ends the block early."""
+        """k tokens, or fewer when `stop` ends the block early. tree_width > 1: the block may be a
+        tree (specd.tree) of at most k tokens with up to tree_width alternatives per position."""
         session = self.sessions.get(session_id)
         if any(not 0 <= t < self.vocab_size for t in append):
             raise InvalidArgument(f"appended token ids must be in [0, {self.vocab_size})")
         if k < 1:
             raise InvalidArgument(f"a proposal needs depth k >= 1, got {k}")
+        if not 0 <= tree_width <= MAX_TREE_WIDTH:
+            raise InvalidArgument(f"tree_width must be in 0..{MAX_TREE_WIDTH}, got {tree_width}")
         validation.depth(k, self.max_depth)
         expected = len(session.committed) + len(append)
         if committed_length and committed_length != expected:
@@ -135,6 +168,10 @@ class Drafter(ModelWorker):
         if session.lookup is not None:
             session.lookup.extend(append)
         started = time.perf_counter()
+        if tree_width > 1 and isinstance(state, FeatureSession) and self._branches(session):
+            state.catch_up(session.committed)
+            if state.last is not None:
+                return self._propose_tree(state, k, stop, tree_width, started)
         steps = self._feature_steps(state, session.committed) if isinstance(state, FeatureSession) else (
             self._token_steps(session)
         )
@@ -185,6 +222,93 @@ class Drafter(ModelWorker):
             tokens=tokens, distributions=distributions, seconds=time.perf_counter() - started, looked_up=looked_up,
             lookup_lengths=lookup_lengths, confidences=confidences, model_steps=model_steps,
         )
+
+    @staticmethod
+    def _branches(session: WorkerSession) -> bool:
+        """Whether this round's block may be a tree: greedy sessions whose text does not repeat at
+        this point (a block that starts with a copy stays a chain, so prompt lookup can extend it)."""
+        if not session.params.greedy:
+            return False
+        lookup = session.lookup
+        return lookup is None or lookup.match(session.committed[-lookup.max_n :]) is None
+
+    def _propose_tree(
+        self, state: FeatureSession, k: int, stop: StopRule | None, width: int, started: float
+    ) -> DraftProposal:
+        """The best tree of at most k tokens by survival (the chance a token is reached and accepted).
+
+        A token's expected acceptance is the stop rule's: for the draft's top choice at a position,
+        by the confidence there; for an alternative, by its own probability. Its survival is that
+        times its parent's. Level by level, the draft computes the children of the `width` most
+        likely tokens of the level whose survival reaches the rule's extend threshold and that can
+        still be among the k best, in one forward pass per level. The block is then the k tokens
+        of highest survival above min_survival; a child's survival never exceeds its parent's, so
+        every kept token's parent is kept too."""
+        nodes, steps = self._grow_tree(state, k, stop, width)
+        keep_at = stop.min_survival if stop is not None else 0.0
+        chosen = sorted(
+            (i for i, node in enumerate(nodes) if node.survival >= keep_at),
+            key=lambda i: (-nodes[i].survival, nodes[i].depth, i),
+        )[:k]
+        # Output order: by depth, then by parent, siblings by descending probability.
+        order: list[int] = []
+        index = {ROOT: ROOT}
+        for depth in range(1, max((nodes[i].depth for i in chosen), default=0) + 1):
+            level = [i for i in chosen if nodes[i].depth == depth]
+            for i in sorted(level, key=lambda i: (index[nodes[i].parent], -nodes[i].prob)):
+                index[i] = len(order)
+                order.append(i)
+        parents = [index[nodes[i].parent] for i in order]
+        return DraftProposal(
+            tokens=[nodes[i].token for i in order], distributions=[], seconds=time.perf_counter() - started,
+            confidences=[nodes[i].prob for i in order], model_steps=steps,
+            parents=[] if tree.is_chain(parents) else parents,
+        )
+
+    def _grow_tree(
+        self, state: FeatureSession, k: int, stop: StopRule | None, width: int
+    ) -> tuple[list["_TreeNode"], int]:
+        """Every candidate token the levels offered, and the number of forward passes that took."""
+        extend_at = stop.extend_threshold if stop is not None else 0.0
+        nodes: list[_TreeNode] = []
+
+        def offer(parent: int, logits: torch.Tensor, survival: float, depth: int) -> list[int]:
+            """The `width` likeliest children of `parent` as candidates; returns their indices."""
+            top = torch.topk(torch.softmax(logits[: self._head_size].float(), dim=-1), min(width, self._head_size))
+            probs, rows = top.values.tolist(), top.indices.tolist()
+            for rank, (prob, row) in enumerate(zip(probs, rows)):
+                if stop is None:
+                    expected = prob
+                elif rank == 0:
+                    expected = stop.expected_acceptance(prob)
+                else:
+                    expected = stop.alternative_expected(prob, probs[0])
+                nodes.append(_TreeNode(self._token_id(row), parent, depth, survival * expected, prob))
+            return list(range(len(nodes) - len(probs), len(nodes)))
+
+        root_g, root_logits = state.last
+        frontier = offer(ROOT, root_logits, 1.0, 1)
+        computed = steps = 0  # speculative rows in the draft's cache; forward passes
+        while frontier:
+            # A child never beats its parent, so only a token above the k-th best survival so far can add one.
+            ranked = sorted((node.survival for node in nodes), reverse=True)
+            kth = ranked[k - 1] if len(ranked) >= k else -1.0
+            expand = [i for i in frontier if nodes[i].survival >= extend_at and nodes[i].survival > kth]
+            expand = sorted((i for i in expand if nodes[i].depth < k), key=lambda i: -nodes[i].survival)[:width]
+            if not expand:
+                break
+            features = [root_g[0] if nodes[i].parent == ROOT else nodes[nodes[i].parent].g for i in expand]
+            sees = [[nodes[a].row for a in _ancestors(nodes, nodes[i].parent)] for i in expand]
+            g, logits = state.tree_step(
+                torch.stack(features), [nodes[i].token for i in expand], [nodes[i].depth for i in expand], sees
+            )
+            steps += 1
+            frontier = []
+            for row, i in enumerate(expand):
+                nodes[i].g, nodes[i].row = g[row], computed + row
+                frontier += offer(i, logits[row], nodes[i].survival, nodes[i].depth + 1)
+            computed += len(expand)
+        return nodes, steps
 
     def _choose(
         self, logits: torch.Tensor, params: SamplingParams, position: int

@@ -37,6 +37,7 @@ class DraftServicer(WorkerServicerMixin, draft_pb2_grpc.DraftServiceServicer):
             request.depth,
             features_from_proto(request.features),
             stop_rule_from_proto(request),
+            request.tree_width,
         )
         self.metrics.forward.labels("propose").observe(proposal.seconds)
         return draft_pb2.Proposal(
@@ -49,6 +50,7 @@ class DraftServicer(WorkerServicerMixin, draft_pb2_grpc.DraftServiceServicer):
             lookup_lengths=proposal.lookup_lengths,
             confidences=proposal.confidences,
             model_steps=proposal.model_steps,
+            parents=proposal.parents,
         )
 
 
@@ -58,5 +60,5 @@ def stop_rule_from_proto(request: draft_pb2.ProposeRequest) -> StopRule | None:
     rule = request.stop
     return StopRule(
         rule.min_survival, tuple(rule.calibration), rule.lookup_acceptance, rule.extend_survival,
-        tuple(rule.lookup_by_length),
+        tuple(rule.lookup_by_length), tuple(rule.alternative_calibration),
     )

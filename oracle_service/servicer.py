@@ -53,6 +53,7 @@ class OracleServicer(WorkerServicerMixin, oracle_pb2_grpc.OracleServiceServicer)
             list(request.draft_token_ids),
             [(list(d.token_ids), list(d.probs)) for d in request.draft_distributions],
             request.committed_length,
+            list(request.draft_parents),
         )
         self.metrics.forward.labels("verify").observe(result.seconds)
         assert self.metrics.spec is not None
@@ -63,6 +64,7 @@ class OracleServicer(WorkerServicerMixin, oracle_pb2_grpc.OracleServiceServicer)
             bonus=result.verdict.is_bonus(result.k),
             committed_length=result.committed_length,
             verify_seconds=result.seconds,
+            accepted_path=result.path or [],
         )
         if result.features is not None:
             reply.features.CopyFrom(features_to_proto(result.features))

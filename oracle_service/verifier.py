@@ -3,7 +3,8 @@
 No gRPC here. The oracle feeds its pending token and the k draft tokens at once, gets the
 distributions p_1..p_{k+1}, calls specd.verification (the only place tokens are accepted or
 rejected), commits the accepted prefix plus its own token, and rolls its KV cache back to
-the committed sequence.
+the committed sequence. A greedy block may be a draft tree (specd.tree): its tokens are fed in
+the same one pass under a tree mask, and the cache keeps the accepted path's rows.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
+from specd import tree
 from specd.errors import InvalidArgument
 from specd.sampling import warp_probs
-from specd.verification import Verdict, sparse_to_dense, verify_greedy, verify_sampled
-from specd.worker import ModelWorker, PositionFeatures
+from specd.verification import Verdict, sparse_to_dense, verify_greedy, verify_greedy_tree, verify_sampled
+from specd.worker import ModelWorker, PositionFeatures, WorkerSession
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class VerifyResult:
     committed_length: int
     seconds: float
     features: PositionFeatures | None = None  # sessions opened with return_features
+    path: list[int] | None = None  # draft trees: indices of the accepted tokens, root side first
 
 
 class Verifier(ModelWorker):
@@ -35,13 +38,21 @@ class Verifier(ModelWorker):
         draft_tokens: list[int],
         draft_distributions: list[tuple[list[int], list[float]]],
         committed_length: int,
+        parents: list[int] | None = None,
     ) -> VerifyResult:
+        """parents: a draft tree's (specd.tree); None or empty for a chain."""
         session = self.sessions.get(session_id)
         k = len(draft_tokens)
         self.check_length(session, committed_length)
         self.check_room(len(session.committed), k)
         if any(not 0 <= t < self.vocab_size for t in draft_tokens):
             raise InvalidArgument(f"draft token ids must be in [0, {self.vocab_size})")
+        if parents:
+            tree.check_parents(parents, k)
+            if not tree.is_chain(parents):
+                if not session.params.greedy:
+                    raise InvalidArgument("draft trees are for greedy sessions (temperature 0); send a chain")
+                return self._verify_tree(session, draft_tokens, parents)
         q = None
         if not session.params.greedy and k:
             q = self._proposal_matrix(draft_tokens, draft_distributions)
@@ -70,6 +81,24 @@ class Verifier(ModelWorker):
         return VerifyResult(
             verdict=verdict, k=k, committed_length=len(session.committed), seconds=time.perf_counter() - started,
             features=features,
+        )
+
+    def _verify_tree(self, session: WorkerSession, draft_tokens: list[int], parents: list[int]) -> VerifyResult:
+        started = time.perf_counter()
+        feed = session.kv.sync(session.committed)
+        first_position = len(session.committed) - len(feed)
+        logits, hidden = session.kv.forward_tree(feed, draft_tokens, parents, features=session.return_features)
+        verdict, path = verify_greedy_tree(draft_tokens, parents, logits[len(feed) - 1 :, : self.vocab_size])
+        session.kv.keep_path(first_position + len(feed), draft_tokens, path)
+        session.committed.extend([draft_tokens[i] for i in path] + [verdict.next_token])
+        features = None
+        if hidden is not None:
+            # The fed rows, then the accepted tokens' rows: the positions whose input is now committed.
+            rows = torch.cat([hidden[: len(feed)], hidden[[len(feed) + i for i in path]]])
+            features = PositionFeatures(first_position, rows)
+        return VerifyResult(
+            verdict=verdict, k=len(draft_tokens), committed_length=len(session.committed),
+            seconds=time.perf_counter() - started, features=features, path=path,
         )
 
     def _proposal_matrix(

@@ -228,7 +228,7 @@ def first_token_agreement(
 def step_ms(draft: LoadedModel, oracle: LoadedModel, prompt: list[int], *, reps: int = 40) -> float:
     """Median time of one speculative draft step (one token) after the prompt, in ms."""
     kv = KVSession(oracle.model, oracle.device)
-    _, rows = kv.forward_with_features(prompt[:-1])
+    rows = kv.prefill(prompt[:-1], features=True)
     state = FeatureSession(draft.model, draft.device)
     state.receive(0, rows)
     state.catch_up(prompt)

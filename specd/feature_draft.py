@@ -95,17 +95,20 @@ class FeatureDraftModel(nn.Module):
         positions: torch.Tensor,
         cache: DynamicCache | None = None,
         logits: Literal["all", "last", "none"] = "all",
+        mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """features [B, T, H] at positions [B, T], next_ids [B, T] the tokens after them.
 
         Returns (g [B, T, H] the predicted next features, the head's logits: [B, T, head vocab] for
         "all", [B, 1, head vocab] for the last position only, None for "none"). The head is most
-        of a step's weights, so callers that read fewer rows ask for fewer.
+        of a step's weights, so callers that read fewer rows ask for fewer. `mask`: a [B, 1, T, cached + T]
+        bool attention mask (True: may attend) in place of the causal one, for draft trees.
         """
         x = self.fuse(torch.cat([self.embed(next_ids), features.to(self.fuse.weight.dtype)], dim=-1))
-        mask = create_causal_mask(
-            config=self.config, inputs_embeds=x, attention_mask=None, past_key_values=cache, position_ids=positions
-        )
+        if mask is None:
+            mask = create_causal_mask(
+                config=self.config, inputs_embeds=x, attention_mask=None, past_key_values=cache, position_ids=positions
+            )
         x = self.layer(
             x,
             attention_mask=mask,
@@ -174,6 +177,28 @@ class FeatureSession:
         g, logits = self.model(feature[None], ids, positions, self.cache)
         assert logits is not None
         return g[0], logits[0, -1]
+
+    @torch.inference_mode()
+    def tree_step(
+        self, features: torch.Tensor, tokens: list[int], depths: list[int], sees: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed several speculative positions of a draft tree at once: row i is a token at `depths[i]`
+        (1: right after the committed sequence) with its parent's feature features[i]. Row i attends to
+        the real positions, to the speculative rows sees[i] (indices counted from the first speculative
+        row in the cache: its ancestors') and to itself. Returns (g [n, H], logits [n, head vocab]);
+        the rows join the cache after the speculative rows already there."""
+        speculative = self.cache.get_seq_length() - self.fed
+        n = len(tokens)
+        mask = torch.zeros(n, self.fed + speculative + n, dtype=torch.bool)
+        mask[:, : self.fed] = True
+        for i, rows in enumerate(sees):
+            mask[i, [self.fed + r for r in rows]] = True
+            mask[i, self.fed + speculative + i] = True
+        ids = torch.tensor([tokens], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[self.fed + d - 1 for d in depths]], device=self.device)
+        g, logits = self.model(features[None], ids, positions, self.cache, mask=mask[None, None].to(self.device))
+        assert logits is not None
+        return g[0], logits[0]
 
     def _crop(self, keep: int) -> None:
         drop = self.cache.get_seq_length() - keep

@@ -12,6 +12,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from specd import tree
+
 # Room a layer's buffers keep beyond what they hold: at least this many positions, or a quarter more.
 SPARE_POSITIONS = 256
 
@@ -68,6 +70,16 @@ class GrowingLayer(DynamicLayer):
         if tokens_to_remove and self.is_initialized and self._key_buffer is not None:
             self._set_length(max(0, self.length + tokens_to_remove))
 
+    def keep(self, start: int, rows: list[int]) -> None:
+        """Keep positions [0, start) and then the positions start + r for r in rows, in that order;
+        drop the rest (what a verified draft tree leaves: its accepted path)."""
+        if not self.is_initialized or self._key_buffer is None or self._value_buffer is None:
+            return
+        index = torch.tensor([start + r for r in rows], dtype=torch.long, device=self._key_buffer.device)
+        for buffer in (self._key_buffer, self._value_buffer):
+            buffer[..., start : start + len(rows), :] = buffer.index_select(-2, index)
+        self._set_length(start + len(rows))
+
     def reset(self) -> None:
         self._key_buffer = self._value_buffer = None
         self.length = 0
@@ -86,6 +98,11 @@ class SessionCache(DynamicCache):
     def __init__(self) -> None:
         super().__init__()
         self.layer_class_to_replicate = GrowingLayer
+
+    def keep(self, start: int, rows: list[int]) -> None:
+        """GrowingLayer.keep on every layer."""
+        for layer in self.layers:
+            layer.keep(start, rows)
 
 
 class KVSession:
@@ -122,6 +139,44 @@ class KVSession:
         logits = self.model.get_output_embeddings()(hidden)
         self._fed(token_ids)
         return logits[0].float(), hidden[0]
+
+    @torch.inference_mode()
+    def prefill(self, token_ids: list[int], *, features: bool = False) -> torch.Tensor | None:
+        """Feed tokens whose next-token logits nobody reads (a prompt): the decoder alone, no output
+        head, which on a large vocabulary is a sizeable part of a long prefill. Returns the final
+        hidden states [n, H] when `features`, else None."""
+        input_ids = self._input(token_ids)
+        hidden = self.model.get_decoder()(
+            input_ids=input_ids, past_key_values=self.cache, use_cache=True
+        ).last_hidden_state  # [1, n, H]
+        self._fed(token_ids)
+        return hidden[0] if features else None
+
+    @torch.inference_mode()
+    def forward_tree(
+        self, feed: list[int], tokens: list[int], parents: list[int], *, features: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Feed `feed` (tokens of the sequence after the cached ones), then a draft tree (specd.tree) in
+        the same pass. Returns logits [len(feed) + k, vocab] and, with `features`, the final hidden
+        states [len(feed) + k, H]. The cache then holds every fed row; `keep_path` keeps the accepted ones."""
+        context = self.cached_length
+        mask = tree.attention_mask(parents, context, len(feed), self.device)
+        positions = tree.position_ids(parents, context, len(feed), self.device)
+        hidden = self.model.get_decoder()(
+            input_ids=self._input(feed + tokens), attention_mask=mask, position_ids=positions,
+            past_key_values=self.cache, use_cache=True,
+        ).last_hidden_state  # [1, n, H]
+        logits = self.model.get_output_embeddings()(hidden)
+        self._fed(feed + tokens)
+        return logits[0].float(), hidden[0] if features else None
+
+    @torch.inference_mode()
+    def keep_path(self, tree_start: int, tokens: list[int], path: list[int]) -> None:
+        """After forward_tree: keep the cached rows before the tree (tree_start of them), then the
+        tree's rows on `path`, in order, as if that chain alone had been fed."""
+        self.cache.keep(tree_start, path)
+        del self.cached_ids[tree_start:]
+        self.cached_ids.extend(tokens[i] for i in path)
 
     def _input(self, token_ids: list[int]) -> torch.Tensor:
         if not token_ids:

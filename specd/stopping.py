@@ -32,18 +32,22 @@ class StopRule:
     lookup_acceptance: float = 0.8  # expected acceptance of a looked-up token
     extend_survival: float = 0.0  # compute a further position only while the survival is at least this
     lookup_by_length: tuple[float, ...] = ()  # entry i: a looked-up token after an (i + 1)-token match
+    # A draft tree's alternatives (tokens other than the draft's top choice at their position): expected
+    # acceptance by band of their own probability; empty: their probability relative to the top one's, times
+    # the top choice's expected acceptance.
+    alternative_calibration: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         values = (
             self.min_survival, self.lookup_acceptance, self.extend_survival,
-            *self.calibration, *self.lookup_by_length,
+            *self.calibration, *self.lookup_by_length, *self.alternative_calibration,
         )
         if not all(0.0 <= v <= 1.0 for v in values):  # also refuses NaN
             raise InvalidArgument(
-                "stop rule: min_survival, extend_survival, lookup_acceptance, calibration and "
-                "lookup_by_length must lie in [0, 1]"
+                "stop rule: min_survival, extend_survival, lookup_acceptance, calibration, "
+                "lookup_by_length and alternative_calibration must lie in [0, 1]"
             )
-        if len(self.calibration) > MAX_CALIBRATION_BANDS:
+        if max(len(self.calibration), len(self.alternative_calibration)) > MAX_CALIBRATION_BANDS:
             raise InvalidArgument(f"stop rule: at most {MAX_CALIBRATION_BANDS} calibration entries")
         if len(self.lookup_by_length) > MAX_LOOKUP_LENGTHS:
             raise InvalidArgument(f"stop rule: at most {MAX_LOOKUP_LENGTHS} lookup_by_length entries")
@@ -57,6 +61,13 @@ class StopRule:
             return confidence
         bands = len(self.calibration)
         return self.calibration[min(bands - 1, max(0, int(confidence * bands)))]
+
+    def alternative_expected(self, prob: float, confidence: float) -> float:
+        """Expected acceptance of a tree alternative of probability `prob` where the top one is `confidence`."""
+        if not self.alternative_calibration:
+            return self.expected_acceptance(confidence) * min(1.0, prob / confidence) if confidence > 0 else 0.0
+        bands = len(self.alternative_calibration)
+        return self.alternative_calibration[min(bands - 1, max(0, int(prob * bands)))]
 
     def lookup_expected(self, match_length: int) -> float:
         """Expected acceptance of a token copied after a match of this many tokens."""

@@ -16,7 +16,8 @@ Terms, used with these meanings throughout specd (code, metrics, README):
 - acceptance rate (alpha) = accepted / drafted tokens.
 - mean acceptance length = 1 + accepted / rounds that drafted (tokens committed per round).
 
-Greedy (temperature 0): accept while d_i == argmax p_i; then the oracle's argmax.
+Greedy (temperature 0): accept while d_i == argmax p_i; then the oracle's argmax. A greedy block
+may also be a tree (specd.tree): the accepted tokens are then the path along the oracle's argmax.
 Sampled: Leviathan, Kalman & Matias 2023, "Fast Inference from Transformers via Speculative
 Decoding", Algorithm 1 (also Chen et al. 2023): accept d_i with probability
 min(1, p_i(d_i) / q_i(d_i)). The committed tokens are distributed exactly as the oracle's own
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from specd.sampling import Stream, keyed_uniform, sample_from
+from specd.tree import greedy_path
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,20 @@ def verify_greedy(draft_tokens: list[int], oracle_logits: torch.Tensor) -> Verdi
     while m < k and draft_tokens[m] == argmax[m]:
         m += 1
     return Verdict(accepted=m, next_token=argmax[m])
+
+
+def verify_greedy_tree(
+    draft_tokens: list[int], parents: list[int], oracle_logits: torch.Tensor
+) -> tuple[Verdict, list[int]]:
+    """Greedy verification of a draft tree (specd.tree): accept the path along which every token is
+    the oracle's argmax. oracle_logits: [k+1, vocab], row 0 scores the position after the committed
+    sequence, row i + 1 the position after tree token i. Returns the verdict (accepted = the path's
+    length) and the path (indices into draft_tokens, root side first)."""
+    k = len(draft_tokens)
+    if oracle_logits.shape[0] != k + 1:
+        raise ValueError(f"need k+1={k + 1} rows of oracle logits, got {oracle_logits.shape[0]}")
+    path, next_token = greedy_path(draft_tokens, parents, oracle_logits.argmax(dim=-1).tolist())
+    return Verdict(accepted=len(path), next_token=next_token), path
 
 
 def verify_sampled(

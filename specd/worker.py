@@ -73,13 +73,11 @@ class ModelWorker:
         started = time.perf_counter()
         kv = KVSession(self.loaded.model, self.loaded.device)
         features = None
+        rows = kv.prefill(prompt[:-1], features=return_features) if len(prompt) > 1 else None
         if return_features:
-            rows = torch.zeros(0, self.loaded.model.config.hidden_size)
-            if len(prompt) > 1:
-                _, rows = kv.forward_with_features(prompt[:-1])
+            if rows is None:  # a one-token prompt: no position before the pending token
+                rows = torch.zeros(0, self.loaded.model.config.hidden_size)
             features = PositionFeatures(0, rows)
-        elif len(prompt) > 1:
-            kv.forward(prompt[:-1])
         session = WorkerSession(
             kv=kv, params=params, committed=list(prompt), prompt_length=len(prompt), return_features=return_features
         )

@@ -5,13 +5,14 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from coordinator.depth import FixedDepth
+from coordinator.depth import FixedDepth, GoodputDepth
 from coordinator.loop import SessionRequest, SpeculativeSession, run_to_completion
 from coordinator.workers import DraftClient, OracleClient
 from draft_service.drafter import Drafter
 from oracle_service.verifier import Verifier
 from specd.models import load_model
 from specd.sampling import SamplingParams
+from specd.stopping import StopRule
 from specd.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 from tests.conftest import greedy_reference
 from tests.service.test_exactness import MAX_TOKENS, PROMPTS
@@ -36,6 +37,9 @@ class Cycle:
 
     def stop_rule(self):
         return None
+
+    def tree_width(self) -> int:
+        return 0
 
     def observe(self, round) -> None:
         pass
@@ -173,3 +177,42 @@ async def test_oracle_reports_its_feature_width_and_mismatches_are_refused(oracl
     oracle_info.feature_dim = 32
     with pytest.raises(IncompatiblePair, match="width 64"):
         check_infos(draft_info, oracle_info)
+
+
+async def test_greedy_output_with_draft_trees_equals_the_oracle_alone(tiny_dir, oracle, feature_draft):
+    """The policy's trees travel over gRPC (Proposal.parents -> VerifyRequest.draft_parents -> accepted_path)
+    and the output stays the oracle's own."""
+    from specd.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    trees = 0
+
+    def count(session, obs, committed):
+        nonlocal trees
+        trees += bool(obs.parents)
+
+    for text in PROMPTS:
+        ids = tokenizer(text)["input_ids"]
+        expected = greedy_reference(tiny_dir / "oracle", ids, MAX_TOKENS)
+        policy = TreePolicy(k_max=6, tree_width=3)
+        oracle_client, draft_client = OracleClient(oracle.address), DraftClient(feature_draft.address)
+        try:
+            session = SpeculativeSession(
+                SessionRequest(prompt=ids, sampling=common_pb2.SamplingParams(), max_tokens=MAX_TOKENS),
+                draft_client, oracle_client, policy, count,
+            )
+            assert await run_to_completion(session) == expected, text
+        finally:
+            await oracle_client.close()
+            await draft_client.close()
+    assert trees > 0
+
+
+class TreePolicy(GoodputDepth):
+    """The goodput policy with every token expected at one half, so blocks branch whatever the draft's confidence."""
+
+    def choose_k(self) -> int:
+        return self.k_max
+
+    def stop_rule(self):
+        return StopRule(min_survival=0.05, calibration=(0.5,), alternative_calibration=(0.5,))

@@ -48,9 +48,9 @@ whose chance of being reached and accepted pays for its verified row, so alterna
 where the draft is unsure and the oracle's extra rows are cheap. The policy learns the
 acceptance of alternatives by their probability the way it learns the calibration. On the
 default pair on a 2-core CPU, where each verified row costs about 4% of an oracle step, trees
-committed 8-11% more tokens per second on chat prompts, and between 1% more and 5% fewer on
-code, extraction and creative ones, so they stay off by default; an oracle whose extra rows cost next to nothing (a
-GPU) is where they should pay.
+were 6% faster than chains on chat prompts and 2-7.5% slower on code (README, "Choosing k"),
+so they stay off by default; an oracle whose extra rows cost next to nothing (a GPU) is where
+they should pay.
 """
 
 from __future__ import annotations
@@ -300,11 +300,9 @@ class GoodputDepth:
     def _count_lookup_lengths(self, round: RoundObservation) -> None:
         """Count each tested looked-up token under the length of its match."""
         s = self.state
-        tested = min(round.accepted + 1, round.k)
-        for position, length in zip(round.lookup_positions, round.lookup_lengths):
-            if position < tested:
-                entry = min(len(LOOKUP_LENGTH_PRIOR), max(1, length)) - 1
-                _count_capped(s.lookup_length_accepted, s.lookup_length_tested, entry, position < round.accepted)
+        for length, hit in round.tested_lookups():
+            entry = min(len(LOOKUP_LENGTH_PRIOR), max(1, length)) - 1
+            _count_capped(s.lookup_length_accepted, s.lookup_length_tested, entry, hit)
 
     def _count(self, accepted: list[float], tested: list[float], round: RoundObservation) -> range:
         """Fade the evidence, then count the positions this round tested (returned).

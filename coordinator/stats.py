@@ -52,8 +52,20 @@ class RoundObservation:
         return [(i, p, hit) for i, p, hit, first in self._tested_in_tree() if first]
 
     def tested_alternatives(self) -> list[tuple[float, bool]]:
-        """(probability, accepted) for each tested alternative of a tree (a child other than the first)."""
-        return [(p, hit) for _, p, hit, first in self._tested_in_tree() if not first] if self.parents else []
+        """(probability, accepted) for each tested alternative of a tree (a model-proposed child other than
+        the first)."""
+        if not self.parents:
+            return []
+        copied = set(self.lookup_positions)
+        return [(p, hit) for i, p, hit, first in self._tested_in_tree() if not first and i not in copied]
+
+    def tested_lookups(self) -> list[tuple[int, bool]]:
+        """(match length, accepted) for each tested token that prompt lookup proposed."""
+        length = dict(zip(self.lookup_positions, self.lookup_lengths))
+        if not self.parents:
+            tested = min(self.accepted + 1, self.k)
+            return [(n, i < self.accepted) for i, n in length.items() if i < tested]
+        return [(length[i], hit) for i, _, hit, _ in self._tested_in_tree() if i in length]
 
     def _tested_in_tree(self) -> list[tuple[int, float, bool, bool]]:
         """(index, draft probability, accepted, first child) for the children of the root and of accepted tokens."""

@@ -24,7 +24,8 @@ looked-up token is expected to be accepted as often as matches of its length are
 
 Asked for a tree (tree_width > 1), a greedy session of a feature draft proposes a draft tree
 (specd.tree) instead of a chain: the draft grows it level by level, one forward pass per level
-over several tokens under a tree mask, and keeps the tokens the stop rule says pay.
+over several tokens under a tree mask, continues any candidate whose text repeats the session's
+with the tokens prompt lookup copies, and keeps the tokens the stop rule says pay.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ class _TreeNode:
     parent: int  # index into the candidate list, or ROOT
     depth: int
     survival: float
-    prob: float  # the draft's probability of the token
+    prob: float  # the draft's probability of the token (-1: only prompt lookup proposed it)
+    match: int = 0  # > 0: prompt lookup proposed it, after a match of this many tokens
     g: torch.Tensor | None = None  # the draft's feature after it, once computed
     row: int = -1  # its speculative row in the draft's cache, once computed
 
@@ -168,10 +170,10 @@ class Drafter(ModelWorker):
         if session.lookup is not None:
             session.lookup.extend(append)
         started = time.perf_counter()
-        if tree_width > 1 and isinstance(state, FeatureSession) and self._branches(session):
+        if tree_width > 1 and isinstance(state, FeatureSession) and session.params.greedy:
             state.catch_up(session.committed)
             if state.last is not None:
-                return self._propose_tree(state, k, stop, tree_width, started)
+                return self._propose_tree(state, session, k, stop, tree_width, started)
         steps = self._feature_steps(state, session.committed) if isinstance(state, FeatureSession) else (
             self._token_steps(session)
         )
@@ -223,34 +225,29 @@ class Drafter(ModelWorker):
             lookup_lengths=lookup_lengths, confidences=confidences, model_steps=model_steps,
         )
 
-    @staticmethod
-    def _branches(session: WorkerSession) -> bool:
-        """Whether this round's block may be a tree: greedy sessions whose text does not repeat at
-        this point (a block that starts with a copy stays a chain, so prompt lookup can extend it)."""
-        if not session.params.greedy:
-            return False
-        lookup = session.lookup
-        return lookup is None or lookup.match(session.committed[-lookup.max_n :]) is None
-
     def _propose_tree(
-        self, state: FeatureSession, k: int, stop: StopRule | None, width: int, started: float
+        self, state: FeatureSession, session: WorkerSession, k: int, stop: StopRule | None, width: int,
+        started: float,
     ) -> DraftProposal:
         """The best tree of at most k tokens by survival (the chance a token is reached and accepted).
 
         A token's expected acceptance is the stop rule's: for the draft's top choice at a position,
-        by the confidence there; for an alternative, by its own probability. Its survival is that
-        times its parent's. Level by level, the draft computes the children of the `width` most
-        likely tokens of the level whose survival reaches the rule's extend threshold and that can
-        still be among the k best, in one forward pass per level. The block is then the k tokens
-        of highest survival above min_survival; a child's survival never exceeds its parent's, so
-        every kept token's parent is kept too."""
-        nodes, steps = self._grow_tree(state, k, stop, width)
+        by the confidence there; for an alternative, by its own probability; for a token copied by
+        prompt lookup (which continues any candidate whose text repeats the session's, at no model
+        cost), by the length of its match. Its survival is that times its parent's. Level by
+        level, the draft computes the children of the `width` most likely tokens of the level whose
+        survival reaches the rule's extend threshold and that can still be among the k best, in
+        one forward pass per level. The block is then the k tokens of highest survival above
+        min_survival; a child's survival never exceeds its parent's, so every kept token's parent
+        is kept too."""
+        nodes, steps = self._grow_tree(state, session, k, stop, width)
         keep_at = stop.min_survival if stop is not None else 0.0
         chosen = sorted(
             (i for i, node in enumerate(nodes) if node.survival >= keep_at),
             key=lambda i: (-nodes[i].survival, nodes[i].depth, i),
         )[:k]
-        # Output order: by depth, then by parent, siblings by descending probability.
+        # Output order: by depth, then by parent; siblings the model offered first, by descending
+        # probability, then copied ones.
         order: list[int] = []
         index = {ROOT: ROOT}
         for depth in range(1, max((nodes[i].depth for i in chosen), default=0) + 1):
@@ -259,21 +256,58 @@ class Drafter(ModelWorker):
                 index[i] = len(order)
                 order.append(i)
         parents = [index[nodes[i].parent] for i in order]
+        copied = [n for n, i in enumerate(order) if nodes[i].match]
         return DraftProposal(
             tokens=[nodes[i].token for i in order], distributions=[], seconds=time.perf_counter() - started,
-            confidences=[nodes[i].prob for i in order], model_steps=steps,
+            looked_up=copied, lookup_lengths=[nodes[order[n]].match for n in copied],
+            confidences=[max(0.0, nodes[i].prob) if not nodes[i].match else 1.0 for i in order], model_steps=steps,
             parents=[] if tree.is_chain(parents) else parents,
         )
 
     def _grow_tree(
-        self, state: FeatureSession, k: int, stop: StopRule | None, width: int
+        self, state: FeatureSession, session: WorkerSession, k: int, stop: StopRule | None, width: int
     ) -> tuple[list["_TreeNode"], int]:
-        """Every candidate token the levels offered, and the number of forward passes that took."""
+        """Every candidate token, and the number of forward passes that took."""
         extend_at = stop.extend_threshold if stop is not None else 0.0
+        keep_at = stop.min_survival if stop is not None else 0.0
+        # The most a model-proposed child can be expected to be accepted (calibrations are non-decreasing).
+        ceiling = max(stop.expected_acceptance(1.0), stop.alternative_expected(1.0, 1.0)) if stop is not None else 1.0
         nodes: list[_TreeNode] = []
+        children: dict[int, dict[int, int]] = {}  # candidate -> its children's token -> their index
+        copied: dict[int, bool] = {}  # candidates that prompt lookup continues
 
-        def offer(parent: int, logits: torch.Tensor, survival: float, depth: int) -> list[int]:
-            """The `width` likeliest children of `parent` as candidates; returns their indices."""
+        def add(parent: int, token: int, expected: float, prob: float, match: int = 0) -> int | None:
+            """A candidate child of `parent` (a token already offered there keeps the higher survival)."""
+            survival = (1.0 if parent == ROOT else nodes[parent].survival) * expected
+            known = children.setdefault(parent, {}).get(token)
+            copied[parent] = copied.get(parent, False) or match > 0
+            if known is not None:
+                nodes[known].survival = max(nodes[known].survival, survival)
+                nodes[known].prob = max(nodes[known].prob, prob)
+                return None
+            depth = 1 if parent == ROOT else nodes[parent].depth + 1
+            children[parent][token] = len(nodes)
+            nodes.append(_TreeNode(token, parent, depth, survival, prob, match))
+            return len(nodes) - 1
+
+        def copy(start: int) -> None:
+            """Tokens prompt lookup continues `start` with, each after the last, while they may be kept."""
+            lookup = session.lookup
+            node: int | None = start
+            while lookup is not None and node is not None:
+                path = [nodes[a].token for a in reversed(_ancestors(nodes, node))]
+                if (nodes[node].depth if node != ROOT else 0) >= k:
+                    return
+                found = lookup.match((session.committed[-lookup.max_n :] + path)[-lookup.max_n :])
+                if found is None:
+                    return
+                token, length = found
+                node = add(node, token, stop.lookup_expected(length) if stop is not None else 1.0, -1.0, length)
+                if node is not None and nodes[node].survival < keep_at:
+                    return
+
+        def offer(parent: int, logits: torch.Tensor) -> None:
+            """The `width` likeliest children of `parent` as the model sees them, each continued by lookup."""
             top = torch.topk(torch.softmax(logits[: self._head_size].float(), dim=-1), min(width, self._head_size))
             probs, rows = top.values.tolist(), top.indices.tolist()
             for rank, (prob, row) in enumerate(zip(probs, rows)):
@@ -283,30 +317,36 @@ class Drafter(ModelWorker):
                     expected = stop.expected_acceptance(prob)
                 else:
                     expected = stop.alternative_expected(prob, probs[0])
-                nodes.append(_TreeNode(self._token_id(row), parent, depth, survival * expected, prob))
-            return list(range(len(nodes) - len(probs), len(nodes)))
+                added = add(parent, self._token_id(row), expected, prob)
+                if added is not None:
+                    copy(added)
 
         root_g, root_logits = state.last
-        frontier = offer(ROOT, root_logits, 1.0, 1)
+        copy(ROOT)
+        offer(ROOT, root_logits)
         computed = steps = 0  # speculative rows in the draft's cache; forward passes
-        while frontier:
-            # A child never beats its parent, so only a token above the k-th best survival so far can add one.
+        for depth in range(1, k):
+            # Computing a token's children pays only if one of them could be among the k best so far.
             ranked = sorted((node.survival for node in nodes), reverse=True)
             kth = ranked[k - 1] if len(ranked) >= k else -1.0
-            expand = [i for i in frontier if nodes[i].survival >= extend_at and nodes[i].survival > kth]
-            expand = sorted((i for i in expand if nodes[i].depth < k), key=lambda i: -nodes[i].survival)[:width]
+            # As in a chain, the model does not run where a copy already continues the text.
+            level = [
+                i for i, node in enumerate(nodes)
+                if node.depth == depth and node.survival >= extend_at and node.survival * ceiling > kth
+                and (node.parent == ROOT or nodes[node.parent].g is not None) and not copied.get(i)
+            ]
+            expand = sorted(level, key=lambda i: -nodes[i].survival)[:width]
             if not expand:
                 break
             features = [root_g[0] if nodes[i].parent == ROOT else nodes[nodes[i].parent].g for i in expand]
             sees = [[nodes[a].row for a in _ancestors(nodes, nodes[i].parent)] for i in expand]
             g, logits = state.tree_step(
-                torch.stack(features), [nodes[i].token for i in expand], [nodes[i].depth for i in expand], sees
+                torch.stack(features), [nodes[i].token for i in expand], [depth] * len(expand), sees
             )
             steps += 1
-            frontier = []
             for row, i in enumerate(expand):
                 nodes[i].g, nodes[i].row = g[row], computed + row
-                frontier += offer(i, logits[row], nodes[i].survival, nodes[i].depth + 1)
+                offer(i, logits[row])
             computed += len(expand)
         return nodes, steps
 

@@ -185,3 +185,37 @@ def test_the_policy_learns_from_tree_rounds():
     stats = SpeculationStats()
     stats.record(round)
     assert stats.drafted == 4 and stats.accepted == 2 and stats.drafted_per_position == [1, 1]
+
+
+def test_trees_carry_prompt_lookup_copies(pair):
+    """A branch whose text repeats the session's is continued by the copy, at no model step, and the
+    policy counts the copies it tested by their match length."""
+    oracle_model, draft_model = pair
+    verifier = Verifier(oracle_model, **LIMITS)
+    drafter = Drafter(draft_model, lookup_ngram=(3, 8), **LIMITS)
+    span = [40, 41, 42, 43, 44, 45, 46, 47]
+    prompt = [3, 4, 5] + span + [60, 61] + span[:3]
+    opened = verifier.open("s", prompt, SamplingParams(), return_features=True)
+    drafter.open("s", prompt, SamplingParams(), features=opened.features)
+    # Copies trusted far above the model's guesses: the block is the copy, and the model never runs.
+    trusted = StopRule(min_survival=0.01, calibration=(0.3,), lookup_by_length=(0.9,) * 8)
+    proposal = drafter.propose("s", [], 0, 5, stop=trusted, tree_width=2)
+    assert proposal.tokens == span[3:8] and proposal.looked_up == [0, 1, 2, 3, 4] and proposal.parents == []
+    assert proposal.model_steps == 0 and proposal.lookup_lengths == [3, 4, 5, 6, 7]
+    # Copies trusted about as much as the model: a tree with both.
+    rule = StopRule(min_survival=0.01, calibration=(0.3,), lookup_by_length=(0.5,) * 8)
+    proposal = drafter.propose("s", [], 0, 6, stop=rule, tree_width=2)
+    copied = [proposal.tokens[i] for i in proposal.looked_up]
+    assert copied[:2] == span[3:5] and proposal.parents  # the copy chain, root side first, beside the model's
+    assert all(proposal.confidences[i] == 1.0 for i in proposal.looked_up)
+    result = verifier.verify("s", proposal.tokens, [], 0, proposal.parents)
+    round = RoundObservation(
+        k=len(proposal.tokens), accepted=result.verdict.accepted, draft_seconds=0.0, verify_seconds=0.0,
+        lookup_positions=tuple(proposal.looked_up), lookup_lengths=tuple(proposal.lookup_lengths),
+        confidences=tuple(proposal.confidences), parents=tuple(proposal.parents), path=tuple(result.path),
+    )
+    tested = round.tested_lookups()
+    assert tested and tested[0][0] >= 3  # the first copy follows the committed sequence: always tested
+    on_path = sum(i in result.path for i in proposal.looked_up)
+    assert sum(hit for _, hit in tested) == on_path
+    assert all(i not in proposal.looked_up for i, _, _ in round.tested_top_choices())

@@ -64,7 +64,8 @@ class DraftProposal:
     seconds: float
     looked_up: list[int] = field(default_factory=list)  # positions proposed by prompt lookup, not the model
     lookup_lengths: list[int] = field(default_factory=list)  # per looked-up position: its match's length
-    confidences: list[float] = field(default_factory=list)  # per token: the top probability where it was drawn
+    # Per token: the top probability where it was drawn (in a tree: the token's own probability); 1 if copied.
+    confidences: list[float] = field(default_factory=list)
     model_steps: int = 0  # positions the model computed, kept or not (for a tree: its forward passes)
     parents: list[int] = field(default_factory=list)  # a draft tree's (specd.tree); empty for a chain
 
@@ -260,8 +261,8 @@ class Drafter(ModelWorker):
         return DraftProposal(
             tokens=[nodes[i].token for i in order], distributions=[], seconds=time.perf_counter() - started,
             looked_up=copied, lookup_lengths=[nodes[order[n]].match for n in copied],
-            confidences=[max(0.0, nodes[i].prob) if not nodes[i].match else 1.0 for i in order], model_steps=steps,
-            parents=[] if tree.is_chain(parents) else parents,
+            confidences=[1.0 if nodes[i].match else nodes[i].prob for i in order],
+            model_steps=steps, parents=[] if tree.is_chain(parents) else parents,
         )
 
     def _grow_tree(
@@ -271,19 +272,24 @@ class Drafter(ModelWorker):
         extend_at = stop.extend_threshold if stop is not None else 0.0
         keep_at = stop.min_survival if stop is not None else 0.0
         # The most a model-proposed child can be expected to be accepted (calibrations are non-decreasing).
-        ceiling = max(stop.expected_acceptance(1.0), stop.alternative_expected(1.0, 1.0)) if stop is not None else 1.0
+        ceiling = 1.0
+        if stop is not None:
+            ceiling = max(stop.expected_acceptance(1.0), stop.alternative_expected(1.0, 1.0))
         nodes: list[_TreeNode] = []
         children: dict[int, dict[int, int]] = {}  # candidate -> its children's token -> their index
         copied: dict[int, bool] = {}  # candidates that prompt lookup continues
 
         def add(parent: int, token: int, expected: float, prob: float, match: int = 0) -> int | None:
-            """A candidate child of `parent` (a token already offered there keeps the higher survival)."""
+            """A candidate child of `parent`. A token both the model and a copy offer there counts as proposed
+            by the one that expects more of it."""
             survival = (1.0 if parent == ROOT else nodes[parent].survival) * expected
             known = children.setdefault(parent, {}).get(token)
             copied[parent] = copied.get(parent, False) or match > 0
             if known is not None:
-                nodes[known].survival = max(nodes[known].survival, survival)
-                nodes[known].prob = max(nodes[known].prob, prob)
+                node = nodes[known]
+                if survival > node.survival:
+                    node.survival, node.match = survival, match
+                node.prob = max(node.prob, prob)
                 return None
             depth = 1 if parent == ROOT else nodes[parent].depth + 1
             children[parent][token] = len(nodes)

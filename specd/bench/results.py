@@ -14,7 +14,7 @@ ORACLE_ALONE = "specd-k0"
 ADAPTIVE = "specd-adaptive"
 ADAPTIVE_MODEL_ONLY = "specd-adaptive-no-lookup"  # the same, prompt lookup off in coordinator and draft
 ADAPTIVE_FIXED_BLOCKS = "specd-adaptive-no-stop-rule"  # the same, blocks of the modelled best k (no stop rule)
-ADAPTIVE_TREES = "specd-adaptive-trees"  # the same, with draft trees (goodput:tree_width=4)
+ADAPTIVE_CHAINS = "specd-adaptive-chains"  # the same, draft trees off (goodput:tree_width=0)
 HF_PLAIN = "transformers-generate"
 HF_ASSISTED = "transformers-assisted"
 

@@ -33,7 +33,7 @@ from specd.bench.results import (
     ADAPTIVE,
     ADAPTIVE_FIXED_BLOCKS,
     ADAPTIVE_MODEL_ONLY,
-    ADAPTIVE_TREES,
+    ADAPTIVE_CHAINS,
     HF_ASSISTED,
     HF_PLAIN,
     ORACLE_ALONE,
@@ -86,13 +86,13 @@ def speed_configs(max_depth: int, with_transformers: bool, model_only: bool = Fa
                 ADAPTIVE_FIXED_BLOCKS, "specd, adaptive, no stop rule (blocks of the modelled best k)", "specd",
                 policy=FIXED_BLOCKS_POLICY,
             ),
-            Config(ADAPTIVE_TREES, "specd, adaptive, draft trees (tree_width=4)", "specd", policy=TREES_POLICY),
+            Config(ADAPTIVE_CHAINS, "specd, adaptive, chains only (no draft trees)", "specd", policy=CHAINS_POLICY),
         ]
     return configs
 
 
 FIXED_BLOCKS_POLICY = "goodput:confidence_stop=0"
-TREES_POLICY = "goodput:tree_width=4"  # greedy blocks may branch (sampled sessions keep chains)
+CHAINS_POLICY = "goodput:tree_width=0"  # the default policy with draft trees off
 
 
 @dataclass

@@ -26,7 +26,7 @@ QUICK_DELAYS = [0.0, 50.0]
 CLIENTS = [1, 4, 8]
 SPEED_KEYS = [
     "transformers-generate", "transformers-assisted", *[f"specd-k{k}" for k in range(9)], "specd-adaptive",
-    "specd-adaptive-no-lookup", "specd-adaptive-no-stop-rule", "specd-adaptive-trees",
+    "specd-adaptive-no-lookup", "specd-adaptive-no-stop-rule", "specd-adaptive-chains",
 ]
 
 

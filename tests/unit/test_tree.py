@@ -161,10 +161,10 @@ def test_sampled_sessions_get_chains(pair):
 
 
 def test_the_policy_learns_from_tree_rounds():
-    policy = make_policy("goodput:tree_width=4", 8)
+    policy = make_policy("goodput", 8)
     assert policy.tree_width() == 4
-    assert make_policy("goodput", 8).tree_width() == 0
-    assert make_policy("goodput:tree_width=4,confidence_stop=0", 8).tree_width() == 0
+    assert make_policy("goodput:tree_width=0", 8).tree_width() == 0
+    assert make_policy("goodput:tree_width=3,confidence_stop=0", 8).tree_width() == 0
     with pytest.raises(ValueError, match="tree_width"):
         make_policy("goodput:tree_width=17", 8)
     # root -> 0 (top), 1 (alternative); 1 -> 2 (top), 3 (alternative). The oracle took 1 then 2.

@@ -8,7 +8,8 @@ sequence, and continues its parent's text. The chain is the tree whose parents a
 Layout used by the draft, the oracle and the coordinator alike:
 - parents come before their children (parents[i] < i);
 - siblings appear in descending order of the draft's probability, so the first child of a node
-  is the draft's top choice there.
+  is the draft's top choice there; tokens that only prompt lookup proposed come after the
+  model's (the proposal lists them in its lookup positions).
 
 The oracle feeds every token of the block at once. Token i sits at the position its depth gives
 (depth 1 right after the committed sequence) and attends to the cached context, to the tokens

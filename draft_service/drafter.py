@@ -82,15 +82,6 @@ class _TreeNode:
     row: int = -1  # its speculative row in the draft's cache, once computed
 
 
-def _ancestors(nodes: list[_TreeNode], i: int) -> list[int]:
-    """Candidate i and its ancestors (ROOT: none)."""
-    path = []
-    while i != ROOT:
-        path.append(i)
-        i = nodes[i].parent
-    return path
-
-
 class Drafter(ModelWorker):
     def __init__(
         self, loaded: LoadedModel, *, proposal_top_n: int = 64, lookup_ngram: tuple[int, int] | None = None, **limits
@@ -301,9 +292,9 @@ class Drafter(ModelWorker):
             lookup = session.lookup
             node: int | None = start
             while lookup is not None and node is not None:
-                path = [nodes[a].token for a in reversed(_ancestors(nodes, node))]
                 if (nodes[node].depth if node != ROOT else 0) >= k:
                     return
+                path = [nodes[a].token for a in tree.ancestors([n.parent for n in nodes], node)]
                 found = lookup.match((session.committed[-lookup.max_n :] + path)[-lookup.max_n :])
                 if found is None:
                     return
@@ -345,7 +336,8 @@ class Drafter(ModelWorker):
             if not expand:
                 break
             features = [root_g[0] if nodes[i].parent == ROOT else nodes[nodes[i].parent].g for i in expand]
-            sees = [[nodes[a].row for a in _ancestors(nodes, nodes[i].parent)] for i in expand]
+            parents = [node.parent for node in nodes]
+            sees = [[nodes[a].row for a in tree.ancestors(parents, nodes[i].parent)] for i in expand]
             g, logits = state.tree_step(
                 torch.stack(features), [nodes[i].token for i in expand], [depth] * len(expand), sees
             )

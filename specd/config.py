@@ -39,13 +39,13 @@ class WorkerConfig(BaseSettings):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
     device: str = Field("cpu", description="Torch device: cpu, cuda or cuda:N.")
     torch_threads: int = Field(0, ge=0, description="Intra-op threads for torch (0 keeps torch's default).")
-    cpu_linear: Literal["auto", "packed", "dual", "stock"] = Field(
+    cpu_linear: Literal["auto", "onednn", "packed", "dual", "stock"] = Field(
         "auto",
-        description="float32 on CPU: 'packed' keeps each linear layer's weights in a second layout and in MKL's "
-        "packed form for blocks of 4, 6 and 9 rows, and picks the fastest kernel per call (verifying 4-9 tokens "
-        "gets 10-20% cheaper than with 'dual'; five times the linear weights' memory), 'dual' keeps the second layout "
-        "only (verifying 4-9 tokens gets about a quarter cheaper than with 'stock'; twice the memory), 'stock' keeps "
-        "torch's layers, 'auto' is 'packed' while the copies take at most 3 GiB, else 'dual' under that limit.",
+        description="float32 on CPU: how linear layers multiply (specd/cpu_linear.py). 'onednn' through oneDNN's "
+        "re-laid-out weights, 'packed' through a transposed copy and MKL packed copies for blocks of 4, 6 and 9 rows "
+        "(five times the weights' memory), 'dual' through a transposed copy, 'stock' keeps torch's layers; 'auto' "
+        "times 'onednn' and 'dual' on this machine at start-up (about 1 s for the default oracle) and keeps the "
+        "faster, while its copy takes at most 3 GiB.",
     )
     grouped_attention: bool = Field(
         True,

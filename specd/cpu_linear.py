@@ -1,41 +1,56 @@
 """Linear layers that keep their speed as a verify block grows, on CPU.
 
-On x86 CPUs torch's float32 matmul picks its kernel from the operands' memory layouts. With
-the weight stored as nn.Linear stores it ([out, in]), a product of 1-3 rows is fast and one of
-4 or more rows is several times slower per layer; with the weight stored transposed ([in, out])
-it is the other way round for 2-3 rows. Even with the better layout, 4-9 rows still cost about
-1.6x one row on the large layers. MKL's packed GEMM (the weight re-laid out once for a given
-row count, then multiplied with cblas_sgemm_compute) costs about the same for a block of 4-9
-rows as the best kernel does for one row.
+A verify pass multiplies a few rows (the block's tokens) by every weight of the model, so its
+cost is that of torch's float32 matmul for 1-9 rows, and which kernel is fast for that differs
+from one CPU to the next:
+- With MKL (torch's BLAS on x86) the kernel depends on the operands' memory layouts. With the
+  weight stored as nn.Linear stores it ([out, in]) a product of 1-3 rows was fast on an Intel
+  Xeon and one of 4 or more rows several times slower per layer; stored transposed ([in, out])
+  it was the other way round for 2-3 rows, and MKL's packed GEMM (the weight re-laid out once
+  for a given row count) cost about the same for 4-9 rows as the best kernel for one. On an AMD
+  EPYC the same MKL kernels read the weight once per row for 1-3 rows, so 2 rows cost twice one.
+- oneDNN (torch's other CPU library) multiplies by a weight it re-laid out once, with kernels it
+  generates for the CPU it runs on. On that AMD EPYC all 211 linear layers of the default
+  oracle took 17-20 ms for any block of 1-9 rows, against 25-54 ms with the best MKL layout per
+  row count, and 45 ms against 107 ms for a 45-token prompt.
 
-`CpuLinear` keeps the layouts a mode asks for and picks, per call, the fast one for that many
-rows:
-- 1 row, and more rows than the largest packed block (prefill): the [in, out] copy;
-- 2-3 rows: the [out, in] weight (torch's own);
-- 4 to 9 rows ("packed" mode): packed copies for 4, 6 and 9 rows; a block of 5, 7 or 8 rows is
-  padded with zero rows to the next one. Rows of a product are independent, so padding changes
-  no row. On the default oracle a forward pass of 4-9 tokens then costs 1.3-1.6x a one-token
-  step instead of 1.6-1.9x.
-Every path is the same arithmetic up to float rounding order. Memory: "dual" keeps one extra
-copy of every float32 linear weight, "packed" four.
+So the layer is a plan, and `auto` measures which plan is faster on the machine it runs on:
+- "onednn": every call through oneDNN's re-laid-out weight (one more copy of each weight);
+- "packed": 1 row and more rows than the largest packed block (prefill) through the [in, out]
+  copy, 2-3 rows through the [out, in] weight (torch's own), 4-9 rows through MKL packed
+  copies for 4, 6 and 9 rows (a block of 5, 7 or 8 rows is padded with zero rows to the next
+  one; rows of a product are independent, so padding changes no row); five copies in all;
+- "dual": as "packed" without the packed copies (4-9 rows through the [in, out] copy);
+- "stock": torch's nn.Linear.
+Every plan is the same arithmetic up to float rounding order. In the "onednn" plan a row's
+result does not depend on the other rows of its block, so a verified token gets the same
+logits as it would in a one-token step.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from typing import Iterable
 
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
 
-# Rows (tokens in a forward pass) for which the [out, in] layout is the faster one.
+# Rows (tokens in a forward pass) for which the [out, in] layout is the faster one under MKL.
 STOCK_LAYOUT_ROWS = (2, 3)
 # Row counts with a packed weight copy; a block of r rows (r >= 4) uses the smallest one >= r.
 PACKED_ROWS = (4, 6, 9)
 # "auto" keeps the extra copies only while they take at most this much.
 AUTO_LIMIT_BYTES = 3 << 30
-CPU_LINEAR_MODES = ("auto", "packed", "dual", "stock")
+CPU_LINEAR_MODES = ("auto", "onednn", "packed", "dual", "stock")
+PLANS = ("onednn", "packed", "dual")
+# Blocks "auto" times each plan on: verify blocks of 1-9 tokens, and a prompt's prefill.
+TIMED_ROWS = (1, 2, 4, 8, 32)
+TIMING_REPEATS = 2
+# Extra copies of every linear weight each plan keeps.
+PLAN_COPIES = {"onednn": 1, "packed": 1 + len(PACKED_ROWS), "dual": 1}
 
 
 def mkl_packed_available() -> bool:
@@ -46,21 +61,38 @@ def mkl_packed_available() -> bool:
         return False
 
 
-class CpuLinear(nn.Module):
-    """nn.Linear's y = x W^T + b with W held as [out, in], as a contiguous [in, out] copy, and
-    (packed_rows) as MKL packed copies for blocks of those many rows."""
+def onednn_available() -> bool:
+    """Whether this torch build can multiply by a weight oneDNN re-laid out (x86 and ARM builds can)."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        weight = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 2))
+        out = torch.ops.mkldnn._linear_pointwise(torch.ones(1, 2), weight, None, "none", [], "")
+        return out.shape == (1, 2)
+    except (AttributeError, RuntimeError):
+        return False
 
-    def __init__(self, linear: nn.Linear, packed_rows: tuple[int, ...] = ()):
+
+class CpuLinear(nn.Module):
+    """nn.Linear's y = x W^T + b computed by a plan (module docstring); W stays as [out, in]."""
+
+    def __init__(self, linear: nn.Linear, plan: str = "dual"):
         super().__init__()
+        if plan not in PLANS:
+            raise ValueError(f"cpu linear plan must be one of {', '.join(PLANS)}, got {plan!r}")
+        self.plan = plan
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
-        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-        # Opaque MKL tensors, not parameters: they never leave the CPU and are not saved.
-        self._packed = {rows: torch.ops.mkl._mkl_reorder_linear_weight(self.weight.detach(), rows) for rows in packed_rows}
+        weight = self.weight.detach()
+        # Opaque re-laid-out weights, not parameters: they never leave the CPU and are not saved.
+        self._onednn = torch.ops.mkldnn._reorder_linear_weight(weight) if plan == "onednn" else None
+        self.weight_t = None if plan == "onednn" else nn.Parameter(weight.t().contiguous(), requires_grad=False)
+        rows = PACKED_ROWS if plan == "packed" else ()
+        self._packed = {r: torch.ops.mkl._mkl_reorder_linear_weight(weight, r) for r in rows}
         self._block_rows: dict[int, int] = {}  # rows of a call -> rows of the packed copy it uses
-        for rows in range(max(STOCK_LAYOUT_ROWS) + 1, max(packed_rows, default=0) + 1):
-            self._block_rows[rows] = min(p for p in packed_rows if p >= rows)
+        for r in range(max(STOCK_LAYOUT_ROWS) + 1, max(rows, default=0) + 1):
+            self._block_rows[r] = min(p for p in rows if p >= r)
 
     @property
     def packed_rows(self) -> tuple[int, ...]:
@@ -68,6 +100,11 @@ class CpuLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if self._onednn is not None:
+            y = torch.ops.mkldnn._linear_pointwise(
+                x.reshape(rows, self.in_features), self._onednn, self.bias, "none", [], ""
+            )
+            return y.reshape(*x.shape[:-1], self.out_features)
         if rows in STOCK_LAYOUT_ROWS:
             return nn.functional.linear(x, self.weight, self.bias)
         block = self._block_rows.get(rows)
@@ -84,7 +121,7 @@ class CpuLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"packed_rows={self.packed_rows}"
+            f"plan={self.plan}"
         )
 
 
@@ -97,14 +134,41 @@ def _linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     ]
 
 
-def use_cpu_linear(model: nn.Module, mode: str = "auto") -> int:
-    """Swap the float32 nn.Linear layers of an inference model on CPU for CpuLinear.
+def auto_plans(weight_bytes: int, limit: int | None = None) -> list[str]:
+    """The plans "auto" chooses from: "onednn" where this torch build has it, and "dual", those whose
+    copies fit in `limit` bytes (AUTO_LIMIT_BYTES). "packed" is left to be asked for by name: its
+    copies take seconds to make for the default oracle, and oneDNN serves 4-9 rows as well."""
+    limit = AUTO_LIMIT_BYTES if limit is None else limit
+    plans = (["onednn"] if onednn_available() else []) + ["dual"]
+    return [p for p in plans if weight_bytes * PLAN_COPIES[p] <= limit]
 
-    mode: "packed" keeps the [in, out] copy and packed copies for verify blocks (where MKL is
-    there; else as "dual"), "dual" the [in, out] copy only, "stock" swaps nothing, "auto" is
-    "packed" while its copies take at most AUTO_LIMIT_BYTES, else "dual" under the same limit,
-    else "stock". Returns how many layers were swapped. Only for inference: the copies are made
-    once and never updated.
+
+def time_plans(layers: dict[str, list[CpuLinear]], rows: tuple[int, ...] = TIMED_ROWS) -> dict[str, float]:
+    """Seconds each plan's layers take to multiply blocks of `rows` rows by every weight in turn (as a
+    forward pass does, so weights come from memory, not from a warm cache): the sum over the block
+    sizes of the fastest of TIMING_REPEATS tries, the plans taking turns so that other work on the
+    machine weighs on each alike."""
+    sizes = {layer.in_features for plan_layers in layers.values() for layer in plan_layers}
+    inputs = {(n, r): torch.randn(r, n) for n in sizes for r in rows}
+    best = {(plan, r): float("inf") for plan in layers for r in rows}
+    with torch.inference_mode():
+        for _ in range(TIMING_REPEATS):
+            for plan, plan_layers in layers.items():
+                for r in rows:
+                    started = time.perf_counter()
+                    for layer in plan_layers:
+                        layer(inputs[(layer.in_features, r)])
+                    best[(plan, r)] = min(best[(plan, r)], time.perf_counter() - started)
+    return {plan: sum(best[(plan, r)] for r in rows) for plan in layers}
+
+
+def use_cpu_linear(model: nn.Module, mode: str = "auto") -> int:
+    """Swap the float32 nn.Linear layers of an inference model on CPU for CpuLinear of one plan.
+
+    mode: a plan ("onednn" where this build has oneDNN, "packed" where it has MKL, else either is
+    "dual"; "dual"), "stock" (swaps nothing), or "auto": of `auto_plans`, the one `time_plans`
+    finds fastest on this machine ("stock" when none fits). Returns how many
+    layers were swapped. Only for inference: the copies are made once and never updated.
     """
     if mode not in CPU_LINEAR_MODES:
         raise ValueError(f"cpu linear mode must be one of {', '.join(CPU_LINEAR_MODES)}, got {mode!r}")
@@ -113,24 +177,31 @@ def use_cpu_linear(model: nn.Module, mode: str = "auto") -> int:
         if item[2].weight.device.type == "cpu" and item[2].weight.dtype == torch.float32
     ]
     weight_bytes = sum(linear.weight.numel() * linear.weight.element_size() for _, _, linear in linears)
-    packed = mkl_packed_available()
-    if mode == "auto":
-        if packed and weight_bytes * (1 + len(PACKED_ROWS)) <= AUTO_LIMIT_BYTES:
-            mode = "packed"
-        elif weight_bytes <= AUTO_LIMIT_BYTES:
-            mode = "dual"
-        else:
-            mode = "stock"
-            if linears:
-                log.info("keeping torch's linear layers: a second layout would take %.0f MB", weight_bytes / 1e6)
-    if mode == "stock" or not linears:
+    plan = mode
+    if mode == "packed" and not mkl_packed_available():
+        plan = "dual"
+    if mode == "onednn" and not onednn_available():
+        log.warning("this torch build cannot run oneDNN's linear layers; keeping two layouts instead")
+        plan = "dual"
+    plans = auto_plans(weight_bytes) if mode == "auto" else [plan]
+    if not plans or plan == "stock" or not linears:
+        if linears and mode == "auto":
+            log.info("keeping torch's linear layers: a second layout would take %.0f MB", weight_bytes / 1e6)
         return 0
-    rows = PACKED_ROWS if mode == "packed" and packed else ()
-    for parent, name, linear in linears:
-        setattr(parent, name, CpuLinear(linear, rows))
-    copies = 1 + len(rows)
+    layers = {p: [CpuLinear(linear, p) for _, _, linear in linears] for p in plans}
+    if len(plans) > 1:
+        timings = time_plans(layers)
+        plan = min(plans, key=timings.__getitem__)
+        log.info(
+            "CPU linear plans timed on blocks of %s rows: %s",
+            ", ".join(map(str, TIMED_ROWS)), ", ".join(f"{p} {1000 * s:.0f} ms" for p, s in timings.items()),
+        )
+    else:
+        plan = plans[0]
+    for (parent, name, _), layer in zip(linears, layers[plan]):
+        setattr(parent, name, layer)
     log.info(
-        "CPU linear layers: %d swapped (packed blocks of %s rows), %.0f MB more weight memory",
-        len(linears), ", ".join(map(str, rows)) or "no", copies * weight_bytes / 1e6,
+        "CPU linear layers: %d swapped (plan %s), %.0f MB more weight memory",
+        len(linears), plan, PLAN_COPIES[plan] * weight_bytes / 1e6,
     )
     return len(linears)

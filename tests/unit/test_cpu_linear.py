@@ -1,4 +1,4 @@
-"""CPU linear layers: same outputs as nn.Linear for every block size, on a whole model too."""
+"""CPU linear layers: same outputs as nn.Linear for every plan and block size, on a whole model too."""
 
 from __future__ import annotations
 
@@ -9,33 +9,52 @@ from torch import nn
 
 from specd import cpu_linear
 from specd.config import OracleConfig
-from specd.cpu_linear import PACKED_ROWS, CpuLinear, mkl_packed_available, use_cpu_linear
+from specd.cpu_linear import (
+    PACKED_ROWS, CpuLinear, auto_plans, mkl_packed_available, onednn_available, time_plans, use_cpu_linear,
+)
 from specd.kv import KVSession
 from specd.tiny import build_model
 
 needs_mkl = pytest.mark.skipif(not mkl_packed_available(), reason="this torch build has no MKL packed GEMM")
+needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linear")
 
 
-def _packed_rows() -> tuple[int, ...]:
-    return PACKED_ROWS if mkl_packed_available() else ()
+def _plans() -> list[str]:
+    """The plans this torch build can run ("packed" without MKL would be "dual")."""
+    return ["dual"] + (["packed"] if mkl_packed_available() else []) + (["onednn"] if onednn_available() else [])
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 10, 17])
-def test_matches_nn_linear_for_every_row_count(rows, bias):
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 4, 5, 8, 9, 10, 17])
+def test_matches_nn_linear_for_every_plan_and_row_count(rows, bias):
     torch.manual_seed(rows)
     linear = nn.Linear(48, 80, bias=bias)
-    for layer in (CpuLinear(linear), CpuLinear(linear, _packed_rows())):
-        for x in (torch.randn(1, rows, 48), torch.randn(rows, 48), torch.randn(2, rows, 48)):
+    for plan in _plans():
+        layer = CpuLinear(linear, plan)
+        x_t = torch.randn(48, rows).t()  # not contiguous
+        for x in (torch.randn(1, rows, 48), torch.randn(rows, 48), torch.randn(2, rows, 48), x_t):
             torch.testing.assert_close(layer(x), linear(x), rtol=1e-5, atol=1e-5)
-        assert layer.weight.shape == linear.weight.shape and not layer.weight_t.requires_grad
+        assert layer.weight.shape == linear.weight.shape and not layer.weight.requires_grad
+        assert layer.plan == plan
+
+
+@needs_onednn
+def test_onednn_rows_do_not_depend_on_their_block():
+    """A token verified in a block gets exactly the result of a one-token step."""
+    torch.manual_seed(0)
+    layer = CpuLinear(nn.Linear(64, 96), "onednn")
+    block = torch.randn(9, 64)
+    full = layer(block)
+    for rows in range(1, 10):
+        assert torch.equal(layer(block[:rows]), full[:rows])
+    assert torch.equal(layer(block[4:5]), full[4:5])
 
 
 @needs_mkl
 def test_packed_blocks_do_not_depend_on_padding():
     """A row's result is the same whether its block is padded or not, and whatever else is in it."""
     torch.manual_seed(0)
-    layer = CpuLinear(nn.Linear(64, 96, bias=False), PACKED_ROWS)
+    layer = CpuLinear(nn.Linear(64, 96, bias=False), "packed")
     block = torch.randn(9, 64)
     full = layer(block)
     for rows in range(4, 10):
@@ -46,7 +65,7 @@ def test_packed_blocks_do_not_depend_on_padding():
     assert layer.packed_rows == PACKED_ROWS
 
 
-@pytest.mark.parametrize("mode", ["dual", "packed"])
+@pytest.mark.parametrize("mode", ["dual", "packed", "onednn", "auto"])
 def test_a_model_keeps_its_logits_and_greedy_path(mode):
     reference = build_model(384, seed=3, layers=2, hidden=64, max_context=256).eval()
     model = build_model(384, seed=3, layers=2, hidden=64, max_context=256).eval()
@@ -54,9 +73,10 @@ def test_a_model_keeps_its_logits_and_greedy_path(mode):
     assert use_cpu_linear(model, mode) == linears > 0
     assert not any(type(m) is nn.Linear for m in model.modules())
     head = model.get_output_embeddings()
-    assert head.packed_rows == (_packed_rows() if mode == "packed" else ())
+    plans = {"packed": "packed" if mkl_packed_available() else "dual", "onednn": "onednn" if onednn_available() else "dual"}
+    assert head.plan == plans.get(mode, mode) or mode == "auto" and head.plan in auto_plans(1)
+    assert head.packed_rows == (PACKED_ROWS if head.plan == "packed" else ())
     torch.testing.assert_close(head.weight, reference.get_output_embeddings().weight)
-    torch.testing.assert_close(head.weight_t.t(), head.weight)
 
     prompt = [5, 17, 42, 99, 7, 3]
     sessions = [KVSession(m, torch.device("cpu")) for m in (reference, model)]
@@ -81,23 +101,44 @@ def test_modes(monkeypatch):
     def fresh() -> nn.Module:
         return build_model(384, seed=3, layers=1, hidden=32, max_context=64)
 
-    def head_rows(model: nn.Module) -> tuple[int, ...]:
-        return model.get_output_embeddings().packed_rows
+    def head_plan(model: nn.Module) -> str:
+        return model.get_output_embeddings().plan
 
     assert use_cpu_linear(fresh(), "stock") == 0
     size = _weight_bytes(fresh())
     monkeypatch.setattr(cpu_linear, "AUTO_LIMIT_BYTES", size - 1)
     assert use_cpu_linear(fresh(), "auto") == 0  # even one copy would exceed the limit
-    monkeypatch.setattr(cpu_linear, "AUTO_LIMIT_BYTES", size)
-    model = fresh()
-    assert use_cpu_linear(model, "auto") > 0 and head_rows(model) == ()  # room for the second layout only
     monkeypatch.undo()
     model = fresh()
-    assert use_cpu_linear(model, "auto") > 0 and head_rows(model) == _packed_rows()
+    assert use_cpu_linear(model, "dual") > 0 and head_plan(model) == "dual"
     model = fresh()
-    assert use_cpu_linear(model, "dual") > 0 and head_rows(model) == ()
+    assert use_cpu_linear(model, "packed") > 0 and head_plan(model) == ("packed" if mkl_packed_available() else "dual")
     with pytest.raises(ValueError, match="cpu linear mode"):
         use_cpu_linear(fresh(), "fast")
     with pytest.raises(ValidationError):
         OracleConfig(cpu_linear="fast")
-    assert OracleConfig(cpu_linear="packed").cpu_linear == "packed"
+    assert OracleConfig(cpu_linear="onednn").cpu_linear == "onednn"
+
+
+@needs_onednn
+def test_auto_takes_the_plan_it_timed_fastest(monkeypatch):
+    def fresh() -> nn.Module:
+        return build_model(384, seed=3, layers=1, hidden=32, max_context=64)
+
+    assert auto_plans(_weight_bytes(fresh())) == ["onednn", "dual"]
+    for fastest in ("onednn", "dual"):
+        timed: list[list[str]] = []
+
+        def fake(layers, fastest=fastest):
+            timed.append(list(layers))
+            assert all(layer.plan == plan for plan, plan_layers in layers.items() for layer in plan_layers)
+            return {plan: 0.0 if plan == fastest else 1.0 for plan in layers}
+
+        monkeypatch.setattr(cpu_linear, "time_plans", fake)
+        model = fresh()
+        assert use_cpu_linear(model, "auto") > 0
+        assert timed == [["onednn", "dual"]]
+        assert {m.plan for m in model.modules() if isinstance(m, CpuLinear)} == {fastest}
+    monkeypatch.undo()
+    timings = time_plans({plan: [CpuLinear(nn.Linear(32, 48), plan)] for plan in ("onednn", "dual")}, rows=(1, 4))
+    assert set(timings) == {"onednn", "dual"} and all(t > 0 for t in timings.values())

@@ -9,7 +9,7 @@ from specd.server import ModelExecutor
 from specd.worker_service import load_for
 
 
-def build_servicer(config: DraftConfig) -> DraftServicer:
+def build_servicer(config: DraftConfig, executor: ModelExecutor) -> DraftServicer:
     drafter = Drafter(
         load_for(config),
         proposal_top_n=config.proposal_top_n,
@@ -18,4 +18,4 @@ def build_servicer(config: DraftConfig) -> DraftServicer:
         session_ttl_seconds=config.session_ttl_seconds,
         max_depth=config.max_depth,
     )
-    return DraftServicer(drafter, ModelExecutor("draft-model"), config)
+    return DraftServicer(drafter, executor, config)

@@ -9,11 +9,11 @@ from specd.server import ModelExecutor
 from specd.worker_service import load_for
 
 
-def build_servicer(config: OracleConfig) -> OracleServicer:
+def build_servicer(config: OracleConfig, executor: ModelExecutor) -> OracleServicer:
     verifier = Verifier(
         load_for(config),
         max_sessions=config.max_sessions,
         session_ttl_seconds=config.session_ttl_seconds,
         max_depth=config.max_depth,
     )
-    return OracleServicer(verifier, ModelExecutor("oracle-model"), config)
+    return OracleServicer(verifier, executor, config)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import DynamicCache
@@ -40,7 +41,7 @@ from specd.kv import SessionCache
 
 # Features travel as little-endian float16, row-major [rows, dim]: the draft only conditions on
 # them, so their precision affects acceptance, never the output.
-WIRE_DTYPE = torch.float16
+WIRE_DTYPE = "<f2"
 
 
 class FeatureDraftModel(nn.Module):
@@ -206,9 +207,15 @@ class FeatureSession:
             self.cache.crop(-drop)
 
 
+# The conversions below run on a worker's event loop, so they use numpy rather than torch: a torch
+# op on a large tensor there would start a second team of OpenMP threads in the process, which
+# slows every op of the model thread (specd/local.py).
 def features_to_bytes(rows: torch.Tensor) -> bytes:
     """[n, H] float tensor -> the wire format (float16, little-endian, row-major)."""
-    return rows.detach().to("cpu", WIRE_DTYPE).contiguous().numpy().astype("<f2", copy=False).tobytes()
+    rows = rows.detach()
+    if rows.device.type != "cpu" or rows.dtype not in (torch.float32, torch.float16):
+        rows = rows.to("cpu", torch.float32)
+    return np.ascontiguousarray(rows.numpy(), dtype=WIRE_DTYPE).tobytes()
 
 
 def features_from_bytes(data: bytes, rows: int, dim: int) -> torch.Tensor:
@@ -217,4 +224,4 @@ def features_from_bytes(data: bytes, rows: int, dim: int) -> torch.Tensor:
         raise InvalidArgument(f"features payload of {len(data)} bytes does not hold {rows} rows of width {dim}")
     if not rows:
         return torch.zeros(0, dim)
-    return torch.frombuffer(bytearray(data), dtype=WIRE_DTYPE).view(rows, dim).float()
+    return torch.from_numpy(np.frombuffer(data, dtype=WIRE_DTYPE).reshape(rows, dim).astype(np.float32))

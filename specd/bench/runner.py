@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import os
 import platform
 import signal
@@ -33,6 +34,7 @@ from specd.bench.sections import (
 from specd.bench.stack import BenchStack, StackSettings
 from specd.config import DraftConfig
 from specd.models import DRAFT_ARTIFACT_MANIFEST, LoadedModel, load_model, resolve_source
+from specd.server import ModelExecutor
 
 SECTIONS = ("speed", "sampled", "rtt", "concurrency")
 
@@ -187,14 +189,18 @@ async def run_bench(options: BenchOptions) -> BenchResults:
     async with BenchStack(settings) as stack:
         results.section_seconds["start"] = time.perf_counter() - started
         cancel_on_signals()
-        oracle = await asyncio.to_thread(load_model, options.oracle)
+        # One thread loads and runs the in-process models, as in a worker (specd/local.py): torch work on
+        # several threads would give each its own OpenMP team and slow all of them.
+        models = ModelExecutor("bench-models")
+        await models.run(torch.set_num_threads, options.threads)
+        oracle = await models.run(load_model, options.oracle)
         baselines = None
         if with_transformers:
             assistant, layers = (options.assistant, options.assistant_layers) if options.assistant else (
                 options.draft, options.draft_layers
             )
-            draft = await asyncio.to_thread(load_model, assistant, layers=layers)
-            baselines = TransformersBaselines(oracle, draft)
+            draft = await models.run(functools.partial(load_model, assistant, layers=layers))
+            baselines = await models.run(TransformersBaselines, oracle, draft)
             results.setup["transformers_assisted"] = baselines.settings()
         with tqdm(total=planned_requests(options, prompts, with_transformers), desc="specd bench", unit="req") as progress:
             ctx = BenchContext(
@@ -206,6 +212,7 @@ async def run_bench(options: BenchOptions) -> BenchResults:
                 max_depth=options.max_depth,
                 seed=options.seed,
                 progress=progress,
+                models=models,
             )
             sections = {
                 "speed": lambda: speed_section(ctx, 0.0, passes=options.passes),
@@ -219,7 +226,8 @@ async def run_bench(options: BenchOptions) -> BenchResults:
                     setattr(results, name, await sections[name]())
                     results.section_seconds[name] = time.perf_counter() - section_started
         if baselines is not None:
-            baselines.close()
+            await models.run(baselines.close)
+        models.shutdown()
     results.goals = check_goals(results)
     results.machine["load_average_at_end"] = list(os.getloadavg())
     results.duration_seconds = time.perf_counter() - started

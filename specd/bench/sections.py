@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import time
 from collections.abc import Callable
@@ -48,6 +49,7 @@ from specd.bench.results import (
 )
 from specd.bench.stack import BenchStack
 from specd.client import AsyncSpecdClient, Result
+from specd.server import ModelExecutor
 
 REQUEST_TIMEOUT_SECONDS = 900.0
 WARMUP_SHORT_TOKENS = 16
@@ -105,6 +107,7 @@ class BenchContext:
     max_depth: int
     seed: int
     progress: tqdm
+    models: ModelExecutor  # the one thread that loads and runs the transformers baselines
 
     def step(self, what: str) -> None:
         self.progress.set_postfix_str(what, refresh=False)
@@ -157,10 +160,10 @@ async def baseline_request(
     ctx: BenchContext, prompt: BenchPrompt, *, assisted: bool, temperature: float, seed: int, max_tokens: int | None = None
 ) -> tuple[RequestRecord, list[int]]:
     assert ctx.baselines is not None
-    run = await asyncio.to_thread(
+    run = await ctx.models.run(functools.partial(
         ctx.baselines.generate, ctx.prompt_ids[prompt.id], assisted=assisted,
         max_tokens=max_tokens or ctx.max_tokens, temperature=temperature, seed=seed,
-    )
+    ))
     drafted = sum(run.depths)
     record = RequestRecord(
         prompt_id=prompt.id,

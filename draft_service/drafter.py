@@ -326,11 +326,22 @@ class Drafter(ModelWorker):
             # Computing a token's children pays only if one of them could be among the k best so far.
             ranked = sorted((node.survival for node in nodes), reverse=True)
             kth = ranked[k - 1] if len(ranked) >= k else -1.0
-            # As in a chain, the model does not run where a copy already continues the text.
+
+            def pays(i: int) -> bool:
+                return nodes[i].survival >= extend_at and nodes[i].survival * ceiling > kth
+
+            def copy_end(i: int) -> int:
+                """The last token of the copied span that continues `i` (`i` itself when none does)."""
+                while copied.get(i) and nodes[i].g is None and len(children[i]) == 1:
+                    i = next(iter(children[i].values()))
+                return i
+
+            # As in a chain, the model runs along a copied span only to continue after its end: a token
+            # a copy continues is computed when the span's last token is worth continuing.
             level = [
                 i for i, node in enumerate(nodes)
-                if node.depth == depth and node.survival >= extend_at and node.survival * ceiling > kth
-                and (node.parent == ROOT or nodes[node.parent].g is not None) and not copied.get(i)
+                if node.depth == depth and pays(i) and (node.parent == ROOT or nodes[node.parent].g is not None)
+                and (not copied.get(i) or (pays(end := copy_end(i)) and nodes[end].depth < k))
             ]
             expand = sorted(level, key=lambda i: -nodes[i].survival)[:width]
             if not expand:

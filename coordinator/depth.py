@@ -47,8 +47,8 @@ draft also offers up to w - 1 alternatives per position, and the same stop rule 
 whose chance of being reached and accepted pays for its verified row, so alternatives appear
 where the draft is unsure and the oracle's extra rows are cheap. The policy learns the
 acceptance of alternatives by their probability the way it learns the calibration. On the
-default pair on a 2-core CPU trees were 5-6% faster than chains overall in two benchmark runs,
-11-13% on chat prompts, and up to 4% slower on code (README, "Choosing k").
+default pair on a 2-core CPU trees were 5-15% faster than chains overall in three benchmark runs,
+11-13% on chat prompts (README, "Choosing k").
 """
 
 from __future__ import annotations

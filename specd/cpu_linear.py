@@ -167,8 +167,8 @@ def use_cpu_linear(model: nn.Module, mode: str = "auto") -> int:
 
     mode: a plan ("onednn" where this build has oneDNN, "packed" where it has MKL, else either is
     "dual"; "dual"), "stock" (swaps nothing), or "auto": of `auto_plans`, the one `time_plans`
-    finds fastest on this machine ("stock" when none fits). Returns how many
-    layers were swapped. Only for inference: the copies are made once and never updated.
+    finds fastest on this machine ("stock" when none fits). Returns how many layers were
+    swapped. Only for inference: the copies are made once and never updated.
     """
     if mode not in CPU_LINEAR_MODES:
         raise ValueError(f"cpu linear mode must be one of {', '.join(CPU_LINEAR_MODES)}, got {mode!r}")

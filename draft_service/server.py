@@ -11,7 +11,7 @@ from specd.worker_service import load_for
 
 def build_servicer(config: DraftConfig, executor: ModelExecutor) -> DraftServicer:
     drafter = Drafter(
-        load_for(config),
+        load_for(config, int8=config.quantize == "int8"),
         proposal_top_n=config.proposal_top_n,
         lookup_ngram=config.lookup_ngram,
         max_sessions=config.max_sessions,

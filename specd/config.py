@@ -103,6 +103,12 @@ class DraftConfig(WorkerConfig, PromptLookupSettings):
         description="Model source: a shipped draft ('smollm2-135m-feature-draft', 'smollm2-135m-draft'), "
         "'smollm2-135m-instruct', a .gguf file, a local dir (a model or a `specd distill` artifact) or a hub id.",
     )
+    quantize: Literal["none", "int8"] = Field(
+        "int8",
+        description="On CPU, the draft's linear layers (its output head and decoder layers) as int8 weights, a "
+        "quarter of the bytes a draft step reads (specd/int8_linear.py). Lossless either way: the oracle accepts "
+        "by its own arithmetic; a draft's changes only how often. 'none' keeps them in the model's dtype.",
+    )
     proposal_top_n: int = Field(
         64,
         ge=1,

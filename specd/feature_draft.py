@@ -47,6 +47,10 @@ WIRE_DTYPE = "<f2"
 class FeatureDraftModel(nn.Module):
     """fuse [embed(token); feature] -> one decoder layer of the oracle's kind -> head."""
 
+    # specd.int8_linear keeps `fuse` in float: its input joins an embedding and a feature of very
+    # different scales, which one int8 scale per block cannot both resolve (acceptance fell with it).
+    int8_exempt = ("fuse",)
+
     def __init__(self, oracle: nn.Module, head_token_ids: list[int] | None):
         super().__init__()
         decoder = oracle.get_decoder()
@@ -105,7 +109,7 @@ class FeatureDraftModel(nn.Module):
         of a step's weights, so callers that read fewer rows ask for fewer. `mask`: a [B, 1, T, cached + T]
         bool attention mask (True: may attend) in place of the causal one, for draft trees.
         """
-        x = self.fuse(torch.cat([self.embed(next_ids), features.to(self.fuse.weight.dtype)], dim=-1))
+        x = self.fuse(torch.cat([self.embed(next_ids), features.to(self.embed.weight.dtype)], dim=-1))
         if mask is None:
             mask = create_causal_mask(
                 config=self.config, inputs_embeds=x, attention_mask=None, past_key_values=cache, position_ids=positions

@@ -22,6 +22,7 @@ from specd.config import WorkerConfig
 from specd.attention import use_grouped_attention
 from specd.cpu_linear import use_cpu_linear
 from specd.errors import InvalidArgument
+from specd.int8_linear import use_int8_linear
 from specd.feature_draft import features_from_bytes, features_to_bytes
 from specd.metrics import WorkerMetrics
 from specd.models import LoadedModel, load_model
@@ -120,7 +121,9 @@ class WorkerServicerMixin:
             log.info("evicted %d idle sessions: %s", len(evicted), ", ".join(evicted))
 
 
-def load_for(config: WorkerConfig) -> LoadedModel:
+def load_for(config: WorkerConfig, *, int8: bool = False) -> LoadedModel:
+    """Load a worker's model and set up its CPU layers. `int8`: a draft's large linear layers in
+    int8 (specd.int8_linear; never for an oracle, whose arithmetic is what it writes)."""
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     loaded = load_model(
@@ -131,6 +134,8 @@ def load_for(config: WorkerConfig) -> LoadedModel:
         max_context=config.max_context,
         cache_dir=Path(config.cache_dir) if config.cache_dir else None,
     )
+    if int8 and loaded.device.type == "cpu":
+        use_int8_linear(loaded.model)
     use_cpu_linear(loaded.model, config.cpu_linear)
     if config.grouped_attention:
         use_grouped_attention(loaded.model)

@@ -38,6 +38,19 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + [""]
 
 
+def _cpu_details(machine: dict) -> str:
+    """The CPU's family, model and vector extensions for the machine line, as in
+    ' (family 25, model 1; AVX2; torch kernels: AVX2)'; empty where the run did not record them."""
+    parts = []
+    if machine.get("cpu_family"):
+        parts.append(f"family {machine['cpu_family']}, model {machine.get('cpu_model', '?')}")
+    if "cpu_vector" in machine:
+        parts.append(", ".join(flag.upper() for flag in machine["cpu_vector"]) or "no AVX2")
+    if machine.get("torch_cpu_capability"):
+        parts.append(f"torch kernels: {machine['torch_cpu_capability']}")
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def render(results: BenchResults) -> str:
     m, s = results.machine, results.setup
     lines = [
@@ -46,8 +59,8 @@ def render(results: BenchResults) -> str:
         f"- date: {m['date']}; run took {results.duration_seconds / 60:.1f} min ("
         + ", ".join(f"{name} {seconds / 60:.1f}" for name, seconds in results.section_seconds.items())
         + " min)",
-        f"- machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, transformers {m['transformers']}, "
-        f"Python {m['python']}",
+        f"- machine: {m['cpu']}{_cpu_details(m)}, {m['cores']} cores; torch {m['torch']}, "
+        f"transformers {m['transformers']}, Python {m['python']}",
         f"- load average (1/5/15 min) at start {_load(m.get('load_average_at_start'))}, "
         f"at end {_load(m.get('load_average_at_end'))} (other work on the machine shows up here)",
         f"- oracle: {s['oracle']}; draft: {s['draft']}",

@@ -190,6 +190,8 @@ def test_quick_run_writes_every_section(quick_run: Path):
     results = json.loads((quick_run / "results.json").read_text())
     machine = results["machine"]
     assert machine["cores"] >= 1 and machine["cpu"] and machine["torch"] and machine["date"]
+    assert isinstance(machine["cpu_vector"], list) and machine["torch_cpu_capability"]
+    assert f"torch kernels: {machine['torch_cpu_capability']}" in (quick_run / "results.md").read_text()
     assert results["setup"]["quick"] is True
     assert results["setup"]["prompt_lookup"] == "n-grams of 3 to 8 tokens"
     assert finite(results["duration_seconds"])

@@ -33,7 +33,6 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-QUANTIZE_MODES = ("none", "int8")
 # Smaller layers gain little from a quarter of the bytes.
 MIN_WEIGHT_ELEMENTS = 1 << 16
 

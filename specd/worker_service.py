@@ -22,8 +22,8 @@ from specd.config import WorkerConfig
 from specd.attention import use_grouped_attention
 from specd.cpu_linear import use_cpu_linear
 from specd.errors import InvalidArgument
-from specd.int8_linear import use_int8_linear
 from specd.feature_draft import features_from_bytes, features_to_bytes
+from specd.int8_linear import use_int8_linear
 from specd.metrics import WorkerMetrics
 from specd.models import LoadedModel, load_model
 from specd.server import ModelExecutor, ServiceHost, grpc_errors

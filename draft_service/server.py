@@ -17,5 +17,6 @@ def build_servicer(config: DraftConfig, executor: ModelExecutor) -> DraftService
         max_sessions=config.max_sessions,
         session_ttl_seconds=config.session_ttl_seconds,
         max_depth=config.max_depth,
+        prefix_cache_tokens=config.prefix_cache_tokens,
     )
     return DraftServicer(drafter, executor, config)

@@ -15,5 +15,6 @@ def build_servicer(config: OracleConfig, executor: ModelExecutor) -> OracleServi
         max_sessions=config.max_sessions,
         session_ttl_seconds=config.session_ttl_seconds,
         max_depth=config.max_depth,
+        prefix_cache_tokens=config.prefix_cache_tokens,
     )
     return OracleServicer(verifier, executor, config)

@@ -178,6 +178,20 @@ class KVSession:
         del self.cached_ids[tree_start:]
         self.cached_ids.extend(tokens[i] for i in path)
 
+    @torch.inference_mode()
+    def load_prefix(self, tokens: list[int] | tuple[int, ...], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Start an empty session from stored keys and values (per layer, [..., len(tokens), head_dim];
+        copied in, as a prefill of `tokens` would have written them)."""
+        if self.cached_ids:
+            raise ValueError("a prefix loads into an empty session only")
+        for index, (keys, values) in enumerate(layers):
+            self.cache.update(keys.to(self.device), values.to(self.device), index)
+        self.cached_ids = list(tokens)
+
+    def layer_states(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the keys and values of the cached positions (views, not copies)."""
+        return [(layer.keys, layer.values) for layer in self.cache.layers if layer.is_initialized]
+
     def _input(self, token_ids: list[int]) -> torch.Tensor:
         if not token_ids:
             raise ValueError("forward needs at least one token")

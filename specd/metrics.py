@@ -102,4 +102,8 @@ class WorkerMetrics:
             ("call",), buckets=LATENCY_BUCKETS, registry=r,
         )
         self.evicted = Counter("specd_sessions_evicted", "Sessions evicted after idling past the TTL.", registry=r)
+        self.prompt_tokens = Counter(
+            "specd_prompt_positions", "Prompt positions at session open: prefilled, or reused from the prefix cache.",
+            ("source",), registry=r,
+        )
         self.spec = SpecDecodeCounters(r, ()) if role == "oracle" else None

@@ -16,6 +16,7 @@ from specd.feature_draft import FeatureSession
 from specd.kv import KVSession
 from specd.lookup import NgramIndex
 from specd.models import LoadedModel
+from specd.prefix_cache import PrefixCache
 from specd.sampling import SamplingParams
 from specd.sessions import SessionTable
 from specd import validation
@@ -44,13 +45,18 @@ class OpenResult:
     prefill_tokens: int
     prefill_seconds: float
     features: PositionFeatures | None = None  # with return_features: prompt positions 0..n-2
+    cached_tokens: int = 0  # prompt positions whose keys and values came from the prefix cache
 
 
 class ModelWorker:
-    def __init__(self, loaded: LoadedModel, *, max_sessions: int, session_ttl_seconds: float, max_depth: int):
+    def __init__(
+        self, loaded: LoadedModel, *, max_sessions: int, session_ttl_seconds: float, max_depth: int,
+        prefix_cache_tokens: int = 0,
+    ):
         self.loaded = loaded
         self.max_depth = max_depth
         self.sessions: SessionTable[WorkerSession] = SessionTable(max_sessions, session_ttl_seconds)
+        self.prefix_cache = PrefixCache(prefix_cache_tokens)
 
     @property
     def vocab_size(self) -> int:
@@ -68,22 +74,38 @@ class ModelWorker:
     def open(
         self, session_id: str, prompt: list[int], params: SamplingParams, *, return_features: bool = False
     ) -> OpenResult:
-        """Prefill the prompt (all but its last token, which the next forward pass feeds)."""
+        """Prefill the prompt (all but its last token, which the next forward pass feeds), after the
+        longest prefix of it the prefix cache holds."""
         self.validate_open(session_id, prompt)
         started = time.perf_counter()
         kv = KVSession(self.loaded.model, self.loaded.device)
+        prefix = prompt[:-1]
+        hit = self.prefix_cache.lookup(prefix, features=return_features)
+        cached = 0
+        parts: list[torch.Tensor] = []
+        if hit is not None:
+            cached = hit.length
+            kv.load_prefix(prefix[:cached], [(k[..., :cached, :], v[..., :cached, :]) for k, v in hit.entry.layers])
+            if return_features:
+                assert hit.entry.features is not None
+                parts.append(hit.entry.features[:cached])
+        if len(prefix) > cached:
+            rows = kv.prefill(prefix[cached:], features=return_features)
+            if rows is not None:
+                parts.append(rows)
         features = None
-        rows = kv.prefill(prompt[:-1], features=return_features) if len(prompt) > 1 else None
         if return_features:
-            if rows is None:  # a one-token prompt: no position before the pending token
-                rows = torch.zeros(0, self.loaded.model.config.hidden_size)
+            rows = torch.cat(parts) if parts else torch.zeros(0, self.loaded.model.config.hidden_size)
             features = PositionFeatures(0, rows)
+        if len(prefix) > cached:
+            self.prefix_cache.store(prefix, kv.layer_states(), None if features is None else features.rows)
         session = WorkerSession(
             kv=kv, params=params, committed=list(prompt), prompt_length=len(prompt), return_features=return_features
         )
         self.sessions.add(session_id, session)
         return OpenResult(
-            prefill_tokens=len(prompt), prefill_seconds=time.perf_counter() - started, features=features
+            prefill_tokens=len(prompt), prefill_seconds=time.perf_counter() - started, features=features,
+            cached_tokens=cached,
         )
 
     def close(self, session_id: str) -> bool:

@@ -100,7 +100,12 @@ class WorkerServicerMixin:
             session_id, functools.partial(self.worker.open, **options), session_id, list(request.prompt_token_ids),
             params,
         )
-        reply = self.open_response(prefill_tokens=result.prefill_tokens, prefill_seconds=result.prefill_seconds)
+        reply = self.open_response(
+            prefill_tokens=result.prefill_tokens, prefill_seconds=result.prefill_seconds,
+            cached_tokens=result.cached_tokens,
+        )
+        self.metrics.prompt_tokens.labels("cached").inc(result.cached_tokens)
+        self.metrics.prompt_tokens.labels("prefilled").inc(max(0, result.prefill_tokens - 1 - result.cached_tokens))
         if result.features is not None:
             reply.features.CopyFrom(features_to_proto(result.features))
         return reply

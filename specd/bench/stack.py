@@ -46,7 +46,9 @@ class BenchStack:
     async def start(self) -> None:
         """Start both workers (in parallel) and a local Ray of our own."""
         s = self.settings
-        common = {"port": 0, "torch_threads": s.torch_threads}
+        # No prefix cache: every configuration runs the same prompts, and each should prefill them as a
+        # new prompt would be (the transformers baselines have no such cache).
+        common = {"port": 0, "torch_threads": s.torch_threads, "prefix_cache_tokens": 0}
         draft = {"model": s.draft, "layers": s.draft_layers, **common}
         spawns = [
             asyncio.create_task(asyncio.to_thread(spawn, "oracle", {"model": s.oracle, "layers": 0, **common})),

@@ -1,0 +1,147 @@
+"""A worker's cache of keys and values for prompt prefixes that sessions have already prefilled.
+
+Requests often share their beginning: every chat request of an application carries the same
+system prompt, and each turn of a conversation repeats the turns before it. A session that opens
+on a prompt whose first tokens an earlier session prefilled copies those positions' keys and
+values (and, for an oracle serving a feature draft, their final hidden states) instead of
+computing them again, and prefills only the rest.
+
+Prefixes are kept in whole blocks of BLOCK tokens. Each entry holds one prompt's first n
+positions (n a multiple of BLOCK) and is found through the hash of each of its block boundaries,
+so a new prompt finds the longest cached prefix it shares with any entry, even one that ran on
+past where the two part. A hit is checked against the entry's tokens, never trusted on the hash
+alone. The least recently used entries go first once the cache holds more than its capacity in
+positions. Copies in and out keep entries independent of the sessions' own caches, which grow,
+roll back and rewrite positions in place.
+
+Only prefills are stored, never the positions a session generated (those were computed in
+verification blocks). Where the model's layers give each row of a forward pass the same result
+whatever the other rows (specd/cpu_linear.py, "onednn", the default on x86), a prompt opened on
+a cached prefix then holds bit for bit the keys and values a prefill of the whole prompt
+computes, so a seeded request writes the same tokens with or without a hit. On the default
+oracle a session on a cached 48-token prefix matched a fresh prefill in every bit, while one
+that reused a previous session's generated positions did not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+BLOCK = 8
+
+
+@dataclass
+class PrefixEntry:
+    tokens: tuple[int, ...]  # the prefix, a whole number of blocks
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [..., len(tokens), head_dim]
+    features: torch.Tensor | None = None  # [len(tokens), H] final hidden states, where the session had them
+    hashes: list[bytes] = field(default_factory=list)  # the hash of each block boundary, first block first
+
+
+@dataclass(frozen=True)
+class PrefixHit:
+    entry: PrefixEntry
+    length: int  # positions of the entry the prompt shares, a multiple of BLOCK
+
+
+def block_hashes(tokens: list[int] | tuple[int, ...], blocks: int) -> list[bytes]:
+    """The hash of each of the first `blocks` block boundaries: each chains the one before."""
+    hashes: list[bytes] = []
+    previous = b""
+    for b in range(blocks):
+        chunk = tokens[b * BLOCK : (b + 1) * BLOCK]
+        previous = hashlib.blake2b(previous + b"".join(t.to_bytes(4, "little") for t in chunk), digest_size=16).digest()
+        hashes.append(previous)
+    return hashes
+
+
+class PrefixCache:
+    def __init__(self, capacity_tokens: int):
+        self.capacity_tokens = capacity_tokens
+        self.entries: OrderedDict[int, PrefixEntry] = OrderedDict()  # id -> entry, least recently used first
+        self.index: dict[bytes, int] = {}  # block boundary hash -> id of the entry that holds it
+        self.tokens_held = 0
+        self._next_id = 0
+        self.lookups = self.hits = self.hit_tokens = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.capacity_tokens >= BLOCK
+
+    def lookup(self, tokens: list[int], *, features: bool = False) -> PrefixHit | None:
+        """The longest cached prefix of `tokens`, in whole blocks (with features: only entries that have them)."""
+        if not self.enabled:
+            return None
+        self.lookups += 1
+        found = self._find(tokens, features)
+        if found is not None:
+            entry_id, hit = found
+            self.entries.move_to_end(entry_id)
+            self.hits += 1
+            self.hit_tokens += hit.length
+            return hit
+        return None
+
+    def _find(self, tokens: list[int], features: bool = False) -> tuple[int, PrefixHit] | None:
+        hashes = block_hashes(tokens, len(tokens) // BLOCK)
+        for blocks in range(len(hashes), 0, -1):
+            entry_id = self.index.get(hashes[blocks - 1], -1)
+            entry = self.entries.get(entry_id)
+            if entry is None or (features and entry.features is None):
+                continue
+            length = blocks * BLOCK
+            if list(entry.tokens[:length]) == tokens[:length]:
+                return entry_id, PrefixHit(entry, length)
+        return None
+
+    def store(
+        self, tokens: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]], features: torch.Tensor | None = None
+    ) -> bool:
+        """Keep the whole blocks of `tokens` whose keys and values are `layers` (per layer, the positions of
+        `tokens` at least; copied). Returns whether a new entry was made: not when an entry with features
+        (or, without features, any entry) already holds that prefix, or it is under one block."""
+        length = min(len(tokens), self.capacity_tokens) // BLOCK * BLOCK
+        if not self.enabled or length == 0:
+            return False
+        held = self._find(tokens[:length])
+        if held is not None:
+            held_id, hit = held
+            if hit.length == length and (features is None or hit.entry.features is not None):
+                return False
+            if hit.length == len(hit.entry.tokens) and (features is not None or hit.entry.features is None):
+                self._remove(held_id)  # the new entry holds all of it, and at least as much
+        entry = PrefixEntry(
+            tokens=tuple(tokens[:length]),
+            layers=[(k[..., :length, :].clone(), v[..., :length, :].clone()) for k, v in layers],
+            features=None if features is None else features[:length].clone(),
+            hashes=block_hashes(tokens, length // BLOCK),
+        )
+        entry_id, self._next_id = self._next_id, self._next_id + 1
+        self.entries[entry_id] = entry
+        for h in entry.hashes:
+            self.index[h] = entry_id
+        self.tokens_held += length
+        while self.tokens_held > self.capacity_tokens and len(self.entries) > 1:
+            self._remove(next(iter(self.entries)))
+        return True
+
+    def _remove(self, entry_id: int) -> None:
+        entry = self.entries.pop(entry_id)
+        self.tokens_held -= len(entry.tokens)
+        for h in entry.hashes:
+            if self.index.get(h) == entry_id:
+                del self.index[h]
+                # Another entry may hold the same prefix: point the hash at the most recent one that does.
+                for other_id in reversed(self.entries):
+                    if h in self.entries[other_id].hashes:
+                        self.index[h] = other_id
+                        break
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.index.clear()
+        self.tokens_held = 0

@@ -144,16 +144,18 @@ class SpeculativeSession:
         self._draft_open = self.draft is not None and not isinstance(results[-1], BaseException)
         if not self._oracle_open:
             raise results[0]
+        self.stats.cached_prompt_tokens = results[0].cached_tokens
         if self.draft is not None and not self._draft_open:
             self._draft_lost(results[-1])
 
     async def _open_in_turn(self, sid: str, prompt: list[int], sampling: common_pb2.SamplingParams) -> None:
         """A feature draft needs the prompt's features, so it opens after the oracle has prefilled."""
         assert self.draft is not None
-        features = await self.oracle.open_session(sid, prompt, sampling, self._timeout(), return_features=True)
+        opened = await self.oracle.open_session(sid, prompt, sampling, self._timeout(), return_features=True)
         self._oracle_open = True
+        self.stats.cached_prompt_tokens = opened.cached_tokens
         try:
-            await self.draft.open_session(sid, prompt, sampling, self._timeout(), features)
+            await self.draft.open_session(sid, prompt, sampling, self._timeout(), opened.features)
         except grpc.aio.AioRpcError as error:
             self._draft_lost(error)
         else:

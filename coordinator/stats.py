@@ -113,6 +113,7 @@ class SpeculationStats:
     total_seconds: float = 0.0
     time_to_first_token_seconds: float = 0.0
     open_seconds: float = 0.0  # opening both sessions: the prompt's prefill on the oracle and the draft
+    cached_prompt_tokens: int = 0  # prompt positions the oracle took from its prefix cache
     draft_worker: str = ""
     oracle_worker: str = ""
     lookup_drafted: int = 0
@@ -168,6 +169,7 @@ class SpeculationStats:
             lookup_drafted=self.lookup_drafted,
             lookup_accepted=self.lookup_accepted,
             open_seconds=self.open_seconds,
+            cached_prompt_tokens=self.cached_prompt_tokens,
         )
 
     def summary(self) -> dict:
@@ -189,4 +191,5 @@ class SpeculationStats:
             "total_seconds": round(self.total_seconds, 4),
             "time_to_first_token_seconds": round(self.time_to_first_token_seconds, 4),
             "open_seconds": round(self.open_seconds, 4),
+            "cached_prompt_tokens": self.cached_prompt_tokens,
         }

@@ -146,16 +146,16 @@ class OracleClient(WorkerClient):
     async def open_session(
         self, session_id: str, prompt: list[int], sampling: common_pb2.SamplingParams, timeout: float | None,
         return_features: bool = False,
-    ) -> common_pb2.Features | None:
-        """Open and prefill; with return_features, the prompt's features for a feature draft."""
-        reply = await self.stub.OpenSession(
+    ) -> oracle_pb2.OpenOracleSessionResponse:
+        """Open and prefill. The reply says how much of the prompt came from the prefix cache and, with
+        return_features, carries the prompt's features for a feature draft."""
+        return await self.stub.OpenSession(
             oracle_pb2.OpenOracleSessionRequest(
                 session_id=session_id, prompt_token_ids=prompt, sampling=sampling, return_features=return_features
             ),
             timeout=timeout,
             metadata=self.metadata,
         )
-        return reply.features if reply.HasField("features") else None
 
     async def verify(
         self,

@@ -31,8 +31,11 @@ def stats_line(result: dict[str, Any], seconds: float) -> str:
     lookup = (
         f" (prompt lookup {stats['lookup_accepted']} of {stats['lookup_drafted']})" if stats.get("lookup_drafted") else ""
     )
+    cached = stats.get("cached_prompt_tokens") or 0
+    reused = f" ({cached} prompt tokens from the prefix cache)" if cached else ""
     return (
-        f"{tokens} tokens in {seconds:.2f}s ({tokens / max(seconds, 1e-9):.1f} tok/s), finish: {result['finish_reason']}\n"
+        f"{tokens} tokens in {seconds:.2f}s ({tokens / max(seconds, 1e-9):.1f} tok/s), "
+        f"finish: {result['finish_reason']}{reused}\n"
         f"drafted {stats.get('drafted', 0)}, accepted {stats.get('accepted', 0)}{lookup}, "
         f"acceptance rate {stats.get('acceptance_rate', 0):.2f}, "
         f"mean acceptance length {stats.get('mean_acceptance_length', 1):.2f}, rounds {stats.get('rounds', 0)}, "
@@ -92,7 +95,7 @@ def proto_stats(stats: Any) -> dict[str, Any]:
         "draft_seconds": round(stats.draft_seconds, 4), "verify_seconds": round(stats.verify_seconds, 4),
         "network_seconds": round(stats.network_seconds, 4), "total_seconds": round(stats.total_seconds, 4),
         "time_to_first_token_seconds": round(stats.time_to_first_token_seconds, 4),
-        "open_seconds": round(stats.open_seconds, 4),
+        "open_seconds": round(stats.open_seconds, 4), "cached_prompt_tokens": stats.cached_prompt_tokens,
         "draft_worker": stats.draft_worker, "oracle_worker": stats.oracle_worker,
     }
 

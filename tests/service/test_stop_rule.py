@@ -128,8 +128,8 @@ async def test_a_malformed_rule_over_grpc_is_invalid_argument_and_the_session_su
     stub = draft_pb2_grpc.DraftServiceStub(draft_client.channel)
     try:
         sampling = common_pb2.SamplingParams()
-        features = await oracle_client.open_session("bad-rule", PROMPT, sampling, 10.0, return_features=True)
-        await draft_client.open_session("bad-rule", PROMPT, sampling, 10.0, features)
+        opened = await oracle_client.open_session("bad-rule", PROMPT, sampling, 10.0, return_features=True)
+        await draft_client.open_session("bad-rule", PROMPT, sampling, 10.0, opened.features)
         bad = draft_pb2.ProposeRequest(session_id="bad-rule", depth=4, stop=draft_pb2.StopRule(min_survival=2.0))
         await expect_status(stub.Propose(bad), grpc.StatusCode.INVALID_ARGUMENT, "min_survival")
         good = await draft_client.propose("bad-rule", [], 0, 4, 10.0, stop=StopRule(0.0))

@@ -153,3 +153,15 @@ async def test_the_oracle_service_reports_cached_positions(oracle):
             await stub.CloseSession(common_pb2.CloseSessionRequest(session_id=sid))
     assert replies[0].cached_tokens == 0
     assert replies[1].cached_tokens == (len(prompt) - 1) // BLOCK * BLOCK
+
+
+async def test_the_coordinator_reports_the_cached_prompt(oracle, feature_draft):
+    from tests.service.test_feature_draft import run_session
+
+    prompt = [(13 * i) % 280 + 40 for i in range(30)]
+    tokens, first = await run_session(oracle.address, feature_draft.address, prompt, 2)
+    again, second = await run_session(oracle.address, feature_draft.address, prompt, 2)
+    assert again == tokens
+    assert first.stats.cached_prompt_tokens == 0
+    assert second.stats.cached_prompt_tokens == (len(prompt) - 1) // BLOCK * BLOCK
+    assert second.stats.to_proto().cached_prompt_tokens == second.stats.cached_prompt_tokens

@@ -66,7 +66,6 @@ class PrefixCache:
         self.index: dict[bytes, int] = {}  # block boundary hash -> id of the entry that holds it
         self.tokens_held = 0
         self._next_id = 0
-        self.lookups = self.hits = self.hit_tokens = 0
 
     @property
     def enabled(self) -> bool:
@@ -76,18 +75,15 @@ class PrefixCache:
         """The longest cached prefix of `tokens`, in whole blocks (with features: only entries that have them)."""
         if not self.enabled:
             return None
-        self.lookups += 1
-        found = self._find(tokens, features)
-        if found is not None:
-            entry_id, hit = found
-            self.entries.move_to_end(entry_id)
-            self.hits += 1
-            self.hit_tokens += hit.length
-            return hit
-        return None
+        found = self._find(tokens, block_hashes(tokens, len(tokens) // BLOCK), features)
+        if found is None:
+            return None
+        entry_id, hit = found
+        self.entries.move_to_end(entry_id)
+        return hit
 
-    def _find(self, tokens: list[int], features: bool = False) -> tuple[int, PrefixHit] | None:
-        hashes = block_hashes(tokens, len(tokens) // BLOCK)
+    def _find(self, tokens: list[int], hashes: list[bytes], features: bool = False) -> tuple[int, PrefixHit] | None:
+        """The entry holding the longest prefix of `tokens` (`hashes`: theirs, one per whole block)."""
         for blocks in range(len(hashes), 0, -1):
             entry_id = self.index.get(hashes[blocks - 1], -1)
             entry = self.entries.get(entry_id)
@@ -107,7 +103,8 @@ class PrefixCache:
         length = min(len(tokens), self.capacity_tokens) // BLOCK * BLOCK
         if not self.enabled or length == 0:
             return False
-        held = self._find(tokens[:length])
+        hashes = block_hashes(tokens, length // BLOCK)
+        held = self._find(tokens[:length], hashes)
         if held is not None:
             held_id, hit = held
             if hit.length == length and (features is None or hit.entry.features is not None):
@@ -118,7 +115,7 @@ class PrefixCache:
             tokens=tuple(tokens[:length]),
             layers=[(k[..., :length, :].clone(), v[..., :length, :].clone()) for k, v in layers],
             features=None if features is None else features[:length].clone(),
-            hashes=block_hashes(tokens, length // BLOCK),
+            hashes=hashes,
         )
         entry_id, self._next_id = self._next_id, self._next_id + 1
         self.entries[entry_id] = entry
@@ -140,8 +137,3 @@ class PrefixCache:
                     if h in self.entries[other_id].hashes:
                         self.index[h] = other_id
                         break
-
-    def clear(self) -> None:
-        self.entries.clear()
-        self.index.clear()
-        self.tokens_held = 0

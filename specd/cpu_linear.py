@@ -25,11 +25,19 @@ So the layer is a plan, and `auto` measures which plan is faster on the machine 
 Every plan is the same arithmetic up to float rounding order. In the "onednn" plan a row's
 result does not depend on the other rows of its block, so a verified token gets the same
 logits as it would in a one-token step.
+
+Under "onednn" the layers a llama-style block multiplies by one input, one after the other (its
+q, k and v projections; its gate and up projections), are also joined into one product
+(`FusedGroup`): the weights stacked, one call instead of three or two. A oneDNN call costs
+some 30 microseconds beyond its arithmetic, and a forward pass of the default oracle makes 90
+fewer of them: 2.5-3.5 ms less per pass on an AMD EPYC with 2 cores, for 1 to 17 rows. Each
+output column is the same dot product as before, and on that machine bit for bit the same.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Iterable
 
@@ -51,6 +59,8 @@ TIMED_ROWS = (1, 2, 4, 8, 32)
 TIMING_REPEATS = 2
 # Extra copies of every linear weight each plan keeps.
 PLAN_COPIES = {"onednn": 1, "packed": 1 + len(PACKED_ROWS), "dual": 1}
+# Sibling layers that read the same input in a llama-style block, in the order it calls them.
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
 def mkl_packed_available() -> bool:
@@ -125,6 +135,79 @@ class CpuLinear(nn.Module):
         )
 
 
+class FusedGroup:
+    """One oneDNN product for linear layers that read the same input, shared by their `GroupedLinear`s.
+
+    The first member called with an input computes every member's output and keeps them until each
+    member has read its own; a member called with another input (or twice with the same one)
+    computes the product again. So the result is right whatever calls the members, in any order,
+    and the saving comes where a block calls them in turn on one tensor."""
+
+    def __init__(self, linears: list[nn.Linear]):
+        self.in_features = linears[0].in_features
+        self.sizes = [linear.out_features for linear in linears]
+        weight = torch.cat([linear.weight.detach() for linear in linears])  # [sum(out), in]
+        self._weight = torch.ops.mkldnn._reorder_linear_weight(weight)
+        self.bias = None
+        if any(linear.bias is not None for linear in linears):
+            self.bias = torch.cat([
+                linear.bias.detach() if linear.bias is not None else weight.new_zeros(linear.out_features)
+                for linear in linears
+            ])
+        self._pass = threading.local()  # the kept outputs, per thread: models may run on several
+
+    def output(self, x: torch.Tensor, member: int) -> torch.Tensor:
+        kept = self._pass
+        if getattr(kept, "input", None) is not x or member not in kept.unread:
+            rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+            y = torch.ops.mkldnn._linear_pointwise(
+                x.reshape(rows, self.in_features), self._weight, self.bias, "none", [], ""
+            )  # [rows, sum(out)]
+            kept.input, kept.outputs, kept.unread = x, y.split(self.sizes, dim=-1), set(range(len(self.sizes)))
+        out = kept.outputs[member]
+        kept.unread.discard(member)
+        if not kept.unread:  # hold no tensor between passes
+            kept.input, kept.outputs = None, ()
+        return out.reshape(*x.shape[:-1], self.sizes[member])
+
+
+class GroupedLinear(nn.Module):
+    """A linear layer whose product comes from its FusedGroup; keeps its own weight for reading."""
+
+    plan = "onednn"
+    packed_rows: tuple[int, ...] = ()
+
+    def __init__(self, layer: CpuLinear, group: FusedGroup, member: int):
+        super().__init__()
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.weight, self.bias = layer.weight, layer.bias
+        self.group, self.member = group, member
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.output(x, self.member)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, member {self.member} of a fused group"
+
+
+def fuse_groups(model: nn.Module) -> int:
+    """Join each FUSED_GROUPS set of "onednn" CpuLinear siblings with one input width into a
+    FusedGroup; returns how many groups it made."""
+    made = 0
+    for parent in list(model.modules()):
+        for names in FUSED_GROUPS:
+            layers = [getattr(parent, name, None) for name in names]
+            if not all(isinstance(layer, CpuLinear) and layer.plan == "onednn" for layer in layers):
+                continue
+            if len({layer.in_features for layer in layers}) != 1:
+                continue
+            group = FusedGroup(layers)
+            for member, (name, layer) in enumerate(zip(names, layers)):
+                setattr(parent, name, GroupedLinear(layer, group, member))
+            made += 1
+    return made
+
+
 def _linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
     return [
         (parent, name, child)
@@ -167,8 +250,9 @@ def use_cpu_linear(model: nn.Module, mode: str = "auto") -> int:
 
     mode: a plan ("onednn" where this build has oneDNN, "packed" where it has MKL, else either is
     "dual"; "dual"), "stock" (swaps nothing), or "auto": of `auto_plans`, the one `time_plans`
-    finds fastest on this machine ("stock" when none fits). Returns how many layers were
-    swapped. Only for inference: the copies are made once and never updated.
+    finds fastest on this machine ("stock" when none fits). Under "onednn", sibling layers that
+    read one input are then joined (`fuse_groups`). Returns how many layers were swapped. Only
+    for inference: the copies are made once and never updated.
     """
     if mode not in CPU_LINEAR_MODES:
         raise ValueError(f"cpu linear mode must be one of {', '.join(CPU_LINEAR_MODES)}, got {mode!r}")
@@ -200,8 +284,9 @@ def use_cpu_linear(model: nn.Module, mode: str = "auto") -> int:
         plan = plans[0]
     for (parent, name, _), layer in zip(linears, layers[plan]):
         setattr(parent, name, layer)
+    fused = fuse_groups(model) if plan == "onednn" else 0
     log.info(
-        "CPU linear layers: %d swapped (plan %s), %.0f MB more weight memory",
-        len(linears), plan, PLAN_COPIES[plan] * weight_bytes / 1e6,
+        "CPU linear layers: %d swapped (plan %s%s), %.0f MB more weight memory",
+        len(linears), plan, f", {fused} fused groups" if fused else "", PLAN_COPIES[plan] * weight_bytes / 1e6,
     )
     return len(linears)

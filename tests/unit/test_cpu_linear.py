@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from pydantic import ValidationError
@@ -10,7 +12,8 @@ from torch import nn
 from specd import cpu_linear
 from specd.config import OracleConfig
 from specd.cpu_linear import (
-    PACKED_ROWS, CpuLinear, auto_plans, mkl_packed_available, onednn_available, time_plans, use_cpu_linear,
+    FUSED_GROUPS, PACKED_ROWS, CpuLinear, FusedGroup, GroupedLinear, auto_plans, mkl_packed_available,
+    onednn_available, time_plans, use_cpu_linear,
 )
 from specd.kv import KVSession
 from specd.tiny import build_model
@@ -50,6 +53,46 @@ def test_onednn_rows_do_not_depend_on_their_block():
     assert torch.equal(layer(block[4:5]), full[4:5])
 
 
+@needs_onednn
+@pytest.mark.parametrize("biases", [(False, False, False), (True, False, True)])
+def test_a_fused_group_gives_each_member_its_own_product(biases):
+    torch.manual_seed(1)
+    linears = [nn.Linear(64, out, bias=bias) for out, bias in zip((96, 32, 32), biases)]
+    group = FusedGroup([CpuLinear(linear, "onednn") for linear in linears])
+    members = [GroupedLinear(CpuLinear(linear, "onednn"), group, i) for i, linear in enumerate(linears)]
+    alone = [CpuLinear(linear, "onednn") for linear in linears]
+    for rows in (1, 2, 5, 9, 33):
+        x = torch.randn(1, rows, 64)
+        for order in ([0, 1, 2], [2, 0, 1], [1, 1, 0, 2]):  # a block's order, another, one member twice
+            for i in order:
+                out = members[i](x)
+                assert out.shape == (1, rows, linears[i].out_features)
+                torch.testing.assert_close(out, alone[i](x), rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(out, linears[i](x), rtol=1e-5, atol=1e-5)
+        y = torch.randn(rows, 64)
+        torch.testing.assert_close(members[0](x), alone[0](x), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(members[1](y), alone[1](y), rtol=1e-6, atol=1e-6)  # another input: its own product
+    x = torch.randn(3, 64)
+    for member in members:
+        member(x)
+    assert group._pass.input is None  # every member read its output: nothing held between passes
+
+
+@needs_onednn
+def test_a_fused_group_keeps_each_threads_pass_apart():
+    torch.manual_seed(2)
+    linears = [nn.Linear(32, 48, bias=False), nn.Linear(32, 16, bias=False)]
+    group = FusedGroup([CpuLinear(linear, "onednn") for linear in linears])
+    members = [GroupedLinear(CpuLinear(linear, "onednn"), group, i) for i, linear in enumerate(linears)]
+    x, y = torch.randn(4, 32), torch.randn(4, 32)
+    first = members[0](x)
+    other = threading.Thread(target=lambda: [member(y) for member in members[:1]])  # leaves its pass half read
+    other.start()
+    other.join()
+    torch.testing.assert_close(first, linears[0](x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(members[1](x), linears[1](x), rtol=1e-5, atol=1e-5)
+
+
 @needs_mkl
 def test_packed_blocks_do_not_depend_on_padding():
     """A row's result is the same whether its block is padded or not, and whatever else is in it."""
@@ -77,6 +120,8 @@ def test_a_model_keeps_its_logits_and_greedy_path(mode):
     assert head.plan == plans.get(mode, mode) or mode == "auto" and head.plan in auto_plans(1)
     assert head.packed_rows == (PACKED_ROWS if head.plan == "packed" else ())
     torch.testing.assert_close(head.weight, reference.get_output_embeddings().weight)
+    grouped = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, GroupedLinear)}
+    assert grouped == ({name for names in FUSED_GROUPS for name in names} if head.plan == "onednn" else set())
 
     prompt = [5, 17, 42, 99, 7, 3]
     sessions = [KVSession(m, torch.device("cpu")) for m in (reference, model)]

@@ -110,7 +110,7 @@ def build_options(args: argparse.Namespace, workdir: Path | None = None):
     per_category = args.prompts_per_category or (1 if quick else FULL_PROMPTS_PER_CATEGORY)
     defaults = args.max_tokens is None and args.prompts_per_category is None and args.passes is None
     note = "" if quick or not defaults else (
-        "the default sizes, chosen so that the whole run takes about 30-40 minutes on a 2-core CPU"
+        "the default sizes, chosen so that the whole run takes about 15-20 minutes on a 2-core CPU"
     )
     return BenchOptions(
         out=args.out,

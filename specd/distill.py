@@ -45,6 +45,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, Tem
 
 from draft_service.drafter import Drafter
 from oracle_service.verifier import Verifier
+from specd.cpu_linear import onednn_available, use_cpu_linear
 from specd.draft_artifact import DraftManifest, save_draft_artifact, slice_output_head, trained_parameters
 from specd.errors import InvalidArgument
 from specd.feature_draft import FeatureDraftModel
@@ -169,11 +170,14 @@ class _TopKRecorder(LogitsProcessor):
         return scores
 
 
-class _NucleusWarper(LogitsProcessor):
-    """Top-p sampling restricted to the `candidates` most likely tokens.
+class _NucleusSampler(LogitsProcessor):
+    """Draws each row's next token by top-p sampling among its `candidates` most likely tokens, and
+    returns scores whose argmax is that token (generate then decodes greedily).
 
-    Sorting the whole vocabulary for every row and step costs about as much as the oracle's
-    forward pass on a CPU; the nucleus at these temperatures lies well inside the top few hundred.
+    transformers' own sampling draws from a softmax over the whole vocabulary: on 2 CPU cores,
+    torch.multinomial over 49,152 ids per row took about 70 ms of a 380 ms step at batch 64, and
+    sorting the vocabulary for top-p costs as much again. The nucleus at these temperatures lies
+    well inside the top few hundred, so the draw is the same distribution.
     """
 
     def __init__(self, top_p: float, candidates: int = 256):
@@ -182,10 +186,11 @@ class _NucleusWarper(LogitsProcessor):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         top = torch.topk(scores, min(self.candidates, scores.shape[-1]), dim=-1)  # sorted, [batch, candidates]
-        probs = torch.softmax(top.values, dim=-1)
+        probs = torch.softmax(top.values.float(), dim=-1)
         keep = (torch.cumsum(probs, dim=-1) - probs) < self.top_p  # the most likely token is always kept
-        kept = torch.where(keep, top.values, float("-inf"))
-        return torch.full_like(scores, float("-inf")).scatter(-1, top.indices, kept)
+        choice = torch.multinomial(torch.where(keep, probs, 0.0), 1)  # [batch, 1]
+        tokens = top.indices.gather(-1, choice)
+        return torch.full_like(scores, float("-inf")).scatter(-1, tokens, 0.0)
 
 
 def _pad_id(loaded: LoadedModel) -> int:
@@ -208,17 +213,16 @@ def generate_batch(
     recorder = _TopKRecorder(min(settings.targets, oracle.vocab_size))
     # The recorder runs first, on the raw logits; the warpers after it only shape the sampling.
     processors = LogitsProcessorList([recorder, TemperatureLogitsWarper(settings.temperature)])
-    if settings.top_p < 1.0:
-        processors.append(_NucleusWarper(settings.top_p))
+    nucleus = settings.top_p < 1.0
+    if nucleus:
+        processors.append(_NucleusSampler(settings.top_p))
     torch.manual_seed(seed)
     with torch.inference_mode():
         sequences = oracle.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
+            # With the nucleus sampler the token is drawn: generate takes its argmax.
+            **({"do_sample": False} if nucleus else {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}),
             max_new_tokens=settings.max_new_tokens,
             logits_processor=processors,
             eos_token_id=oracle.eos_token_ids or None,
@@ -812,6 +816,10 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
 
     oracle = load_model(args.oracle, device=str(device))
+    if oracle.device.type == "cpu" and onednn_available():
+        # The oracle only runs inference here (its answers, its features, the held-out measurement), so
+        # it multiplies as a worker does: on 2 CPU cores that took a quarter off the measurement.
+        use_cpu_linear(oracle.model, "onednn")
     prompts = load_prompts(args.prompts)
     train_prompts, held_out = split_held_out(prompts, args.held_out)
     max_prompt = max(16, oracle.max_context - args.max_new_tokens - 1)

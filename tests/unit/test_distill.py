@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from scipy.stats import chisquare
 
 from specd import distill
 from specd.draft_artifact import DraftManifest, slice_output_head
@@ -103,6 +104,28 @@ def test_distill_end_to_end_then_resume(setup: Path, capsys: pytest.CaptureFixtu
     assert resumed["steps"] == 60
     assert resumed["tokens"] > training["tokens"]
     assert resumed["held_out_acceptance"] > resumed["untrained_acceptance"]
+
+
+def test_the_nucleus_sampler_draws_from_the_top_p_distribution():
+    """The oracle's answers are drawn by top-p among the likeliest candidates, one token per row, with
+    scores that leave generate nothing to do but take the argmax."""
+    logits = torch.tensor([2.0, 1.6, 1.0, 0.3, -0.5, -1.0, -2.0, -4.0] + [-9.0] * 24)
+    probs = torch.softmax(logits.double(), dim=-1)
+    before = torch.cumsum(probs, dim=-1) - probs
+    nucleus = torch.where(before < 0.9, probs, 0.0)
+    expected = nucleus / nucleus.sum()
+    draws = 24_000
+    torch.manual_seed(0)
+    scores = distill._NucleusSampler(0.9, candidates=16)(None, logits.expand(draws, -1).clone())
+    assert ((scores == 0).sum(-1) == 1).all() and (torch.isinf(scores).sum(-1) == len(logits) - 1).all()
+    counts = torch.bincount(scores.argmax(-1), minlength=len(logits)).double()
+    kept = expected > 0
+    assert counts[~kept].sum() == 0  # outside the nucleus: never
+    assert chisquare(counts[kept].numpy(), (expected[kept] * draws).numpy()).pvalue > 1e-3
+    torch.manual_seed(5)
+    again = distill._NucleusSampler(0.9, candidates=16)(None, logits.expand(64, -1).clone())
+    torch.manual_seed(5)
+    assert torch.equal(again, distill._NucleusSampler(0.9, candidates=16)(None, logits.expand(64, -1).clone()))
 
 
 def test_distill_loss_is_the_kl_when_targets_cover_the_vocabulary():

@@ -6,7 +6,8 @@ the oracle's p. Cheap per token (L layers instead of all), and its vocabulary is
 by construction. Stages, each cached under `<out>/work/` so that a rerun resumes where it stopped:
 
 1. answers: the oracle answers the training prompts (sampled, batched, chat template applied),
-   recording its top-K next-token distribution at every answer position (temperature 1).
+   recording its top-K next-token distribution at every answer position (temperature 1). On a
+   CPU the oracle runs through oneDNN layers (specd.cpu_linear), as in a worker.
 2. head: with --head-vocab N the draft's output head keeps only the N tokens the oracle emits
    most often in its answers (plus eos), which makes each draft token cheaper.
 3. training: KL(p || q), teacher-forced on prompt + answer, loss on the answer positions;
@@ -174,10 +175,10 @@ class _NucleusSampler(LogitsProcessor):
     """Draws each row's next token by top-p sampling among its `candidates` most likely tokens, and
     returns scores whose argmax is that token (generate then decodes greedily).
 
-    transformers' own sampling draws from a softmax over the whole vocabulary: on 2 CPU cores,
-    torch.multinomial over 49,152 ids per row took about 70 ms of a 380 ms step at batch 64, and
-    sorting the vocabulary for top-p costs as much again. The nucleus at these temperatures lies
-    well inside the top few hundred, so the draw is the same distribution.
+    transformers' own sampling draws from a softmax over the whole vocabulary (on 2 CPU cores,
+    torch.multinomial over 49,152 ids per row took about 70 ms of a 380 ms step at batch 64), and
+    its top-p sorts the whole vocabulary. The nucleus at these temperatures lies well inside the
+    top few hundred, so drawing among those candidates is the same distribution.
     """
 
     def __init__(self, top_p: float, candidates: int = 256):

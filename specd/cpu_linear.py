@@ -143,7 +143,7 @@ class FusedGroup:
     computes the product again. So the result is right whatever calls the members, in any order,
     and the saving comes where a block calls them in turn on one tensor."""
 
-    def __init__(self, linears: list[nn.Linear]):
+    def __init__(self, linears: list[CpuLinear]):
         self.in_features = linears[0].in_features
         self.sizes = [linear.out_features for linear in linears]
         weight = torch.cat([linear.weight.detach() for linear in linears])  # [sum(out), in]
@@ -208,7 +208,8 @@ def fuse_groups(model: nn.Module) -> int:
     return made
 
 
-def _linears(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+def linear_layers(model: nn.Module) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute name, layer) for every plain nn.Linear of the model: what the CPU plans swap."""
     return [
         (parent, name, child)
         for parent in model.modules()
@@ -257,7 +258,7 @@ def use_cpu_linear(model: nn.Module, mode: str = "auto") -> int:
     if mode not in CPU_LINEAR_MODES:
         raise ValueError(f"cpu linear mode must be one of {', '.join(CPU_LINEAR_MODES)}, got {mode!r}")
     linears = [
-        item for item in _linears(model)
+        item for item in linear_layers(model)
         if item[2].weight.device.type == "cpu" and item[2].weight.dtype == torch.float32
     ]
     weight_bytes = sum(linear.weight.numel() * linear.weight.element_size() for _, _, linear in linears)

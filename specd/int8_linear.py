@@ -31,6 +31,8 @@ import warnings
 import torch
 from torch import nn
 
+from specd.cpu_linear import linear_layers
+
 log = logging.getLogger(__name__)
 
 # Smaller layers gain little from a quarter of the bytes.
@@ -79,10 +81,8 @@ def use_int8_linear(model: nn.Module, min_elements: int = MIN_WEIGHT_ELEMENTS) -
     exempt = set(getattr(model, "int8_exempt", ()))
     linears = [
         (parent, name, child)
-        for parent in model.modules()
-        for name, child in parent.named_children()
-        if type(child) is nn.Linear
-        and child.weight.device.type == "cpu"
+        for parent, name, child in linear_layers(model)
+        if child.weight.device.type == "cpu"
         and child.weight.is_floating_point()
         and child.weight.numel() >= min_elements
         and name not in exempt

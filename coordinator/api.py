@@ -9,12 +9,12 @@ from typing import Any, AsyncIterator
 
 import grpc
 
-from coordinator.generation import Delta, GenerationRequest
-from coordinator.loop import Finish
-from coordinator.plane import PlaneClient
+from coordinator.session.generation import Delta, GenerationRequest
+from coordinator.session.loop import Finish
+from coordinator.control_plane.client import PlaneClient
 from coordinator.service import Coordinator
-from specd.errors import InvalidArgument, SpecdError
-from specd.server import grpc_errors
+from specd.core.errors import InvalidArgument, SpecdError
+from specd.rpc.host import grpc_errors, status_code
 from specd.v1 import admin_pb2, admin_pb2_grpc, common_pb2, generation_pb2, generation_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def request_from_proto(message: generation_pb2.GenerateRequest, context: grpc.ai
 async def abort_with(context: grpc.aio.ServicerContext, error: BaseException) -> None:
     """Translate any failure of a request into a status a person understands."""
     if isinstance(error, SpecdError):
-        await context.abort(error.code, str(error))
+        await context.abort(status_code(error), str(error))
     if isinstance(error, grpc.aio.AioRpcError):
         code = error.code() if error.code() in _PASS_THROUGH else grpc.StatusCode.UNAVAILABLE
         await context.abort(code, f"worker call failed: {error.code().name}: {error.details()}")
@@ -113,7 +113,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
 
 def _code_name(error: BaseException) -> str:
     if isinstance(error, SpecdError):
-        return error.code.name
+        return error.code
     if isinstance(error, grpc.aio.AioRpcError):
         return error.code().name
     return type(error).__name__

@@ -6,7 +6,8 @@ from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from coordinator.depth import make_policy
-from specd.config import COORDINATOR_PORT, PromptLookupSettings
+from specd.core.defaults import COORDINATOR_PORT
+from specd.rpc.settings import PromptLookupSettings
 
 
 class CoordinatorConfig(PromptLookupSettings):

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 from coordinator.api import ADMIN_SERVICE, GENERATION_SERVICE, AdminServicer, GenerationServicer
 from coordinator.config import CoordinatorConfig
-from coordinator.plane import PlaneClient, connect_ray, get_or_create_plane
+from coordinator.control_plane.client import PlaneClient, connect_ray, get_or_create_plane
 from coordinator.service import Coordinator
-from specd.metrics import serve_metrics
-from specd.server import ServiceHost
+from specd.rpc.metrics import serve_metrics
+from specd.rpc.host import ServiceHost
 from specd.v1 import admin_pb2_grpc, common_pb2, generation_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -14,16 +14,23 @@ import uuid
 from typing import AsyncIterator
 
 from coordinator.config import CoordinatorConfig
-from coordinator.control_plane import Assignment
+from coordinator.control_plane.actor import Assignment
 from coordinator.depth import DepthPolicy, FixedDepth, make_policy
-from coordinator.generation import Delta, GenerationRequest, Pair, TextCodec, stream_generation, validate_request
-from coordinator.loop import SpeculativeSession
-from coordinator.pairing import check_infos
-from coordinator.plane import PlaneClient
-from coordinator.stats import RoundObservation
-from coordinator.workers import DraftClient, OracleClient
-from specd.errors import OutOfRange, Unavailable
-from specd.metrics import CoordinatorMetrics
+from coordinator.session.generation import (
+    Delta,
+    GenerationRequest,
+    Pair,
+    TextCodec,
+    stream_generation,
+    validate_request,
+)
+from coordinator.session.loop import SpeculativeSession
+from coordinator.control_plane.client import PlaneClient
+from coordinator.session.stats import RoundObservation
+from coordinator.session.clients import DraftClient, OracleClient
+from specd.core.compat import check_pair
+from specd.core.errors import OutOfRange, Unavailable
+from specd.rpc.metrics import CoordinatorMetrics
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +65,7 @@ class Coordinator:
                 )
         oracle_info = await oracle.info()
         if draft is not None and (a.draft_address, a.oracle_address) not in self._checked_pairs:
-            check_infos(await draft.info(), oracle_info)  # never run a pair that would be lossy
+            check_pair(await draft.info(), oracle_info)  # never run a pair that would be lossy
             self._checked_pairs.add((a.draft_address, a.oracle_address))
         codec = self._codecs.get(oracle_info.vocab_fingerprint)
         if codec is None:

@@ -1,17 +1,19 @@
-"""Run a draft worker process: load the model, serve specd.v1.DraftService."""
+"""Run a draft worker: load the model, serve specd.v1.DraftService."""
 
 from __future__ import annotations
 
-from draft_service.drafter import Drafter
-from draft_service.servicer import DraftServicer
-from specd.config import DraftConfig
-from specd.server import ModelExecutor
-from specd.worker_service import load_for
+from draft_service.config import DraftConfig
+from draft_service.servicer import SERVICE_NAME, DraftServicer
+from specd.rpc.launch import LocalWorker, WorkerService, start_worker
+from specd.runtime.drafter import Drafter
+from specd.runtime.executor import ModelExecutor
+from specd.runtime.loading import load_worker_model
+from specd.v1.draft_pb2_grpc import add_DraftServiceServicer_to_server
 
 
 def build_servicer(config: DraftConfig, executor: ModelExecutor) -> DraftServicer:
     drafter = Drafter(
-        load_for(config, int8=config.quantize == "int8"),
+        load_worker_model(config.model_spec(int8=config.quantize == "int8")),
         proposal_top_n=config.proposal_top_n,
         lookup_ngram=config.lookup_ngram,
         max_sessions=config.max_sessions,
@@ -20,3 +22,11 @@ def build_servicer(config: DraftConfig, executor: ModelExecutor) -> DraftService
         prefix_cache_tokens=config.prefix_cache_tokens,
     )
     return DraftServicer(drafter, executor, config)
+
+
+SERVICE = WorkerService("draft", SERVICE_NAME, build_servicer, add_DraftServiceServicer_to_server)
+
+
+async def start(config: DraftConfig) -> LocalWorker:
+    """Serve a draft worker in this process."""
+    return await start_worker(SERVICE, config)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import grpc
 
-from draft_service.drafter import Drafter
-from specd.stopping import StopRule
-from specd.server import ModelExecutor, grpc_errors
+from specd.runtime.drafter import Drafter
+from specd.core.stopping import StopRule
+from specd.runtime.executor import ModelExecutor
+from specd.rpc.host import grpc_errors
 from specd.v1 import common_pb2, draft_pb2, draft_pb2_grpc
-from specd.worker_service import WorkerServicerMixin, features_from_proto, session_id_from
-from specd.config import DraftConfig
+from specd.rpc.worker_servicer import WorkerServicerMixin, session_id_from
+from specd.rpc.features import features_from_proto
+from draft_service.config import DraftConfig
 
 SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import grpc
 
-from oracle_service.verifier import Verifier
-from specd.config import OracleConfig
-from specd.server import ModelExecutor, grpc_errors
+from specd.runtime.verifier import Verifier
+from oracle_service.config import OracleConfig
+from specd.runtime.executor import ModelExecutor
+from specd.rpc.host import grpc_errors
 from specd.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
-from specd.worker_service import WorkerServicerMixin, features_to_proto, session_id_from
+from specd.rpc.worker_servicer import WorkerServicerMixin, session_id_from
+from specd.rpc.features import features_to_proto
 
 SERVICE_NAME = oracle_pb2.DESCRIPTOR.services_by_name["OracleService"].full_name
 

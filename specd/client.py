@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterator
 
-from specd.security import Security
+from specd.rpc.security import Security
 from specd.v1 import common_pb2, generation_pb2, generation_pb2_grpc
 
 FINISH_NAMES = {
@@ -103,7 +103,7 @@ def _chunk(message: generation_pb2.GenerateStreamResponse) -> Chunk:
 
 
 class SpecdClient:
-    """Blocking client. Token and TLS settings come from the environment (specd.security)
+    """Blocking client. Token and TLS settings come from the environment (specd.rpc.security)
     unless a Security is given."""
 
     def __init__(self, address: str, timeout: float | None = None, security: Security | None = None):

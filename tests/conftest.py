@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from specd.defaults import keep_local_ray_on_loopback, quiet_idle_threads
+from specd.core.defaults import keep_local_ray_on_loopback, quiet_idle_threads
 
 keep_local_ray_on_loopback()  # before anything imports ray
 quiet_idle_threads()  # before anything imports torch
@@ -12,9 +12,10 @@ quiet_idle_threads()  # before anything imports torch
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from specd.config import DraftConfig, OracleConfig
-from specd.local import start_worker
-from specd.tiny import write_tiny_feature_draft, write_tiny_model
+from draft_service.config import DraftConfig
+from oracle_service.config import OracleConfig
+from specd.cluster.roles import start_local_worker
+from specd.models.tiny import write_tiny_feature_draft, write_tiny_model
 
 torch.set_num_threads(1)
 
@@ -38,7 +39,7 @@ def draft_config(tiny_dir: Path, name: str = "unrelated", **overrides) -> DraftC
 
 @pytest.fixture(scope="session")
 async def oracle(tiny_dir: Path):
-    worker = await start_worker(oracle_config(tiny_dir))
+    worker = await start_local_worker(oracle_config(tiny_dir))
     yield worker
     await worker.stop()
 
@@ -46,7 +47,7 @@ async def oracle(tiny_dir: Path):
 @pytest.fixture(scope="session")
 async def same_draft(tiny_dir: Path):
     """A draft identical to the oracle, without prompt lookup: every proposal should be accepted."""
-    worker = await start_worker(draft_config(tiny_dir, "oracle", lookup_min_ngram=0))
+    worker = await start_local_worker(draft_config(tiny_dir, "oracle", lookup_min_ngram=0))
     yield worker
     await worker.stop()
 
@@ -54,7 +55,7 @@ async def same_draft(tiny_dir: Path):
 @pytest.fixture(scope="session")
 async def unrelated_draft(tiny_dir: Path):
     """A draft with unrelated random weights (same vocabulary), without prompt lookup: almost nothing accepted."""
-    worker = await start_worker(draft_config(tiny_dir, "unrelated", lookup_min_ngram=0))
+    worker = await start_local_worker(draft_config(tiny_dir, "unrelated", lookup_min_ngram=0))
     yield worker
     await worker.stop()
 
@@ -62,7 +63,7 @@ async def unrelated_draft(tiny_dir: Path):
 @pytest.fixture(scope="session")
 async def lookup_draft(tiny_dir: Path):
     """The unrelated draft with prompt lookup (the default settings): lookup's copies are often right."""
-    worker = await start_worker(draft_config(tiny_dir, "unrelated"))
+    worker = await start_local_worker(draft_config(tiny_dir, "unrelated"))
     yield worker
     await worker.stop()
 
@@ -70,7 +71,7 @@ async def lookup_draft(tiny_dir: Path):
 @pytest.fixture(scope="session")
 async def feature_draft(tiny_dir: Path):
     """A draft that reads the oracle's features (untrained: it proposes, the oracle decides)."""
-    worker = await start_worker(draft_config(tiny_dir, "feature"))
+    worker = await start_local_worker(draft_config(tiny_dir, "feature"))
     yield worker
     await worker.stop()
 
@@ -80,7 +81,7 @@ _REFERENCE_MODELS: dict[str, object] = {}
 
 def greedy_reference(model_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """The oracle alone: plain transformers greedy `generate`, ignoring EOS."""
-    from specd.models import load_model
+    from specd.models.loader import load_model
 
     key = str(model_dir)
     if key not in _REFERENCE_MODELS:

@@ -24,7 +24,7 @@ import warnings
 from contextlib import ExitStack
 from pathlib import Path
 
-from specd.defaults import EMBEDDED_ORACLE
+from specd.core.defaults import EMBEDDED_ORACLE
 
 FULL_MAX_TOKENS = 48
 FULL_PROMPTS_PER_CATEGORY = 2
@@ -80,7 +80,7 @@ def _numbers(text: str, kind: type) -> list:
 def build_options(args: argparse.Namespace, workdir: Path | None = None):
     """BenchOptions from the command line; --quick writes tiny models under `workdir`."""
     from specd.bench.runner import SECTIONS, BenchOptions
-    from specd.drafts import default_draft_source, is_feature_draft, standalone_draft_source
+    from specd.models.shipped import default_draft_source, is_feature_draft, standalone_draft_source
 
     sections = tuple(s.strip() for s in args.sections.split(",") if s.strip())
     unknown = set(sections) - set(SECTIONS)
@@ -88,7 +88,7 @@ def build_options(args: argparse.Namespace, workdir: Path | None = None):
         raise SystemExit(f"--sections takes a comma-separated subset of {','.join(SECTIONS)}; got {args.sections!r}")
     oracle, draft, draft_layers = args.oracle, args.draft, args.draft_layers
     if args.quick and oracle is None:
-        from specd.tiny import write_tiny_model
+        from specd.models.tiny import write_tiny_model
 
         assert workdir is not None
         oracle = str(write_tiny_model(workdir / "oracle", seed=1, layers=4, hidden=64, max_context=4096))

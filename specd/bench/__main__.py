@@ -2,7 +2,7 @@
 
 import sys
 
-from specd.defaults import keep_local_ray_on_loopback, quiet_idle_threads
+from specd.core.defaults import keep_local_ray_on_loopback, quiet_idle_threads
 
 quiet_idle_threads()  # before torch is imported
 keep_local_ray_on_loopback()  # before ray is imported

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from specd.models import LoadedModel
+from specd.models.pretrained import LoadedModel
 
 # transformers' assisted-generation settings when the assistant's generation_config leaves them unset.
 ASSISTANT_DEFAULTS = {"num_assistant_tokens": 20, "num_assistant_tokens_schedule": "constant", "assistant_confidence_threshold": 0.4}

@@ -1,6 +1,6 @@
 """What one request measured, and how requests are summed up. Pure Python, no models, no gRPC.
 
-Terms (as in specd.verification and vLLM's spec-decode metrics):
+Terms (as in specd.core.verification and vLLM's spec-decode metrics):
 - output tokens are counted here from the returned token ids (EOS excluded), never taken from
   the server's usage figures;
 - tokens per second = output tokens / wall seconds, summed over the requests of a cell;

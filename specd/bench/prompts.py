@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from specd.errors import InvalidArgument
+from specd.core.errors import InvalidArgument
 
 PROMPTS_PATH = Path(__file__).resolve().parent.parent / "data" / "bench_prompts.jsonl"
 CATEGORIES = ("chat", "code", "extraction", "creative")

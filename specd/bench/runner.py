@@ -32,9 +32,11 @@ from specd.bench.sections import (
     speed_section,
 )
 from specd.bench.stack import BenchStack, StackSettings
-from specd.config import DraftConfig
-from specd.models import DRAFT_ARTIFACT_MANIFEST, LoadedModel, load_model, resolve_source
-from specd.server import ModelExecutor
+from draft_service.config import DraftConfig
+from specd.models.sources import DRAFT_ARTIFACT_MANIFEST, resolve_source
+from specd.models.pretrained import LoadedModel
+from specd.models.loader import load_model
+from specd.runtime.executor import ModelExecutor
 
 SECTIONS = ("speed", "sampled", "rtt", "concurrency")
 
@@ -112,7 +114,7 @@ def machine_info() -> dict[str, Any]:
 def describe_draft(source: str, layers: int) -> str:
     kind, path = resolve_source(source)
     if kind == "dir" and path is not None and (path / DRAFT_ARTIFACT_MANIFEST).exists():
-        from specd.draft_artifact import DraftManifest
+        from specd.models.artifact import DraftManifest
 
         m = DraftManifest.read(path)
         head = f"{len(m.head_token_ids)}-token head" if m.head_token_ids else "full-vocabulary head"

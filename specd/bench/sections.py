@@ -49,7 +49,7 @@ from specd.bench.results import (
 )
 from specd.bench.stack import BenchStack
 from specd.client import AsyncSpecdClient, Result
-from specd.server import ModelExecutor
+from specd.runtime.executor import ModelExecutor
 
 REQUEST_TIMEOUT_SECONDS = 900.0
 WARMUP_SHORT_TOKENS = 16

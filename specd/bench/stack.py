@@ -18,7 +18,7 @@ import ray
 
 from coordinator.config import CoordinatorConfig
 from coordinator.server import RunningCoordinator, start_coordinator
-from specd.procs import WorkerProcess, spawn
+from specd.cluster.procs import WorkerProcess, spawn
 
 log = logging.getLogger(__name__)
 

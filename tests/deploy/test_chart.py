@@ -15,15 +15,17 @@ import pytest
 import yaml
 
 from coordinator.config import CoordinatorConfig
-from specd import config as specd_config
-from specd.cli import build_parser
+from draft_service.config import DraftConfig
+from oracle_service.config import OracleConfig
+from specd.core import defaults as specd_config
+from specd.cli.main import build_parser
 from tests.deploy.conftest import CHART, NAMESPACE, RELEASE, Manifest, find, render_chart, render_objects
 
 CORE_KINDS = {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "ServiceAccount"}
 PREFIX = f"{RELEASE}-specd"
 WORKERS = {
-    "oracle": (specd_config.OracleConfig, specd_config.ORACLE_PORT, specd_config.ORACLE_METRICS_PORT),
-    "draft": (specd_config.DraftConfig, specd_config.DRAFT_PORT, specd_config.DRAFT_METRICS_PORT),
+    "oracle": (OracleConfig, specd_config.ORACLE_PORT, specd_config.ORACLE_METRICS_PORT),
+    "draft": (DraftConfig, specd_config.DRAFT_PORT, specd_config.DRAFT_METRICS_PORT),
 }
 # Every option switched on: secrets, a shared cache claim, minAvailable, a load balancer.
 FULL_VALUES: dict[str, Any] = {

@@ -1,5 +1,5 @@
 """Static checks of deploy/docker (no Docker engine here): pinned multi-stage builds, a non-root
-runtime user, entry points that are real console scripts, ports that match specd.config, and
+runtime user, entry points that are real console scripts, ports that match specd.rpc.settings, and
 the same pins (torch, Ray) as the package and the chart."""
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
-from specd import config as specd_config
-from specd.config import DraftConfig, OracleConfig
+from specd.core import defaults as specd_config
+from draft_service.config import DraftConfig
+from oracle_service.config import OracleConfig
 from tests.deploy.conftest import CHART, DEPLOY, REPO
 
 DOCKER = DEPLOY / "docker"
@@ -229,7 +230,7 @@ def test_coordinator_ray_matches_package_and_chart() -> None:
 @pytest.mark.parametrize("name", [name for name in IMAGES if "worker" in name])
 def test_worker_commands_parse_with_the_specd_cli(name: str) -> None:
     """The image's default command and health check are commands `specd` accepts."""
-    from specd.cli import build_parser
+    from specd.cli.main import build_parser
 
     final = parse(DOCKER / name)[-1]
     command = command_words(final.all("ENTRYPOINT")[-1]) + command_words(final.all("CMD")[-1])

@@ -12,7 +12,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from specd import config as specd_config
+from specd.core import defaults as specd_config
 from tests.deploy.conftest import DEPLOY, RELEASE, Manifest, find, render_objects
 from tests.deploy.kuberay import pod_templates, raycluster_errors
 from tests.deploy.test_chart import FULL_VALUES, kube_versions

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from coordinator.specctl import build_parser, to_plain
+from specd.cli.specctl import build_parser, to_plain
 from specd.v1 import admin_pb2
 from tests.deploy.conftest import RELEASE, Manifest, find
 

@@ -6,7 +6,7 @@ import pytest
 import ray
 
 from coordinator.config import CoordinatorConfig
-from coordinator.plane import connect_ray
+from coordinator.control_plane.client import connect_ray
 from coordinator.server import start_coordinator
 
 

@@ -13,7 +13,7 @@ import pytest
 from coordinator.config import CoordinatorConfig
 from coordinator.server import start_coordinator
 from specd.client import AsyncSpecdClient
-from specd.tiny import build_tokenizer
+from specd.models.tiny import build_tokenizer
 from specd.v1 import common_pb2
 from tests.conftest import greedy_reference
 
@@ -113,7 +113,7 @@ async def test_cancelled_stream_and_expired_deadline_leave_no_session(coordinato
     assert await no_sessions_left(oracle, unrelated_draft, same_draft)
     async with AsyncSpecdClient(coordinator.address) as client:
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await client.generate(token_ids=prompt_ids, max_tokens=450, stop_at_eos=False, depth=8, timeout=0.3)
+            await client.generate(token_ids=prompt_ids, max_tokens=450, stop_at_eos=False, depth=1, timeout=0.2)
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert await no_sessions_left(oracle, unrelated_draft, same_draft)
     # The coordinator tells the control plane of the release after the workers' sessions close
@@ -150,7 +150,7 @@ async def test_drained_worker_gets_no_new_sessions_and_finishes_its_own(ray_loca
 
 async def run_specctl(address: str, *args: str) -> str:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "coordinator.specctl", "--address", address, *args,
+        sys.executable, "-m", "specd.cli.specctl", "--address", address, *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
     out, err = await process.communicate()
@@ -256,10 +256,10 @@ async def test_stop_strings_and_chat_template(coordinator, prompt_ids):
 
 
 async def test_a_draft_dying_mid_stream_does_not_fail_the_request(ray_local, tiny_dir, oracle, prompt_ids):
-    from specd.local import start_worker
+    from specd.cluster.roles import start_local_worker
     from tests.conftest import draft_config
 
-    draft = await start_worker(draft_config(tiny_dir, "oracle"))
+    draft = await start_local_worker(draft_config(tiny_dir, "oracle"))
     running = await own_coordinator("plane-draft-dies", oracle, draft, oracle_delay_ms=5)
     expected = greedy_reference(tiny_dir / "oracle", prompt_ids, 120)
     try:

@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from coordinator.depth import FixedDepth
-from coordinator.generation import GenerationRequest, stream_generation
-from coordinator.pairing import connect_pair
-from specd.config import DraftConfig, OracleConfig
-from specd.defaults import EMBEDDED_ORACLE
-from specd.drafts import default_draft_source, standalone_draft_source
-from specd.local import start_worker
-from specd.models import load_model
+from coordinator.session.generation import GenerationRequest, stream_generation
+from coordinator.session.pairing import connect_pair
+from draft_service.config import DraftConfig
+from oracle_service.config import OracleConfig
+from specd.core.defaults import EMBEDDED_ORACLE
+from specd.models.shipped import default_draft_source, standalone_draft_source
+from specd.cluster.roles import start_local_worker
+from specd.models.loader import load_model
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 32
@@ -22,8 +23,8 @@ MAX_TOKENS = 32
 @pytest.mark.parametrize("choose_draft", [default_draft_source, standalone_draft_source], ids=["default", "standalone"])
 async def test_default_pair_is_exact(choose_draft):
     draft_model, draft_layers = choose_draft()
-    oracle = await start_worker(OracleConfig(model=EMBEDDED_ORACLE, port=0, layers=0))
-    draft = await start_worker(DraftConfig(model=draft_model, layers=draft_layers, port=0))
+    oracle = await start_local_worker(OracleConfig(model=EMBEDDED_ORACLE, port=0, layers=0))
+    draft = await start_local_worker(DraftConfig(model=draft_model, layers=draft_layers, port=0))
     try:
         pair = await connect_pair(oracle.address, draft.address)
         messages = [{"role": "user", "content": "List three primary colors."}]

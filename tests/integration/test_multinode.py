@@ -7,14 +7,14 @@ import json
 import subprocess
 import sys
 
-from specd.tiny import build_tokenizer
+from specd.models.tiny import build_tokenizer
 from tests.conftest import greedy_reference
 
 
 def test_oracle_and_draft_land_on_different_nodes(tiny_dir):
     prompt = "The quick brown fox"
     done = subprocess.run(
-        [sys.executable, "-m", "specd.rehearsal", "--json", "--oracle-model", str(tiny_dir / "oracle"),
+        [sys.executable, "-m", "specd.cluster.rehearsal", "--json", "--oracle-model", str(tiny_dir / "oracle"),
          "--draft-model", str(tiny_dir / "oracle"), "--prompt", prompt, "--max-tokens", "12"],
         capture_output=True, text=True, timeout=600,
     )

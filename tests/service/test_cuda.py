@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from coordinator.depth import FixedDepth, GoodputDepth
-from coordinator.loop import SessionRequest, SpeculativeSession, run_to_completion
-from coordinator.workers import DraftClient, OracleClient
-from draft_service.drafter import Drafter
-from oracle_service.verifier import Verifier
-from specd.draft_artifact import DraftManifest, save_draft_artifact, slice_output_head
-from specd.feature_draft import FeatureDraftModel
-from specd.local import start_worker
-from specd.models import load_model
-from specd.sampling import SamplingParams
+from coordinator.session.loop import SessionRequest, SpeculativeSession, run_to_completion
+from coordinator.session.clients import DraftClient, OracleClient
+from specd.runtime.drafter import Drafter
+from specd.runtime.verifier import Verifier
+from specd.models.artifact import DraftManifest, save_draft_artifact, slice_output_head
+from specd.models.feature_draft import FeatureDraftModel
+from specd.cluster.roles import start_local_worker
+from specd.models.loader import load_model
+from specd.core.sampling import SamplingParams
 from specd.v1 import common_pb2
 from tests.conftest import draft_config, oracle_config
 
@@ -29,11 +29,11 @@ LIMITS = {"max_sessions": 4, "session_ttl_seconds": 60.0, "max_depth": 8}
 @pytest.fixture(scope="module")
 async def cuda_workers(tiny_dir):
     started = {
-        "oracle": await start_worker(oracle_config(tiny_dir, device="cuda")),
-        "same": await start_worker(draft_config(tiny_dir, "oracle", device="cuda", lookup_min_ngram=0)),
-        "lookup": await start_worker(draft_config(tiny_dir, "unrelated", device="cuda")),
-        "feature": await start_worker(draft_config(tiny_dir, "feature", device="cuda")),
-        "cpu_feature": await start_worker(draft_config(tiny_dir, "feature", device="cpu")),
+        "oracle": await start_local_worker(oracle_config(tiny_dir, device="cuda")),
+        "same": await start_local_worker(draft_config(tiny_dir, "oracle", device="cuda", lookup_min_ngram=0)),
+        "lookup": await start_local_worker(draft_config(tiny_dir, "unrelated", device="cuda")),
+        "feature": await start_local_worker(draft_config(tiny_dir, "feature", device="cuda")),
+        "cpu_feature": await start_local_worker(draft_config(tiny_dir, "feature", device="cpu")),
     }
     yield started
     for worker in started.values():

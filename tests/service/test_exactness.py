@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from coordinator.depth import FixedDepth
-from coordinator.loop import SessionRequest, SpeculativeSession, run_to_completion
-from coordinator.workers import DraftClient, OracleClient
-from specd.tiny import build_tokenizer
+from coordinator.session.loop import SessionRequest, SpeculativeSession, run_to_completion
+from coordinator.session.clients import DraftClient, OracleClient
+from specd.models.tiny import build_tokenizer
 from specd.v1 import common_pb2
 from tests.conftest import greedy_reference
 

@@ -6,13 +6,13 @@ import grpc
 import pytest
 
 from coordinator.depth import FixedDepth, GoodputDepth
-from coordinator.loop import SessionRequest, SpeculativeSession, run_to_completion
-from coordinator.workers import DraftClient, OracleClient
-from draft_service.drafter import Drafter
-from oracle_service.verifier import Verifier
-from specd.models import load_model
-from specd.sampling import SamplingParams
-from specd.stopping import StopRule
+from coordinator.session.loop import SessionRequest, SpeculativeSession, run_to_completion
+from coordinator.session.clients import DraftClient, OracleClient
+from specd.runtime.drafter import Drafter
+from specd.runtime.verifier import Verifier
+from specd.models.loader import load_model
+from specd.core.sampling import SamplingParams
+from specd.core.stopping import StopRule
 from specd.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 from tests.conftest import greedy_reference
 from tests.service.test_exactness import MAX_TOKENS, PROMPTS
@@ -77,7 +77,7 @@ async def test_draft_advertises_its_feature_width(feature_draft, unrelated_draft
 
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
 async def test_greedy_output_equals_the_oracle_alone(tiny_dir, oracle, feature_draft, k):
-    from specd.tiny import build_tokenizer
+    from specd.models.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     prompts = [tokenizer(p)["input_ids"] for p in PROMPTS] + [tokenizer("The")["input_ids"][:1]]
@@ -129,7 +129,7 @@ def test_features_follow_the_committed_sequence(tiny_dir):
 
 def test_missing_features_are_refused(tiny_dir):
     drafter = Drafter(load_model(str(tiny_dir / "feature")), **LIMITS)
-    from specd.errors import InvalidArgument
+    from specd.core.errors import InvalidArgument
 
     with pytest.raises(InvalidArgument, match="return_features"):
         drafter.open("s", [3, 4, 5], SamplingParams())
@@ -163,8 +163,8 @@ async def test_bad_features_get_invalid_argument(feature_draft):
 
 
 async def test_oracle_reports_its_feature_width_and_mismatches_are_refused(oracle, feature_draft):
-    from coordinator.pairing import check_infos
-    from specd.errors import IncompatiblePair
+    from specd.core.compat import check_pair
+    from specd.core.errors import IncompatiblePair
 
     oracle_client, draft_client = OracleClient(oracle.address), DraftClient(feature_draft.address)
     try:
@@ -173,16 +173,16 @@ async def test_oracle_reports_its_feature_width_and_mismatches_are_refused(oracl
         await oracle_client.close()
         await draft_client.close()
     assert oracle_info.feature_dim == draft_info.feature_dim == 64
-    check_infos(draft_info, oracle_info)
+    check_pair(draft_info, oracle_info)
     oracle_info.feature_dim = 32
     with pytest.raises(IncompatiblePair, match="width 64"):
-        check_infos(draft_info, oracle_info)
+        check_pair(draft_info, oracle_info)
 
 
 async def test_greedy_output_with_draft_trees_equals_the_oracle_alone(tiny_dir, oracle, feature_draft):
     """The policy's trees travel over gRPC (Proposal.parents -> VerifyRequest.draft_parents -> accepted_path)
     and the output stays the oracle's own."""
-    from specd.tiny import build_tokenizer
+    from specd.models.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
     trees = 0

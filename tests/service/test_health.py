@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from coordinator import control_plane
-from coordinator.control_plane import SLOW_CHECKS_TO_FAIL, ControlPlane
+from coordinator.control_plane.actor import SLOW_CHECKS_TO_FAIL, ControlPlane
 from specd.v1 import common_pb2
 
 

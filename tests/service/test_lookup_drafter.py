@@ -7,10 +7,10 @@ import random
 import pytest
 import torch
 
-from draft_service.drafter import Drafter, SparseDistribution
-from specd.lookup import NgramIndex
-from specd.models import load_model
-from specd.sampling import SamplingParams
+from specd.runtime.drafter import Drafter, SparseDistribution
+from specd.core.lookup import NgramIndex
+from specd.models.loader import load_model
+from specd.core.sampling import SamplingParams
 
 LIMITS = {"max_sessions": 64, "session_ttl_seconds": 60.0, "max_depth": 8}
 

@@ -7,8 +7,8 @@ import pytest
 import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from specd.local import start_worker
-from specd.security import Security
+from specd.cluster.roles import start_local_worker
+from specd.rpc.security import Security
 from specd.v1 import common_pb2, oracle_pb2_grpc
 from tests.conftest import oracle_config
 
@@ -22,7 +22,7 @@ def token_env(tmp_path, monkeypatch):
 
 
 async def test_token_is_required_except_for_health(tiny_dir, token_env):
-    worker = await start_worker(oracle_config(tiny_dir))
+    worker = await start_local_worker(oracle_config(tiny_dir))
     try:
         async with grpc.aio.insecure_channel(worker.address) as channel:
             stub = oracle_pb2_grpc.OracleServiceStub(channel)
@@ -37,7 +37,7 @@ async def test_token_is_required_except_for_health(tiny_dir, token_env):
             health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
             assert health.status == health_pb2.HealthCheckResponse.SERVING
         # specd's own clients read the same environment and send the token.
-        from coordinator.workers import OracleClient
+        from coordinator.session.clients import OracleClient
 
         client = OracleClient(worker.address)
         assert (await client.info()).vocab_size > 0
@@ -55,7 +55,7 @@ async def test_mutual_tls(tiny_dir, tmp_path, monkeypatch):
     paths["ca"].write_bytes(ca.cert_pem.bytes())
     for name, path in paths.items():
         monkeypatch.setenv(f"SPECD_TLS_{name.upper()}_FILE", str(path))
-    worker = await start_worker(oracle_config(tiny_dir))
+    worker = await start_local_worker(oracle_config(tiny_dir))
     try:
         async with Security.from_env().aio_channel(worker.address) as channel:
             reply = await oracle_pb2_grpc.OracleServiceStub(channel).GetInfo(common_pb2.GetInfoRequest())

@@ -14,12 +14,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from coordinator.depth import FixedDepth
-from coordinator.generation import GenerationRequest, stream_generation
-from coordinator.pairing import connect_pair
-from specd.errors import IncompatiblePair
-from specd.local import start_worker
-from specd.procs import spawn
-from specd.tiny import build_model, build_tokenizer
+from coordinator.session.generation import GenerationRequest, stream_generation
+from coordinator.session.pairing import connect_pair
+from specd.core.errors import IncompatiblePair
+from specd.cluster.roles import start_local_worker
+from specd.cluster.procs import spawn
+from specd.models.tiny import build_model, build_tokenizer
 from specd.v1 import common_pb2
 from tests.conftest import draft_config
 
@@ -35,7 +35,7 @@ def other_vocab_dir(tmp_path_factory):
 
 
 async def test_mismatched_vocabulary_is_refused(oracle, other_vocab_dir):
-    worker = await start_worker(draft_config(other_vocab_dir.parent, other_vocab_dir.name))
+    worker = await start_local_worker(draft_config(other_vocab_dir.parent, other_vocab_dir.name))
     try:
         with pytest.raises(IncompatiblePair, match="do not share a vocabulary"):
             await connect_pair(oracle.address, worker.address)
@@ -106,7 +106,7 @@ async def test_worker_metrics_endpoint(tiny_dir):
 
     from tests.conftest import oracle_config
 
-    worker = await start_worker(oracle_config(tiny_dir, metrics_port=0))
+    worker = await start_local_worker(oracle_config(tiny_dir, metrics_port=0))
     try:
         async with grpc.aio.insecure_channel(worker.address) as channel:
             from specd.v1 import oracle_pb2, oracle_pb2_grpc

@@ -10,10 +10,10 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.depth import FixedDepth
-from coordinator.loop import SessionRequest, SpeculativeSession
-from coordinator.workers import DraftClient, OracleClient
-from specd.kv import KVSession
-from specd.local import start_worker
+from coordinator.session.loop import SessionRequest, SpeculativeSession
+from coordinator.session.clients import DraftClient, OracleClient
+from specd.runtime.kv import KVSession
+from specd.cluster.roles import start_local_worker
 from specd.v1 import common_pb2, draft_pb2, draft_pb2_grpc, oracle_pb2, oracle_pb2_grpc
 from tests.conftest import draft_config, oracle_config
 
@@ -179,8 +179,8 @@ async def test_cancelled_generation_leaves_no_session(oracle, unrelated_draft):
 
 
 async def test_idle_sessions_expire(tiny_dir):
-    oracle_worker = await start_worker(oracle_config(tiny_dir, session_ttl_seconds=0.3), sweep_seconds=0.1)
-    draft_worker = await start_worker(draft_config(tiny_dir, session_ttl_seconds=0.3), sweep_seconds=0.1)
+    oracle_worker = await start_local_worker(oracle_config(tiny_dir, session_ttl_seconds=0.3), sweep_seconds=0.1)
+    draft_worker = await start_local_worker(draft_config(tiny_dir, session_ttl_seconds=0.3), sweep_seconds=0.1)
     try:
         async with grpc.aio.insecure_channel(oracle_worker.address) as oc, grpc.aio.insecure_channel(
             draft_worker.address
@@ -203,7 +203,7 @@ async def test_idle_sessions_expire(tiny_dir):
 
 
 async def test_session_limit_is_resource_exhausted(tiny_dir):
-    worker = await start_worker(oracle_config(tiny_dir, max_sessions=1))
+    worker = await start_local_worker(oracle_config(tiny_dir, max_sessions=1))
     try:
         async with grpc.aio.insecure_channel(worker.address) as channel:
             stub = oracle_pb2_grpc.OracleServiceStub(channel)

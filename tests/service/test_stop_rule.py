@@ -13,15 +13,15 @@ import torch
 from scipy.stats import chisquare
 
 from coordinator.depth import GoodputDepth
-from coordinator.loop import SessionRequest, SpeculativeSession, run_to_completion
-from coordinator.workers import DraftClient, OracleClient
-from draft_service.drafter import Drafter
-from oracle_service.verifier import Verifier
-from specd.errors import InvalidArgument
-from specd.models import load_model
-from specd.sampling import SamplingParams, warp_probs
-from specd.stopping import StopRule
-from specd.tiny import build_tokenizer
+from coordinator.session.loop import SessionRequest, SpeculativeSession, run_to_completion
+from coordinator.session.clients import DraftClient, OracleClient
+from specd.runtime.drafter import Drafter
+from specd.runtime.verifier import Verifier
+from specd.core.errors import InvalidArgument
+from specd.models.loader import load_model
+from specd.core.sampling import SamplingParams, warp_probs
+from specd.core.stopping import StopRule
+from specd.models.tiny import build_tokenizer
 from specd.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 from tests.conftest import greedy_reference
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 import transformers.integrations.sdpa_attention as sdpa_attention
 
-from specd.attention import GROUPED_SDPA, use_grouped_attention
-from specd.feature_draft import FeatureDraftModel, FeatureSession
-from specd.kv import KVSession
-from specd.tiny import build_model
+from specd.kernels.attention import GROUPED_SDPA, use_grouped_attention
+from specd.models.feature_draft import FeatureDraftModel
+from specd.runtime.feature_session import FeatureSession
+from specd.runtime.kv import KVSession
+from specd.models.tiny import build_model
 
 CPU = torch.device("cpu")
 PROMPT = [5, 17, 42, 99, 7, 3, 250, 31]

@@ -18,8 +18,8 @@ from specd.bench import register
 from specd.bench.baselines import FullVocabularyHead, TransformersBaselines
 from specd.bench.measure import RequestRecord, StreamRecord, depth_summary, percentile, set_ratios, summarise, summarise_streams
 from specd.bench.prompts import CATEGORIES, load_prompt_set
-from specd.draft_artifact import slice_output_head
-from specd.models import load_model
+from specd.models.artifact import slice_output_head
+from specd.models.loader import load_model
 
 REPO = Path(__file__).resolve().parents[2]
 QUICK_DELAYS = [0.0, 50.0]

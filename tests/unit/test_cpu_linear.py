@@ -9,14 +9,22 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from specd import cpu_linear
-from specd.config import OracleConfig
-from specd.cpu_linear import (
-    FUSED_GROUPS, PACKED_ROWS, CpuLinear, FusedGroup, GroupedLinear, auto_plans, mkl_packed_available,
-    onednn_available, time_plans, use_cpu_linear,
+from specd.kernels import cpu_linear
+from oracle_service.config import OracleConfig
+from specd.kernels.cpu_linear import (
+    FUSED_GROUPS,
+    PACKED_ROWS,
+    CpuLinear,
+    FusedGroup,
+    GroupedLinear,
+    auto_plans,
+    mkl_packed_available,
+    onednn_available,
+    time_plans,
+    use_cpu_linear,
 )
-from specd.kv import KVSession
-from specd.tiny import build_model
+from specd.runtime.kv import KVSession
+from specd.models.tiny import build_model
 
 needs_mkl = pytest.mark.skipif(not mkl_packed_available(), reason="this torch build has no MKL packed GEMM")
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linear")

@@ -10,7 +10,7 @@ import pytest
 from coordinator.depth import (
     LOOKUP_LENGTH_PRIOR, FixedDepth, GoodputDepth, HeuristicDepth, expected_tokens, make_policy, speedup_bound,
 )
-from coordinator.stats import RoundObservation
+from coordinator.session.stats import RoundObservation
 
 VERIFY_BASE, VERIFY_SLOPE = 0.050, 0.004  # seconds: t_verify(k) = base + slope * k
 

@@ -12,11 +12,12 @@ import torch
 from safetensors.torch import load_file
 from scipy.stats import chisquare
 
-from specd import distill
-from specd.draft_artifact import DraftManifest, slice_output_head
-from specd.errors import InvalidArgument
-from specd.models import DRAFT_ARTIFACT_MANIFEST, load_model
-from specd.tiny import write_tiny_model
+from specd.training import distill
+from specd.models.artifact import DraftManifest, slice_output_head
+from specd.core.errors import InvalidArgument
+from specd.models.sources import DRAFT_ARTIFACT_MANIFEST
+from specd.models.loader import load_model
+from specd.models.tiny import write_tiny_model
 
 WORDS = ["fox", "dog", "sea", "code", "tea", "rain", "moon", "cake", "bird", "tree", "lamp", "road"]
 
@@ -258,7 +259,7 @@ def test_makefile_recipes_are_valid_distill_commands():
 
 def test_cli_reports_a_users_mistake_as_a_message(tmp_path: Path, capsys: pytest.CaptureFixture):
     """`specd distill` with a device torch cannot use: exit status 2 and one line, no traceback."""
-    from specd.cli import main
+    from specd.cli.main import main
 
     assert main(["distill", "--out", str(tmp_path / "draft"), "--device", "tpu"]) == 2
     err = capsys.readouterr().err

@@ -8,13 +8,13 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from draft_service.drafter import Drafter
-from oracle_service.verifier import Verifier
-from specd.config import DraftConfig
-from specd.int8_linear import Int8Linear, int8_available, use_int8_linear
-from specd.models import load_model
-from specd.sampling import SamplingParams
-from specd.tiny import build_tokenizer
+from specd.runtime.drafter import Drafter
+from specd.runtime.verifier import Verifier
+from draft_service.config import DraftConfig
+from specd.kernels.int8_linear import Int8Linear, int8_available, use_int8_linear
+from specd.models.loader import load_model
+from specd.core.sampling import SamplingParams
+from specd.models.tiny import build_tokenizer
 from tests.conftest import greedy_reference
 from tests.service.test_exactness import MAX_TOKENS, PROMPTS
 

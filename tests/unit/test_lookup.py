@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from specd.lookup import NgramIndex
+from specd.core.lookup import NgramIndex
 
 
 def test_guesses_the_token_after_the_latest_earlier_occurrence():
@@ -68,8 +68,8 @@ def test_bad_lengths_are_refused(min_n, max_n):
 def test_copied_tokens_are_counted_apart_in_stats_and_metrics():
     from prometheus_client import CollectorRegistry
 
-    from coordinator.stats import RoundObservation, SpeculationStats
-    from specd.metrics import SpecDecodeCounters
+    from coordinator.session.stats import RoundObservation, SpeculationStats
+    from specd.rpc.metrics import SpecDecodeCounters
 
     round = RoundObservation(k=5, accepted=3, draft_seconds=0.0, verify_seconds=0.1, lookup_positions=(1, 2, 4))
     assert round.lookup_accepted == 2  # positions 1 and 2 lie in the accepted prefix of 3

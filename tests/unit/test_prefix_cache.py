@@ -7,11 +7,11 @@ import grpc
 import pytest
 import torch
 
-from draft_service.drafter import Drafter
-from oracle_service.verifier import Verifier
-from specd.models import load_model
-from specd.prefix_cache import BLOCK, PrefixCache
-from specd.sampling import SamplingParams
+from specd.runtime.drafter import Drafter
+from specd.runtime.verifier import Verifier
+from specd.models.loader import load_model
+from specd.runtime.prefix_cache import BLOCK, PrefixCache
+from specd.core.sampling import SamplingParams
 from specd.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
 from tests.conftest import greedy_reference
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from coordinator.generation import TextTracker
+from coordinator.session.generation import TextTracker
 
 
 class PieceCodec:

@@ -7,18 +7,18 @@ import pytest
 import torch
 
 from coordinator.depth import GoodputDepth, make_policy
-from coordinator.stats import RoundObservation, SpeculationStats
-from draft_service.drafter import Drafter
-from oracle_service.verifier import Verifier
-from specd import tree
-from specd.attention import use_grouped_attention
-from specd.errors import InvalidArgument
-from specd.kv import KVSession
-from specd.models import load_model
-from specd.sampling import SamplingParams
-from specd.stopping import StopRule
-from specd.tiny import build_model
-from specd.verification import verify_greedy_tree
+from coordinator.session.stats import RoundObservation, SpeculationStats
+from specd.runtime.drafter import Drafter
+from specd.runtime.verifier import Verifier
+from specd.core import tree
+from specd.kernels.attention import use_grouped_attention
+from specd.core.errors import InvalidArgument
+from specd.runtime.kv import KVSession
+from specd.models.loader import load_model
+from specd.core.sampling import SamplingParams
+from specd.core.stopping import StopRule
+from specd.models.tiny import build_model
+from specd.core.verification import verify_greedy_tree
 
 CPU = torch.device("cpu")
 LIMITS = {"max_sessions": 4, "session_ttl_seconds": 60.0, "max_depth": 8}

@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from specd.sampling import SamplingParams, Stream, keyed_uniform, sample_from, warp_probs
-from specd.verification import sparse_to_dense, verify_greedy, verify_sampled
+from specd.core.sampling import SamplingParams, Stream, keyed_uniform, sample_from, warp_probs
+from specd.core.verification import sparse_to_dense, verify_greedy, verify_sampled
 
 VOCAB = 6
 

@@ -1,0 +1,60 @@
+"""Reaching the control-plane Ray actor from a coordinator process."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray.exceptions import RayTaskError
+
+from coordinator.control_plane.actor import ControlPlane
+from specd.core.errors import SpecdError
+
+PLANE_NAME = "specd-control-plane"
+
+
+class PlaneClient:
+    """Awaitable calls on the control-plane actor; domain errors come back as themselves."""
+
+    def __init__(self, handle: Any):
+        self.handle = handle
+
+    async def call(self, method: str, *args: Any) -> Any:
+        try:
+            return await getattr(self.handle, method).remote(*args)
+        except RayTaskError as error:
+            if isinstance(error.cause, SpecdError):
+                raise error.cause from None
+            raise
+
+    def tell(self, method: str, *args: Any) -> None:
+        """Fire and forget (progress reports): the caller never waits on Ray."""
+        getattr(self.handle, method).remote(*args)
+
+
+def connect_ray(address: str, namespace: str, resources: dict[str, float] | None = None) -> None:
+    """Join a Ray cluster, or start a local one bound to loopback (with optional custom resources)."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, namespace=namespace, logging_level="WARNING")
+    else:
+        ray.init(
+            namespace=namespace,
+            include_dashboard=False,
+            logging_level="WARNING",
+            resources=resources or None,
+            _node_ip_address="127.0.0.1",
+        )
+
+
+async def get_or_create_plane(
+    default_policy: str, max_depth: int, health_interval_seconds: float, name: str = PLANE_NAME
+) -> PlaneClient:
+    actor_cls = ray.remote(num_cpus=0, max_restarts=-1)(ControlPlane)
+    handle = actor_cls.options(name=name, get_if_exists=True).remote(
+        default_policy, max_depth, health_interval_seconds
+    )
+    plane = PlaneClient(handle)
+    await plane.call("start")
+    return plane

@@ -1,0 +1,190 @@
+"""Clients for the draft and oracle workers, translating domain values to protobuf and back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from specd.rpc.security import Security
+from specd.rpc.host import channel_options
+from specd.core.stopping import StopRule
+from specd.v1 import common_pb2, draft_pb2, draft_pb2_grpc, oracle_pb2, oracle_pb2_grpc
+
+
+@dataclass(frozen=True)
+class TimedProposal:
+    tokens: list[int]
+    distributions: list[common_pb2.TokenDistribution]
+    compute_seconds: float
+    wall_seconds: float
+    lookup_positions: list[int] = field(default_factory=list)
+    lookup_lengths: list[int] = field(default_factory=list)  # per looked-up position (Proposal.lookup_lengths)
+    confidences: list[float] = field(default_factory=list)  # the draft's, per token (Proposal.confidences)
+    model_steps: int = 0  # positions the draft's model computed (Proposal.model_steps)
+    parents: list[int] = field(default_factory=list)  # a draft tree's (Proposal.parents); empty: a chain
+
+
+@dataclass(frozen=True)
+class TimedVerdict:
+    accepted: int
+    next_token: int
+    committed_length: int
+    compute_seconds: float
+    wall_seconds: float
+    features: common_pb2.Features | None = None  # sessions opened with return_features
+    path: list[int] = field(default_factory=list)  # a draft tree's accepted tokens (Verdict.accepted_path)
+
+
+def join_features(parts: list[common_pb2.Features]) -> common_pb2.Features | None:
+    """Consecutive feature blocks (as verdicts return them) as one block; None when there are none."""
+    parts = [part for part in parts if part.rows]
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    return common_pb2.Features(
+        start=parts[0].start,
+        rows=sum(part.rows for part in parts),
+        dim=parts[0].dim,
+        data=b"".join(part.data for part in parts),
+    )
+
+
+class WorkerClient:
+    def __init__(self, address: str, max_message_bytes: int = 16 << 20, delay_seconds: float = 0.0):
+        self.address = address
+        security = Security.from_env()
+        self.channel = security.aio_channel(address, options=channel_options(max_message_bytes))
+        self.metadata = security.call_metadata()
+        # An added round trip per session call, to rehearse a distant worker (benchmarks, tests).
+        self.delay_seconds = delay_seconds
+
+    async def _delay(self) -> None:
+        if self.delay_seconds:
+            await asyncio.sleep(self.delay_seconds)
+
+    async def info(self, timeout: float | None = 10.0) -> common_pb2.ModelInfo:
+        return await self.stub.GetInfo(common_pb2.GetInfoRequest(), timeout=timeout, metadata=self.metadata)
+
+    async def close_session(self, session_id: str, timeout: float | None = 5.0) -> bool:
+        reply = await self.stub.CloseSession(
+            common_pb2.CloseSessionRequest(session_id=session_id), timeout=timeout, metadata=self.metadata
+        )
+        return reply.existed
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class DraftClient(WorkerClient):
+    def __init__(self, address: str, max_message_bytes: int = 16 << 20, delay_seconds: float = 0.0):
+        super().__init__(address, max_message_bytes, delay_seconds)
+        self.stub = draft_pb2_grpc.DraftServiceStub(self.channel)
+        self._feature_dim: int | None = None
+
+    async def feature_dim(self, timeout: float | None = 10.0) -> int:
+        """Width of the oracle features the draft reads (0: standalone); asked once per client."""
+        if self._feature_dim is None:
+            self._feature_dim = (await self.info(timeout)).feature_dim
+        return self._feature_dim
+
+    async def open_session(
+        self, session_id: str, prompt: list[int], sampling: common_pb2.SamplingParams, timeout: float | None,
+        features: common_pb2.Features | None = None,
+    ) -> None:
+        await self.stub.OpenSession(
+            draft_pb2.OpenDraftSessionRequest(
+                session_id=session_id, prompt_token_ids=prompt, sampling=sampling, features=features
+            ),
+            timeout=timeout,
+            metadata=self.metadata,
+        )
+
+    async def propose(
+        self, session_id: str, append: list[int], committed_length: int, k: int, timeout: float | None,
+        features: common_pb2.Features | None = None, stop: StopRule | None = None, tree_width: int = 0,
+    ) -> TimedProposal:
+        """k tokens, or with `stop` at most k (possibly none); tree_width > 1 allows a draft tree."""
+        started = time.perf_counter()
+        await self._delay()
+        reply = await self.stub.Propose(
+            draft_pb2.ProposeRequest(
+                session_id=session_id, append_token_ids=append, committed_length=committed_length, depth=k,
+                features=features,
+                stop=None if stop is None else draft_pb2.StopRule(
+                    min_survival=stop.min_survival, calibration=stop.calibration,
+                    lookup_acceptance=stop.lookup_acceptance, extend_survival=stop.extend_survival,
+                    lookup_by_length=stop.lookup_by_length, alternative_calibration=stop.alternative_calibration,
+                ),
+                tree_width=tree_width,
+            ),
+            timeout=timeout,
+            metadata=self.metadata,
+        )
+        return TimedProposal(
+            tokens=list(reply.token_ids),
+            distributions=list(reply.distributions),
+            compute_seconds=reply.draft_seconds,
+            wall_seconds=time.perf_counter() - started,
+            lookup_positions=list(reply.lookup_positions),
+            lookup_lengths=list(reply.lookup_lengths),
+            confidences=list(reply.confidences),
+            model_steps=reply.model_steps,
+            parents=list(reply.parents),
+        )
+
+
+class OracleClient(WorkerClient):
+    def __init__(self, address: str, max_message_bytes: int = 16 << 20, delay_seconds: float = 0.0):
+        super().__init__(address, max_message_bytes, delay_seconds)
+        self.stub = oracle_pb2_grpc.OracleServiceStub(self.channel)
+
+    async def tokenizer(self, timeout: float | None = 30.0) -> oracle_pb2.TokenizerSpec:
+        return await self.stub.GetTokenizer(oracle_pb2.GetTokenizerRequest(), timeout=timeout, metadata=self.metadata)
+
+    async def open_session(
+        self, session_id: str, prompt: list[int], sampling: common_pb2.SamplingParams, timeout: float | None,
+        return_features: bool = False,
+    ) -> oracle_pb2.OpenOracleSessionResponse:
+        """Open and prefill. The reply says how much of the prompt came from the prefix cache and, with
+        return_features, carries the prompt's features for a feature draft."""
+        return await self.stub.OpenSession(
+            oracle_pb2.OpenOracleSessionRequest(
+                session_id=session_id, prompt_token_ids=prompt, sampling=sampling, return_features=return_features
+            ),
+            timeout=timeout,
+            metadata=self.metadata,
+        )
+
+    async def verify(
+        self,
+        session_id: str,
+        draft_tokens: list[int],
+        distributions: list[common_pb2.TokenDistribution],
+        committed_length: int,
+        timeout: float | None,
+        parents: list[int] | None = None,
+    ) -> TimedVerdict:
+        started = time.perf_counter()
+        await self._delay()
+        reply = await self.stub.Verify(
+            oracle_pb2.VerifyRequest(
+                session_id=session_id,
+                draft_token_ids=draft_tokens,
+                draft_distributions=distributions,
+                committed_length=committed_length,
+                draft_parents=parents or [],
+            ),
+            timeout=timeout,
+            metadata=self.metadata,
+        )
+        return TimedVerdict(
+            accepted=reply.accepted,
+            next_token=reply.next_token_id,
+            committed_length=reply.committed_length,
+            compute_seconds=reply.verify_seconds,
+            wall_seconds=time.perf_counter() - started,
+            features=reply.features if reply.HasField("features") else None,
+            path=list(reply.accepted_path),
+        )

@@ -1,0 +1,5 @@
+import sys
+
+from specd.cli.main import main
+
+sys.exit(main())

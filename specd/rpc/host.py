@@ -1,0 +1,142 @@
+"""The one way every specd gRPC server starts and stops.
+
+grpc.aio server, grpc.health.v1 health service, server reflection, an optional Prometheus
+endpoint, and graceful shutdown on SIGTERM/SIGINT: health goes NOT_SERVING first (so load
+balancers and the coordinator stop sending new work), then in-flight calls get a grace period.
+Also the decorator that turns domain errors (specd.core.errors) into gRPC statuses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import signal
+from typing import Any, Awaitable, Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from specd.core.errors import SpecdError
+from specd.rpc.security import Security
+
+log = logging.getLogger(__name__)
+
+
+def status_code(error: SpecdError) -> grpc.StatusCode:
+    """The gRPC status a domain error names."""
+    return grpc.StatusCode[error.code]
+
+
+def grpc_errors(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Map SpecdError (raised by plain domain code) to its gRPC status and readable message."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except SpecdError as error:
+            await context.abort(status_code(error), str(error))
+
+    return wrapper
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+
+
+class ServiceHost:
+    """Hosts servicers on a grpc.aio server with health, reflection and graceful shutdown."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        grace_seconds: float = 5.0,
+        max_message_bytes: int = 16 << 20,
+        security: Security | None = None,
+    ):
+        self.host = host
+        self.requested_port = port
+        self.grace_seconds = grace_seconds
+        self.security = security or Security.from_env()
+        self.server = grpc.aio.server(
+            options=channel_options(max_message_bytes), interceptors=self.security.server_interceptors()
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.port = 0
+        self._service_names: list[str] = []
+        self._stopping = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._on_stop: list[Callable[[], Awaitable[None]]] = []
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def add(self, adder: Callable[[Any, grpc.aio.Server], None], servicer: Any, service_name: str) -> None:
+        adder(servicer, self.server)
+        self._service_names.append(service_name)
+
+    def on_stop(self, callback: Callable[[], Awaitable[None]]) -> None:
+        self._on_stop.append(callback)
+
+    async def start(self) -> int:
+        names = [*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, self.server)
+        credentials = self.security.server_credentials()
+        address = f"{self.host}:{self.requested_port}"
+        if credentials is not None:
+            self.port = self.server.add_secure_port(address, credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not bind {self.host}:{self.requested_port}")
+        await self.server.start()
+        await self.set_serving(True)
+        log.info("serving %s on %s", ", ".join(self._service_names), self.address)
+        return self.port
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ["", *self._service_names]:
+            await self.health.set(name, status)
+
+    async def stop(self) -> None:
+        """Health NOT_SERVING, then stop accepting calls and give in-flight ones the grace period."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        await self.set_serving(False)
+        await self.server.stop(self.grace_seconds)
+        for callback in self._on_stop:
+            await callback()
+        log.info("stopped %s", self.address)
+        self._stopped.set()
+
+    def install_signal_handlers(self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in signals:
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.stop()))
+
+    async def wait(self) -> None:
+        """Until the server has stopped and, after a stop(), its whole shutdown has run."""
+        await self.server.wait_for_termination()
+        if self._stopping.is_set():
+            await self._stopped.wait()
+
+
+async def periodic(interval_seconds: float, fn: Callable[[], Awaitable[None]]) -> None:
+    """Run fn every interval until cancelled; errors are logged, never fatal."""
+    while True:
+        await asyncio.sleep(interval_seconds)
+        try:
+            await fn()
+        except Exception:  # a housekeeping failure must not take the server down
+            log.exception("periodic task failed")

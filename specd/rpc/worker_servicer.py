@@ -1,0 +1,120 @@
+"""gRPC side of a worker: the RPCs both workers share.
+
+Servicers translate protobuf to domain calls on a ModelWorker and back; every model call
+runs on the worker's single model thread. A call cancelled by its client (or by its
+deadline) while it opens or advances a session closes that session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import random
+from typing import Any, Callable, TypeVar
+
+import grpc
+
+from specd.core import validation
+from specd.core.errors import InvalidArgument
+from specd.rpc.features import features_to_proto
+from specd.rpc.host import grpc_errors
+from specd.rpc.metrics import WorkerMetrics
+from specd.rpc.settings import WorkerConfig
+from specd.runtime.executor import ModelExecutor
+from specd.runtime.worker import ModelWorker
+from specd.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def sampling_from_proto(sampling: common_pb2.SamplingParams) -> Any:
+    seed = sampling.seed if sampling.HasField("seed") else random.getrandbits(63)
+    return validation.sampling_params(sampling.temperature, sampling.top_k, sampling.top_p, seed)
+
+
+def session_id_from(request: Any) -> str:
+    if not request.session_id:
+        raise InvalidArgument("session_id is required")
+    if len(request.session_id) > 128:
+        raise InvalidArgument("session_id is longer than 128 characters")
+    return request.session_id
+
+
+class WorkerServicerMixin:
+    """GetInfo, OpenSession and CloseSession, identical for the draft and the oracle."""
+
+    role: int
+    open_response: type
+
+    def __init__(self, worker: ModelWorker, executor: ModelExecutor, config: WorkerConfig):
+        self.worker = worker
+        self.executor = executor
+        self.config = config
+        self.metrics = WorkerMetrics("draft" if self.role == common_pb2.WORKER_ROLE_DRAFT else "oracle")
+        self.metrics.running.set_function(lambda: len(worker.sessions))
+
+    async def run_for_session(self, session_id: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run model work; if the call is cancelled meanwhile, free the session."""
+        try:
+            return await self.executor.run(fn, *args)
+        except asyncio.CancelledError:
+            asyncio.ensure_future(self.executor.run(self.worker.close, session_id))
+            raise
+
+    @grpc_errors
+    async def GetInfo(self, request: Any, context: grpc.aio.ServicerContext) -> common_pb2.ModelInfo:
+        loaded = self.worker.loaded
+        return common_pb2.ModelInfo(
+            role=self.role,
+            model_id=loaded.model_id,
+            vocab_size=loaded.vocab_size,
+            vocab_fingerprint=loaded.vocab_fingerprint,
+            max_context=loaded.max_context,
+            max_depth=self.worker.max_depth,
+            eos_token_ids=loaded.eos_token_ids,
+            device=str(loaded.device),
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            active_sessions=len(self.worker.sessions),
+            max_sessions=self.worker.sessions.max_sessions,
+            feature_dim=self.feature_dim(),
+        )
+
+    def feature_dim(self) -> int:
+        """ModelInfo.feature_dim: what a draft reads (0: tokens alone); oracles override it."""
+        return self.worker.loaded.feature_dim
+
+    @grpc_errors
+    async def OpenSession(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        session_id = session_id_from(request)
+        params = sampling_from_proto(request.sampling)
+        options = self.open_options(request)
+        result = await self.run_for_session(
+            session_id, functools.partial(self.worker.open, **options), session_id, list(request.prompt_token_ids),
+            params,
+        )
+        reply = self.open_response(
+            prefill_tokens=result.prefill_tokens, prefill_seconds=result.prefill_seconds,
+            cached_tokens=result.cached_tokens,
+        )
+        self.metrics.prompt_tokens.labels("cached").inc(result.cached_tokens)
+        self.metrics.prompt_tokens.labels("prefilled").inc(max(0, result.prefill_tokens - 1 - result.cached_tokens))
+        if result.features is not None:
+            reply.features.CopyFrom(features_to_proto(result.features))
+        return reply
+
+    def open_options(self, request: Any) -> dict[str, Any]:
+        """Role-specific keyword arguments of worker.open, read from the open request."""
+        return {}
+
+    @grpc_errors
+    async def CloseSession(self, request: Any, context: grpc.aio.ServicerContext) -> common_pb2.CloseSessionResponse:
+        existed = await self.executor.run(self.worker.close, session_id_from(request))
+        return common_pb2.CloseSessionResponse(existed=existed)
+
+    async def evict_idle(self) -> None:
+        evicted = await self.executor.run(self.worker.evict_idle)
+        self.metrics.evicted.inc(len(evicted))
+        if evicted:
+            log.info("evicted %d idle sessions: %s", len(evicted), ", ".join(evicted))

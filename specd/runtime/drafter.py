@@ -1,0 +1,407 @@
+"""The draft worker's logic: propose k tokens per round from a KV-cached small model.
+
+No gRPC here. Each round the coordinator sends the tokens committed since the last round
+(accepted draft tokens and the oracle's own token); the drafter rolls its cache back to them
+and proposes the next block. A feature draft (specd.models.feature_draft) also receives the oracle's
+final hidden states for the committed positions and drafts from them. For sampled sessions
+each token is drawn from a proposal distribution q (the warped distribution restricted to the
+top-N tokens, renormalised), and q is returned exactly, so the oracle's rejection sampling
+stays lossless.
+
+With a stop rule the block ends early where the draft stops trusting it: each position's
+expected acceptance comes from the draft's confidence there (the highest probability of the
+distribution the token is drawn from, mapped through the coordinator's calibration), and the
+block keeps a token while the product of those expectations, the chance that the whole block
+so far is accepted, stays above one threshold, and computes a further position only while it
+stays above a second. The decision reads the distribution only, never the token drawn from it,
+so rejection sampling stays lossless.
+
+With prompt lookup (specd.core.lookup), a position whose last n tokens occurred earlier in the
+session takes the token that followed them instead of the model's guess, at no model cost; the
+model only runs for positions the lookup cannot fill, catching up on the looked-up tokens
+before them. A sampled session sends a looked-up token as a one-token q. Under a stop rule a
+looked-up token is expected to be accepted as often as matches of its length are.
+
+Asked for a tree (tree_width > 1), a greedy session of a feature draft proposes a draft tree
+(specd.core.tree) instead of a chain: the draft grows it level by level, one forward pass per level
+over several tokens under a tree mask, continues any candidate whose text repeats the session's
+with the tokens prompt lookup copies, and keeps the tokens the stop rule says pay.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Generator
+
+import torch
+
+from specd.core import tree, validation
+from specd.core.errors import InvalidArgument
+from specd.runtime.feature_session import FeatureSession
+from specd.core.lookup import NgramIndex
+from specd.models.pretrained import LoadedModel
+from specd.core.sampling import SamplingParams, Stream, keyed_uniform, sample_from, warp_probs
+from specd.core.stopping import StopRule
+from specd.core.tree import ROOT
+from specd.runtime.worker import ModelWorker, OpenResult, PositionFeatures, WorkerSession
+
+
+# Most alternatives a tree block may offer per position.
+MAX_TREE_WIDTH = 16
+
+
+@dataclass(frozen=True)
+class SparseDistribution:
+    token_ids: list[int]
+    probs: list[float]
+
+
+@dataclass(frozen=True)
+class DraftProposal:
+    tokens: list[int]
+    distributions: list[SparseDistribution]  # empty for greedy sessions
+    seconds: float
+    looked_up: list[int] = field(default_factory=list)  # positions proposed by prompt lookup, not the model
+    lookup_lengths: list[int] = field(default_factory=list)  # per looked-up position: its match's length
+    # Per token: the top probability where it was drawn (in a tree: the token's own probability); 1 if copied.
+    confidences: list[float] = field(default_factory=list)
+    model_steps: int = 0  # positions the model computed, kept or not (for a tree: its forward passes)
+    parents: list[int] = field(default_factory=list)  # a draft tree's (specd.core.tree); empty for a chain
+
+
+@dataclass
+class _TreeNode:
+    token: int
+    parent: int  # index into the candidate list, or ROOT
+    depth: int
+    survival: float
+    prob: float  # the draft's probability of the token (-1: only prompt lookup proposed it)
+    match: int = 0  # > 0: prompt lookup proposed it, after a match of this many tokens
+    g: torch.Tensor | None = None  # the draft's feature after it, once computed
+    row: int = -1  # its speculative row in the draft's cache, once computed
+
+
+class Drafter(ModelWorker):
+    def __init__(
+        self, loaded: LoadedModel, *, proposal_top_n: int = 64, lookup_ngram: tuple[int, int] | None = None, **limits
+    ):
+        """lookup_ngram: (min n, max n) for prompt lookup; None drafts with the model alone."""
+        super().__init__(loaded, **limits)
+        self.proposal_top_n = proposal_top_n
+        self.lookup_ngram = lookup_ngram
+        if lookup_ngram is not None:
+            NgramIndex(*lookup_ngram)  # reject bad lengths at start-up
+        # Maps head rows to shared token ids when the draft's head covers part of the vocabulary.
+        self._head_ids = (
+            torch.tensor(loaded.head_token_ids, dtype=torch.long) if loaded.head_token_ids is not None else None
+        )
+        self._head_size = len(loaded.head_token_ids) if loaded.head_token_ids is not None else loaded.vocab_size
+
+    def _token_id(self, head_index: int) -> int:
+        return head_index if self._head_ids is None else int(self._head_ids[head_index])
+
+    @property
+    def feature_dim(self) -> int:
+        return self.loaded.feature_dim
+
+    def open(
+        self, session_id: str, prompt: list[int], params: SamplingParams, *,
+        features: PositionFeatures | None = None,
+    ) -> OpenResult:
+        """Standalone drafts prefill the prompt; feature drafts take the prompt's features."""
+        result = self._open_model(session_id, prompt, params, features)
+        if self.lookup_ngram is not None:
+            index = NgramIndex(*self.lookup_ngram)
+            index.extend(prompt)
+            self.sessions.get(session_id).lookup = index
+        return result
+
+    def _open_model(
+        self, session_id: str, prompt: list[int], params: SamplingParams, features: PositionFeatures | None
+    ) -> OpenResult:
+        if not self.feature_dim:
+            return super().open(session_id, prompt, params)
+        self.validate_open(session_id, prompt)
+        started = time.perf_counter()
+        state = FeatureSession(self.loaded.model, self.loaded.device)
+        if features is not None:
+            state.receive(features.start, features.rows)
+        self._check_features(state, len(prompt))
+        state.catch_up(prompt)
+        session = WorkerSession(kv=state, params=params, committed=list(prompt), prompt_length=len(prompt))
+        self.sessions.add(session_id, session)
+        return OpenResult(prefill_tokens=len(prompt), prefill_seconds=time.perf_counter() - started)
+
+    def propose(
+        self, session_id: str, append: list[int], committed_length: int, k: int,
+        features: PositionFeatures | None = None, stop: StopRule | None = None, tree_width: int = 0,
+    ) -> DraftProposal:
+        """k tokens, or fewer when `stop` ends the block early. tree_width > 1: the block may be a
+        tree (specd.core.tree) of at most k tokens with up to tree_width alternatives per position."""
+        session = self.sessions.get(session_id)
+        if any(not 0 <= t < self.vocab_size for t in append):
+            raise InvalidArgument(f"appended token ids must be in [0, {self.vocab_size})")
+        if k < 1:
+            raise InvalidArgument(f"a proposal needs depth k >= 1, got {k}")
+        if not 0 <= tree_width <= MAX_TREE_WIDTH:
+            raise InvalidArgument(f"tree_width must be in 0..{MAX_TREE_WIDTH}, got {tree_width}")
+        validation.depth(k, self.max_depth)
+        expected = len(session.committed) + len(append)
+        if committed_length and committed_length != expected:
+            raise InvalidArgument(
+                f"session out of sync: appending gives {expected} committed tokens, caller says {committed_length}"
+            )
+        self.check_room(expected, k)
+        state = session.kv
+        if isinstance(state, FeatureSession):
+            if features is not None:
+                state.receive(features.start, features.rows)
+            self._check_features(state, expected)
+        session.committed.extend(append)
+        if session.lookup is not None:
+            session.lookup.extend(append)
+        started = time.perf_counter()
+        if tree_width > 1 and isinstance(state, FeatureSession) and session.params.greedy:
+            state.catch_up(session.committed)
+            if state.last is not None:
+                return self._propose_tree(state, session, k, stop, tree_width, started)
+        steps = self._feature_steps(state, session.committed) if isinstance(state, FeatureSession) else (
+            self._token_steps(session)
+        )
+        tokens: list[int] = []
+        distributions: list[SparseDistribution] = []
+        confidences: list[float] = []
+        survival = 1.0  # the chance, as the stop rule estimates it, that the whole block is accepted
+        position = len(session.committed)
+        logits: torch.Tensor | None = None
+        unfed = 0  # drafted tokens the model has not read yet
+        looked_up: list[int] = []
+        lookup_lengths: list[int] = []
+        model_steps = 0
+        for i in range(k):
+            found = None
+            if session.lookup is not None:
+                found = session.lookup.match(session.committed[-session.lookup.max_n :] + tokens)
+            if found is not None:
+                guess, length = found
+                if stop is not None:
+                    survival *= stop.lookup_expected(length)
+                    if survival < stop.min_survival:
+                        break
+                token, confidence = guess, 1.0
+                looked_up.append(i)
+                lookup_lengths.append(length)
+                if not session.params.greedy:
+                    distributions.append(SparseDistribution([token], [1.0]))
+            else:
+                logits = next(steps) if logits is None else logits
+                for fed in tokens[len(tokens) - unfed :]:
+                    logits = steps.send(fed)
+                unfed = 0
+                model_steps += 1
+                token, distribution, confidence = self._choose(logits[: self._head_size], session.params, position + i)
+                if stop is not None:
+                    survival *= stop.expected_acceptance(confidence)
+                    if survival < stop.min_survival:  # decided on the distribution, not on the token drawn
+                        break
+                if distribution is not None:
+                    distributions.append(distribution)
+            tokens.append(token)
+            confidences.append(confidence)
+            unfed += 1
+            if stop is not None and survival < stop.extend_threshold:  # the next position would not pay its step
+                break
+        return DraftProposal(
+            tokens=tokens, distributions=distributions, seconds=time.perf_counter() - started, looked_up=looked_up,
+            lookup_lengths=lookup_lengths, confidences=confidences, model_steps=model_steps,
+        )
+
+    def _propose_tree(
+        self, state: FeatureSession, session: WorkerSession, k: int, stop: StopRule | None, width: int,
+        started: float,
+    ) -> DraftProposal:
+        """The best tree of at most k tokens by survival (the chance a token is reached and accepted).
+
+        A token's expected acceptance is the stop rule's: for the draft's top choice at a position,
+        by the confidence there; for an alternative, by its own probability; for a token copied by
+        prompt lookup (which continues any candidate whose text repeats the session's, at no model
+        cost), by the length of its match. Its survival is that times its parent's. Level by
+        level, the draft computes the children of the `width` most likely tokens of the level whose
+        survival reaches the rule's extend threshold and that can still be among the k best, in
+        one forward pass per level. The block is then the k tokens of highest survival above
+        min_survival; a child's survival never exceeds its parent's, so every kept token's parent
+        is kept too."""
+        nodes, steps = self._grow_tree(state, session, k, stop, width)
+        keep_at = stop.min_survival if stop is not None else 0.0
+        chosen = sorted(
+            (i for i, node in enumerate(nodes) if node.survival >= keep_at),
+            key=lambda i: (-nodes[i].survival, nodes[i].depth, i),
+        )[:k]
+        # Output order: by depth, then by parent; siblings the model offered first, by descending
+        # probability, then copied ones.
+        order: list[int] = []
+        index = {ROOT: ROOT}
+        for depth in range(1, max((nodes[i].depth for i in chosen), default=0) + 1):
+            level = [i for i in chosen if nodes[i].depth == depth]
+            for i in sorted(level, key=lambda i: (index[nodes[i].parent], -nodes[i].prob)):
+                index[i] = len(order)
+                order.append(i)
+        parents = [index[nodes[i].parent] for i in order]
+        copied = [n for n, i in enumerate(order) if nodes[i].match]
+        return DraftProposal(
+            tokens=[nodes[i].token for i in order], distributions=[], seconds=time.perf_counter() - started,
+            looked_up=copied, lookup_lengths=[nodes[order[n]].match for n in copied],
+            confidences=[1.0 if nodes[i].match else nodes[i].prob for i in order],
+            model_steps=steps, parents=[] if tree.is_chain(parents) else parents,
+        )
+
+    def _grow_tree(
+        self, state: FeatureSession, session: WorkerSession, k: int, stop: StopRule | None, width: int
+    ) -> tuple[list["_TreeNode"], int]:
+        """Every candidate token, and the number of forward passes that took."""
+        extend_at = stop.extend_threshold if stop is not None else 0.0
+        keep_at = stop.min_survival if stop is not None else 0.0
+        # The most a model-proposed child can be expected to be accepted (calibrations are non-decreasing).
+        ceiling = 1.0
+        if stop is not None:
+            ceiling = max(stop.expected_acceptance(1.0), stop.alternative_expected(1.0, 1.0))
+        nodes: list[_TreeNode] = []
+        children: dict[int, dict[int, int]] = {}  # candidate -> its children's token -> their index
+        copied: dict[int, bool] = {}  # candidates that prompt lookup continues
+
+        def add(parent: int, token: int, expected: float, prob: float, match: int = 0) -> int | None:
+            """A candidate child of `parent`. A token both the model and a copy offer there counts as proposed
+            by the one that expects more of it."""
+            survival = (1.0 if parent == ROOT else nodes[parent].survival) * expected
+            known = children.setdefault(parent, {}).get(token)
+            copied[parent] = copied.get(parent, False) or match > 0
+            if known is not None:
+                node = nodes[known]
+                if survival > node.survival:
+                    node.survival, node.match = survival, match
+                node.prob = max(node.prob, prob)
+                return None
+            depth = 1 if parent == ROOT else nodes[parent].depth + 1
+            children[parent][token] = len(nodes)
+            nodes.append(_TreeNode(token, parent, depth, survival, prob, match))
+            return len(nodes) - 1
+
+        def copy(start: int) -> None:
+            """Tokens prompt lookup continues `start` with, each after the last, while they may be kept."""
+            lookup = session.lookup
+            node: int | None = start
+            while lookup is not None and node is not None:
+                if (nodes[node].depth if node != ROOT else 0) >= k:
+                    return
+                path = [nodes[a].token for a in tree.ancestors([n.parent for n in nodes], node)]
+                found = lookup.match((session.committed[-lookup.max_n :] + path)[-lookup.max_n :])
+                if found is None:
+                    return
+                token, length = found
+                node = add(node, token, stop.lookup_expected(length) if stop is not None else 1.0, -1.0, length)
+                if node is not None and nodes[node].survival < keep_at:
+                    return
+
+        def offer(parent: int, logits: torch.Tensor) -> None:
+            """The `width` likeliest children of `parent` as the model sees them, each continued by lookup."""
+            top = torch.topk(torch.softmax(logits[: self._head_size].float(), dim=-1), min(width, self._head_size))
+            probs, rows = top.values.tolist(), top.indices.tolist()
+            for rank, (prob, row) in enumerate(zip(probs, rows)):
+                if stop is None:
+                    expected = prob
+                elif rank == 0:
+                    expected = stop.expected_acceptance(prob)
+                else:
+                    expected = stop.alternative_expected(prob, probs[0])
+                added = add(parent, self._token_id(row), expected, prob)
+                if added is not None:
+                    copy(added)
+
+        root_g, root_logits = state.last
+        copy(ROOT)
+        offer(ROOT, root_logits)
+        computed = steps = 0  # speculative rows in the draft's cache; forward passes
+        for depth in range(1, k):
+            # Computing a token's children pays only if one of them could be among the k best so far.
+            ranked = sorted((node.survival for node in nodes), reverse=True)
+            kth = ranked[k - 1] if len(ranked) >= k else -1.0
+
+            def pays(i: int) -> bool:
+                return nodes[i].survival >= extend_at and nodes[i].survival * ceiling > kth
+
+            def copy_end(i: int) -> int:
+                """The last token of the copied span that continues `i` (`i` itself when none does)."""
+                while copied.get(i) and nodes[i].g is None and len(children[i]) == 1:
+                    i = next(iter(children[i].values()))
+                return i
+
+            # As in a chain, the model runs along a copied span only to continue after its end: a token
+            # a copy continues is computed when the span's last token is worth continuing.
+            level = [
+                i for i, node in enumerate(nodes)
+                if node.depth == depth and pays(i) and (node.parent == ROOT or nodes[node.parent].g is not None)
+                and (not copied.get(i) or (pays(end := copy_end(i)) and nodes[end].depth < k))
+            ]
+            expand = sorted(level, key=lambda i: -nodes[i].survival)[:width]
+            if not expand:
+                break
+            features = [root_g[0] if nodes[i].parent == ROOT else nodes[nodes[i].parent].g for i in expand]
+            parents = [node.parent for node in nodes]
+            sees = [[nodes[a].row for a in tree.ancestors(parents, nodes[i].parent)] for i in expand]
+            g, logits = state.tree_step(
+                torch.stack(features), [nodes[i].token for i in expand], [depth] * len(expand), sees
+            )
+            steps += 1
+            for row, i in enumerate(expand):
+                nodes[i].g, nodes[i].row = g[row], computed + row
+                offer(i, logits[row])
+            computed += len(expand)
+        return nodes, steps
+
+    def _choose(
+        self, logits: torch.Tensor, params: SamplingParams, position: int
+    ) -> tuple[int, SparseDistribution | None, float]:
+        """The model's token at a position (its argmax, or a draw from q), q for sampled sessions
+        (None for greedy ones), and the confidence there: the highest probability of the distribution
+        the token comes from (the softmax for greedy sessions, q for sampled ones)."""
+        if params.greedy:
+            logits = logits.float()
+            top, index = logits.max(0)
+            return self._token_id(int(index)), None, float(1.0 / torch.exp(logits - top).sum())
+        probs = warp_probs(logits[None], params)[0]
+        top = torch.topk(probs, min(self.proposal_top_n, self._head_size))
+        values, indices = top.values.cpu(), top.indices.cpu()  # off the model's device: N values at most
+        q = values / values.sum()
+        keep = q > 0
+        ids = indices[keep] if self._head_ids is None else self._head_ids[indices[keep]]
+        q = q[keep]
+        token = int(ids[sample_from(q, keyed_uniform(params.seed, position, Stream.DRAFT))])
+        return token, SparseDistribution(ids.tolist(), q.tolist()), float(q[0])
+
+    @staticmethod
+    def _token_steps(session: WorkerSession) -> Generator[torch.Tensor, int, None]:
+        """A standalone draft's logits: first after feeding what the cache lacks, then after each sent token."""
+        feed = session.kv.sync(session.committed)
+        while True:
+            token = yield session.kv.forward(feed)[-1]
+            feed = [token]
+
+    def _feature_steps(self, state: FeatureSession, committed: list[int]) -> Generator[torch.Tensor, int, None]:
+        """A feature draft's logits: first from the last real position, then each from its own feature."""
+        state.catch_up(committed)
+        if state.last is None:  # a one-token prompt: no feature exists yet, so start from a zero feature
+            state.last = state.step(torch.zeros(1, self.feature_dim, device=self.loaded.device), committed[-1])
+        g, logits = state.last
+        while True:
+            token = yield logits
+            g, logits = state.step(g, token)
+
+    @staticmethod
+    def _check_features(state: FeatureSession, committed_length: int) -> None:
+        """Every committed position but the last must have its feature (the oracle returns them all)."""
+        if state.received != committed_length - 1:
+            raise InvalidArgument(
+                f"a feature draft needs the oracle's features for positions 0..{committed_length - 2}, "
+                f"it holds {state.received}; open the oracle session with return_features and pass them on"
+            )

@@ -1,0 +1,244 @@
+"""Distilling a feature draft (specd.models.feature_draft): `specd distill --kind features`.
+
+Shares stage 1 (the oracle's answers) and stage 2 (the head vocabulary) with specd.distill.
+Then:
+
+3a. features: one teacher-forced pass of the oracle over each prompt + answer records its final
+    hidden state f_j at every position and its top-K next-token distribution there (cached
+    under work/features, per chunk).
+3b. training: the draft reads (f_j, x_{j+1}) at position j and is trained so that g_j = draft(...)
+    matches the oracle one position later: KL(p_{j+1} || head(g_j)) on the answer positions,
+    plus a regression of g_j onto f_{j+1}. Further passes (--unroll) feed the draft its own
+    g_{j-1} in place of f_j, as happens from the second token of every block on, and are trained
+    the same way: pass n reads features the draft made n - 1 steps before, as the n-th token of a
+    block does. Without them, acceptance falls off quickly along the block.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from specd.training.distill import OracleAnswer, TrainResult, TrainSettings, distill_loss, run_training, synchronize
+from specd.core.errors import InvalidArgument
+from specd.models.feature_draft import FeatureDraftModel
+from specd.runtime.feature_session import FeatureSession
+from specd.runtime.kv import KVSession
+from specd.models.pretrained import LoadedModel
+
+REGRESSION_WEIGHT = 1.0  # the feature regression, on features scaled to unit RMS
+
+
+@dataclass
+class FeatureSet:
+    """Per answer: prompt + answer ids [T], the oracle's features [T, H] and top-K [T, K] along them."""
+
+    ids: list[torch.Tensor]
+    features: list[torch.Tensor]  # float16
+    top_rows: list[torch.Tensor]  # head rows of the top-K tokens (-1: outside the head)
+    top_logprobs: list[torch.Tensor]
+    first: list[int]  # the first draft position with a target on the answer: len(prompt) - 2
+    scale: float = 1.0  # RMS of the features, so the regression weight does not depend on the oracle
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def device(self) -> torch.device:
+        return self.ids[0].device
+
+    def to(self, device: torch.device) -> FeatureSet:
+        """The same set with every tensor on `device` (a GPU trains faster with the whole set on it)."""
+        def move(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+            return [t.to(device) for t in tensors]
+
+        return FeatureSet(
+            move(self.ids), move(self.features), move(self.top_rows), move(self.top_logprobs), self.first, self.scale
+        )
+
+    @property
+    def answer_tokens(self) -> int:
+        return sum(len(ids) - 2 - first for ids, first in zip(self.ids, self.first))
+
+    def collate(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
+        """Right-padded draft inputs and the loss positions.
+
+        Returns features [B, T-1, H] (f_0..f_{T-2}), next ids [B, T-1] (x_1..x_{T-1}), feature targets
+        [B, T-1, H] (f_1..f_{T-1}), loss positions (rows [N], cols [N]) and their top-K targets [N, K].
+        """
+        width = max(len(self.ids[i]) for i in indices) - 1
+        hidden = self.features[indices[0]].shape[1]
+        device = self.device
+        features = torch.zeros(len(indices), width, hidden, device=device)
+        targets = torch.zeros(len(indices), width, hidden, device=device)
+        next_ids = torch.zeros(len(indices), width, dtype=torch.long, device=device)
+        rows, cols, top_rows, top_logprobs = [], [], [], []
+        for b, i in enumerate(indices):
+            n = len(self.ids[i]) - 1
+            features[b, :n] = self.features[i][:-1].float()
+            targets[b, :n] = self.features[i][1:].float()
+            next_ids[b, :n] = self.ids[i][1:]
+            # Draft position j predicts x_{j+2} from the oracle's distribution at j+1; keep the answer's.
+            positions = torch.arange(self.first[i], n - 1, device=device)
+            rows.append(torch.full((len(positions),), b, dtype=torch.long, device=device))
+            cols.append(positions)
+            top_rows.append(self.top_rows[i][positions + 1])
+            top_logprobs.append(self.top_logprobs[i][positions + 1])
+        return (
+            features, next_ids, targets, torch.cat(rows), torch.cat(cols), torch.cat(top_rows), torch.cat(top_logprobs)
+        )
+
+
+@torch.inference_mode()
+def oracle_features(
+    oracle: LoadedModel, answers: list[OracleAnswer], cache: Path, *, head_token_ids: list[int] | None, targets: int,
+    batch_size: int = 16,
+) -> FeatureSet:
+    """Teacher-forced oracle passes over prompt + answer, cached per chunk of answers."""
+    row_of = torch.arange(oracle.vocab_size, dtype=torch.long)
+    if head_token_ids is not None:
+        row_of = torch.full((oracle.vocab_size,), -1, dtype=torch.long)
+        row_of[torch.tensor(head_token_ids)] = torch.arange(len(head_token_ids))
+    usable = [a for a in answers if len(a.answer_ids) >= 2 and len(a.prompt_ids) >= 2]
+    if not usable:
+        raise InvalidArgument("the oracle produced no answers long enough to learn from")
+    cache.mkdir(parents=True, exist_ok=True)
+    decoder, head = oracle.model.get_decoder(), oracle.model.get_output_embeddings()
+    data = FeatureSet([], [], [], [], [])
+    chunks = range(0, len(usable), batch_size)
+    for number, start in enumerate(tqdm(chunks, desc="oracle features", unit="batch", dynamic_ncols=True)):
+        chunk = usable[start : start + batch_size]
+        path = cache / f"chunk-{number:05d}.pt"
+        sequences = [a.prompt_ids + a.answer_ids for a in chunk]
+        if path.exists():
+            records = torch.load(path, weights_only=True)
+        else:
+            width = max(len(s) for s in sequences)
+            input_ids = torch.zeros(len(chunk), width, dtype=torch.long)
+            for b, sequence in enumerate(sequences):
+                input_ids[b, : len(sequence)] = torch.tensor(sequence)
+            # Right padding under a causal mask: no real position attends to padding.
+            hidden = decoder(input_ids=input_ids.to(oracle.device), use_cache=False).last_hidden_state  # [B, T, H]
+            logprobs = torch.log_softmax(head(hidden)[..., : oracle.vocab_size].float(), dim=-1)
+            top = torch.topk(logprobs, min(targets, oracle.vocab_size), dim=-1)
+            records = [
+                {
+                    "features": hidden[b, : len(s)].to("cpu", torch.float16).clone(),
+                    "top_ids": top.indices[b, : len(s)].to("cpu", torch.int32).clone(),
+                    "top_logprobs": top.values[b, : len(s)].to("cpu", torch.float16).clone(),
+                }
+                for b, s in enumerate(sequences)
+            ]
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            torch.save(records, tmp)
+            tmp.replace(path)
+        for answer, sequence, record in zip(chunk, sequences, records):
+            data.ids.append(torch.tensor(sequence, dtype=torch.long))
+            data.features.append(record["features"])
+            data.top_rows.append(row_of[record["top_ids"].long()])
+            data.top_logprobs.append(record["top_logprobs"])
+            data.first.append(len(answer.prompt_ids) - 2)
+    sample = torch.cat(data.features[:64]).float()
+    data.scale = float(sample.pow(2).mean().sqrt())
+    return data
+
+
+def _losses(
+    model: FeatureDraftModel, passes: int, features: torch.Tensor, next_ids: torch.Tensor, targets: torch.Tensor,
+    rows: torch.Tensor, cols: torch.Tensor, top_rows: torch.Tensor, top_logprobs: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(loss to back-propagate, the KL of each pass)."""
+    positions = torch.arange(features.shape[1], device=features.device)[None].expand(features.shape[0], -1)
+    total, kls = 0.0, []
+    for number in range(passes):
+        g, _ = model(features, next_ids, positions, logits="none")
+        loss, kl = distill_loss(g[rows, cols], model.head.weight, top_rows, top_logprobs)
+        regression = F.smooth_l1_loss(g[rows, cols] / scale, targets[rows, cols] / scale)
+        total = total + loss + REGRESSION_WEIGHT * regression
+        kls.append(kl)
+        # The next pass reads the draft's own features: g_{j-1} in place of f_j from position `number + 1`
+        # on (earlier positions keep what this pass read, as the first tokens of a block do).
+        features = torch.cat([features[:, : number + 1], g[:, number:-1]], dim=1)
+    return total, kls
+
+
+def train_feature_draft(
+    model: FeatureDraftModel, data: FeatureSet, checkpoint: Path, identity: dict, settings: TrainSettings,
+    *, passes: int = 2,
+) -> TrainResult:
+    """Train the fuse projection and the layer of a feature draft, unrolled over `passes` passes."""
+    if passes < 1:
+        raise InvalidArgument(f"a feature draft trains in at least one pass, got {passes}")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    data = data.to(model.fuse.weight.device)
+
+    def step(indices: list[int]) -> tuple[torch.Tensor, int, dict[str, float]]:
+        batch = data.collate(indices)
+        loss, kls = _losses(model, passes, *batch, data.scale)
+        shown = {"kl": float(kls[0])}
+        if passes > 1:
+            shown[f"kl{passes}"] = float(kls[-1])
+        return loss, len(batch[3]), shown
+
+    model.train()
+    try:
+        return run_training(
+            model.trained_parameters(), [len(ids) for ids in data.ids], step, checkpoint, identity, settings
+        )
+    finally:
+        model.eval()
+
+
+@torch.inference_mode()
+def first_token_agreement(
+    draft: LoadedModel, oracle: LoadedModel, prompts: list[list[int]], continuations: list[list[int]], length: int
+) -> float:
+    """Fraction of positions on the oracle's greedy path where the draft's first guess is the oracle's token.
+
+    The draft reads the oracle's real features along prompt + continuation, as it does for the
+    first token of every block.
+    """
+    model: FeatureDraftModel = draft.model
+    decoder = oracle.model.get_decoder()
+    matches = total = 0
+    for prompt, continuation in zip(prompts, continuations):
+        sequence = prompt + continuation[:length]
+        ids = torch.tensor([sequence], device=oracle.device)
+        features = decoder(input_ids=ids, use_cache=False).last_hidden_state  # [1, T, H]
+        positions = torch.arange(len(sequence) - 1, device=oracle.device)[None]
+        _, logits = model(features[:, :-1], ids[:, 1:], positions)
+        guesses = logits[0].argmax(-1).cpu()  # draft position j guesses x_{j+2}
+        if draft.head_token_ids is not None:
+            guesses = torch.tensor(draft.head_token_ids)[guesses]
+        guesses = guesses[len(prompt) - 2 : len(prompt) - 2 + length].tolist()  # for continuation[:length]
+        truth = continuation[:length]
+        matches += sum(g == t for g, t in zip(guesses, truth))
+        total += len(truth)
+    return matches / total if total else 0.0
+
+
+@torch.inference_mode()
+def step_ms(draft: LoadedModel, oracle: LoadedModel, prompt: list[int], *, reps: int = 40) -> float:
+    """Median time of one speculative draft step (one token) after the prompt, in ms."""
+    kv = KVSession(oracle.model, oracle.device)
+    rows = kv.prefill(prompt[:-1], features=True)
+    state = FeatureSession(draft.model, draft.device)
+    state.receive(0, rows)
+    state.catch_up(prompt)
+    g = state.last[0]
+    samples = []
+    for _ in range(reps):
+        started = time.perf_counter()
+        state.step(g, prompt[-1])
+        synchronize(draft.device)
+        samples.append(time.perf_counter() - started)
+        state.catch_up(prompt)
+    return 1000 * statistics.median(samples)

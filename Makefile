@@ -21,7 +21,7 @@ GPU_PY ?= $(PY)
 STANDALONE_DRAFT := specd/data/drafts/smollm2-135m-draft
 STANDALONE_WORK := build/draft-standalone
 
-.PHONY: setup protos test test-fast demo bench draft draft-cpu draft-standalone clean
+.PHONY: setup protos lint test test-fast demo bench draft draft-cpu draft-standalone clean
 
 setup: $(VENV)/.installed protos
 
@@ -39,10 +39,15 @@ protos: $(VENV)/.installed $(PROTO_OUT)
 specd/v1/%_pb2.py: protos/specd/v1/%.proto $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. $<
 
-test: setup
+# The layers (pyproject.toml, [tool.importlinter]) and the linter's rules hold before any test runs.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+test: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
-test-fast: setup
+test-fast: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" tests
 
 demo: setup

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from typing import Any, AsyncIterator
 
 import grpc
@@ -48,7 +49,7 @@ def request_from_proto(message: generation_pb2.GenerateRequest, context: grpc.ai
         stop=list(message.stop),
         stop_at_eos=message.stop_at_eos if message.HasField("stop_at_eos") else True,
         deadline=time.monotonic() + remaining if remaining is not None else None,
-        request_id=message.request_id,
+        request_id=message.request_id or uuid.uuid4().hex,
     )
 
 
@@ -80,7 +81,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self.coordinator = coordinator
 
     async def Generate(self, message: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
-        text, ids, final = [], [], None
+        text, ids, final, request = [], [], None, None
         try:
             request = request_from_proto(message, context)
             depth = message.depth if message.HasField("depth") else None
@@ -91,9 +92,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         except Exception as error:  # noqa: BLE001 - every failure becomes a status
             self.coordinator.metrics.failures.labels(_code_name(error)).inc()
             await abort_with(context, error)
-        assert final is not None
+        assert final is not None and request is not None
         return generation_pb2.GenerateResponse(
-            request_id=message.request_id, text="".join(text), token_ids=ids, **stats_fields(final)
+            request_id=request.request_id, text="".join(text), token_ids=ids, **stats_fields(final)
         )
 
     async def GenerateStream(
@@ -104,7 +105,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
             depth = message.depth if message.HasField("depth") else None
             async for delta in self.coordinator.generate(request, depth):
                 yield generation_pb2.GenerateStreamResponse(
-                    request_id=message.request_id, text=delta.text, token_ids=delta.token_ids, **stats_fields(delta)
+                    request_id=request.request_id, text=delta.text, token_ids=delta.token_ids, **stats_fields(delta)
                 )
         except Exception as error:  # noqa: BLE001 - every failure becomes a status
             self.coordinator.metrics.failures.labels(_code_name(error)).inc()

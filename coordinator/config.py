@@ -7,7 +7,7 @@ from pydantic_settings import SettingsConfigDict
 
 from coordinator.depth import make_policy
 from specd.core.defaults import COORDINATOR_PORT
-from specd.rpc.settings import PromptLookupSettings
+from specd.core.settings import PromptLookupSettings
 
 
 class CoordinatorConfig(PromptLookupSettings):

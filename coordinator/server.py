@@ -41,9 +41,7 @@ async def start_coordinator(config: CoordinatorConfig, plane: PlaneClient | None
     """Join (or start) Ray, get the control plane, register listed workers, start serving."""
     if plane is None:
         connect_ray(config.ray_address, config.ray_namespace)
-        plane = await get_or_create_plane(
-            config.depth_policy, config.max_depth, config.health_interval_seconds, config.plane_name
-        )
+        plane = await get_or_create_plane(config)
     for address in config.oracles:
         await plane.call("register", common_pb2.WORKER_ROLE_ORACLE, address)
     for address in config.drafts:

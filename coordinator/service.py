@@ -14,7 +14,7 @@ import uuid
 from typing import AsyncIterator
 
 from coordinator.config import CoordinatorConfig
-from coordinator.control_plane.actor import Assignment
+from coordinator.control_plane.scheduling import Assignment
 from coordinator.depth import DepthPolicy, FixedDepth, make_policy
 from coordinator.session.generation import (
     Delta,
@@ -29,7 +29,8 @@ from coordinator.control_plane.client import PlaneClient
 from coordinator.session.stats import RoundObservation
 from coordinator.session.clients import DraftClient, OracleClient
 from specd.core.compat import check_pair
-from specd.core.errors import OutOfRange, Unavailable
+from specd.core import validation
+from specd.core.errors import Unavailable
 from specd.rpc.metrics import CoordinatorMetrics
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,6 @@ class Coordinator:
 
     def _policy(self, a: Assignment, depth: int | None) -> DepthPolicy:
         if depth is not None:
-            if depth > self.config.max_depth:
-                raise OutOfRange(f"depth {depth} is over the maximum of {self.config.max_depth}")
             return FixedDepth(min(depth, a.max_depth))
         return make_policy(a.policy, max(a.max_depth, 1), a.policy_state)
 
@@ -104,8 +103,8 @@ class Coordinator:
 
     async def generate(self, request: GenerationRequest, depth: int | None = None) -> AsyncIterator[Delta]:
         validate_request(request, self.config.max_tokens_limit)
-        if depth is not None and depth < 0:
-            raise OutOfRange(f"depth must be >= 0, got {depth}")
+        if depth is not None:
+            validation.depth(depth, self.config.max_depth)
         started = time.perf_counter()
         self.metrics.waiting.inc()
         async with self._slots:

@@ -8,7 +8,8 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from specd.core.defaults import DEFAULT_DRAFT, DRAFT_PORT
-from specd.rpc.settings import PromptLookupSettings, WorkerConfig
+from specd.core.settings import PromptLookupSettings
+from specd.rpc.settings import WorkerConfig
 
 
 class DraftConfig(WorkerConfig, PromptLookupSettings):

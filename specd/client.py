@@ -33,6 +33,7 @@ class Result:
     prompt_tokens: int
     completion_tokens: int
     stats: generation_pb2.SpeculationStats
+    request_id: str = ""  # the client's, or the one the coordinator generated
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Chunk:
     stats: generation_pb2.SpeculationStats | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    request_id: str = ""
 
 
 def build_request(
@@ -87,6 +89,7 @@ def _result(reply: generation_pb2.GenerateResponse) -> Result:
         prompt_tokens=reply.usage.prompt_tokens,
         completion_tokens=reply.usage.completion_tokens,
         stats=reply.stats,
+        request_id=reply.request_id,
     )
 
 
@@ -99,6 +102,7 @@ def _chunk(message: generation_pb2.GenerateStreamResponse) -> Chunk:
         stats=message.stats if final else None,
         prompt_tokens=message.usage.prompt_tokens,
         completion_tokens=message.usage.completion_tokens,
+        request_id=message.request_id,
     )
 
 

@@ -7,11 +7,9 @@ from typing import Any
 import ray
 from ray.exceptions import RayTaskError
 
+from coordinator.config import CoordinatorConfig
 from coordinator.control_plane.actor import ControlPlane
 from specd.core.errors import SpecdError
-
-PLANE_NAME = "specd-control-plane"
-
 
 class PlaneClient:
     """Awaitable calls on the control-plane actor; domain errors come back as themselves."""
@@ -48,12 +46,11 @@ def connect_ray(address: str, namespace: str, resources: dict[str, float] | None
         )
 
 
-async def get_or_create_plane(
-    default_policy: str, max_depth: int, health_interval_seconds: float, name: str = PLANE_NAME
-) -> PlaneClient:
+async def get_or_create_plane(config: CoordinatorConfig) -> PlaneClient:
+    """Join the control-plane actor named in the config, or create it (restarted by Ray if it dies)."""
     actor_cls = ray.remote(num_cpus=0, max_restarts=-1)(ControlPlane)
-    handle = actor_cls.options(name=name, get_if_exists=True).remote(
-        default_policy, max_depth, health_interval_seconds
+    handle = actor_cls.options(name=config.plane_name, get_if_exists=True).remote(
+        config.depth_policy, config.max_depth, config.health_interval_seconds
     )
     plane = PlaneClient(handle)
     await plane.call("start")

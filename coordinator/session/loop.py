@@ -40,6 +40,7 @@ import grpc
 from coordinator.depth import DepthPolicy
 from coordinator.session.stats import RoundObservation, SpeculationStats
 from coordinator.session.clients import DraftClient, OracleClient, join_features
+from specd.core.errors import FailedPrecondition
 from specd.core.lookup import NgramIndex
 from specd.v1 import common_pb2
 
@@ -297,6 +298,11 @@ class SpeculativeSession:
         kept = [draft_tokens[i] for i in verdict.path] if parents else draft_tokens[: verdict.accepted]
         committed = kept + [verdict.next_token]
         self._committed_length += len(committed)
+        if verdict.committed_length != self._committed_length:  # each side counts on its own: a free check
+            raise FailedPrecondition(
+                f"session {self.session_id} out of sync: the oracle holds {verdict.committed_length} committed "
+                f"tokens, the session loop counts {self._committed_length}"
+            )
         self._draft_pending.extend(committed)
         if self._lookup is not None:
             self._lookup.extend(committed)

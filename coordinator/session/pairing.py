@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from coordinator.session.generation import Pair, TextCodec
 from coordinator.session.clients import DraftClient, OracleClient
-from specd.core.compat import check_pair
+from specd.core.compat import check_pair, pair_id
 
 
 async def connect_pair(oracle_address: str, draft_address: str | None, codec: TextCodec | None = None) -> Pair:
@@ -25,4 +25,4 @@ async def connect_pair(oracle_address: str, draft_address: str | None, codec: Te
         if draft is not None:
             await draft.close()
         raise
-    return Pair.build(oracle, draft, codec, oracle_info, max_depth, f"{draft_address or '-'}->{oracle_address}")
+    return Pair.build(oracle, draft, codec, oracle_info, max_depth, pair_id(draft_address or "", oracle_address))

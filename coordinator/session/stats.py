@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from specd.core import tree
+from specd.core.verification import acceptance_rate, mean_acceptance_length
 from specd.v1 import generation_pb2
 
 
@@ -90,7 +91,10 @@ class RoundObservation:
 
     @property
     def lookup_accepted(self) -> int:
-        """Accepted draft tokens that prompt lookup proposed."""
+        """Accepted draft tokens that prompt lookup proposed (in a tree: those on the accepted path)."""
+        if self.parents:
+            on_path = set(self.path)
+            return sum(position in on_path for position in self.lookup_positions)
         return sum(position < self.accepted for position in self.lookup_positions)
 
     @property
@@ -143,11 +147,11 @@ class SpeculationStats:
 
     @property
     def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
+        return acceptance_rate(self.accepted, self.drafted)
 
     @property
     def mean_acceptance_length(self) -> float:
-        return 1.0 + self.accepted / self.rounds_with_draft if self.rounds_with_draft else 1.0
+        return mean_acceptance_length(self.accepted, self.rounds_with_draft)
 
     def to_proto(self) -> generation_pb2.SpeculationStats:
         return generation_pb2.SpeculationStats(

@@ -208,7 +208,7 @@ async def run_bench(options: BenchOptions) -> BenchResults:
     async with BenchStack(settings) as stack:
         results.section_seconds["start"] = time.perf_counter() - started
         cancel_on_signals()
-        # One thread loads and runs the in-process models, as in a worker (specd/local.py): torch work on
+        # One thread loads and runs the in-process models, as in a worker (specd/rpc/launch.py): torch work on
         # several threads would give each its own OpenMP team and slow all of them.
         models = ModelExecutor("bench-models")
         await models.run(torch.set_num_threads, options.threads)

@@ -81,7 +81,7 @@ async def bring_up(args: argparse.Namespace, stop: asyncio.Event) -> None:
             host=args.host, port=args.port, metrics_port=args.metrics_port, depth_policy=args.depth_policy,
             max_depth=args.max_depth, ray_address=args.address,
         )
-        plane = await get_or_create_plane(config.depth_policy, config.max_depth, config.health_interval_seconds)
+        plane = await get_or_create_plane(config)
         for worker, role in ((oracle, common_pb2.WORKER_ROLE_ORACLE), (draft, common_pb2.WORKER_ROLE_DRAFT)):
             await plane.call("register", role, worker.address, "", "ray-actor", worker.node_id, worker.node_ip)
         running = await start_coordinator(config, plane)

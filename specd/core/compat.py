@@ -46,3 +46,8 @@ def check_pair(draft: PairTraits, oracle: PairTraits) -> None:
     problem = pair_problem(draft, oracle)
     if problem is not None:
         raise IncompatiblePair(problem)
+
+
+def pair_id(draft: str, oracle: str) -> str:
+    """The name of a pair: `draft+oracle`, or the oracle's alone when no draft serves it."""
+    return f"{draft}+{oracle}" if draft else oracle

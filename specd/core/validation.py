@@ -39,5 +39,5 @@ def depth(k: int, max_depth: int) -> int:
     if k < 0:
         raise InvalidArgument(f"depth must be >= 0, got {k}")
     if k > max_depth:
-        raise OutOfRange(f"depth {k} is over this worker's maximum of {max_depth}")
+        raise OutOfRange(f"depth {k} is over the maximum of {max_depth}")
     return k

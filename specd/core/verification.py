@@ -114,6 +114,17 @@ def verify_sampled(
     return Verdict(accepted=k, next_token=bonus)
 
 
+def acceptance_rate(accepted: int, drafted: int) -> float:
+    """accepted / drafted tokens (0 when nothing was drafted)."""
+    return accepted / drafted if drafted else 0.0
+
+
+def mean_acceptance_length(accepted: int, rounds_with_draft: int) -> float:
+    """1 + accepted / rounds that drafted: tokens committed per such round (1 when none drafted, as a
+    round of the oracle alone commits one)."""
+    return 1.0 + accepted / rounds_with_draft if rounds_with_draft else 1.0
+
+
 def sparse_to_dense(token_ids: list[int], probs: list[float], vocab_size: int) -> torch.Tensor:
     """A proposal distribution sent as (ids, probs) back to a dense [vocab] row."""
     row = torch.zeros(vocab_size, dtype=torch.float32)

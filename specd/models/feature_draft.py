@@ -106,13 +106,13 @@ class FeatureDraftModel(nn.Module):
         x = self.fuse(torch.cat([self.embed(next_ids), features.to(self.embed.weight.dtype)], dim=-1))
         if mask is None:
             mask = create_causal_mask(
-                config=self.config, inputs_embeds=x, attention_mask=None, past_key_values=cache, position_ids=positions
+                config=self.config, inputs_embeds=x, attention_mask=None, cache=cache, position_ids=positions
             )
         x = self.layer(
             x,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             use_cache=cache is not None,
             position_embeddings=self.rotary(x, position_ids=positions),
         )

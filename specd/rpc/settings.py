@@ -1,4 +1,4 @@
-"""Settings every worker service shares (WorkerConfig) and prompt lookup's (PromptLookupSettings).
+"""Settings every worker service shares (WorkerConfig).
 
 Each service has one pydantic settings model built on these (draft_service.config.DraftConfig,
 oracle_service.config.OracleConfig, coordinator.config.CoordinatorConfig). Every field can come
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from specd.core.defaults import EMBEDDED_ORACLE
@@ -35,11 +35,11 @@ class WorkerConfig(BaseSettings):
     torch_threads: int = Field(0, ge=0, description="Intra-op threads for torch (0 keeps torch's default).")
     cpu_linear: Literal["auto", "onednn", "packed", "dual", "stock"] = Field(
         "auto",
-        description="float32 on CPU: how linear layers multiply (specd/cpu_linear.py). 'onednn' through oneDNN's "
-        "re-laid-out weights, 'packed' through a transposed copy and MKL packed copies for blocks of 4, 6 and 9 rows "
-        "(five times the weights' memory), 'dual' through a transposed copy, 'stock' keeps torch's layers; 'auto' "
-        "times 'onednn' and 'dual' on this machine at start-up (about 1 s for the default oracle) and keeps the "
-        "faster, while its copy takes at most 3 GiB.",
+        description="float32 on CPU: how linear layers multiply (specd/kernels/cpu_linear.py). 'onednn' through "
+        "oneDNN's re-laid-out weights, 'packed' through a transposed copy and MKL packed copies for blocks of 4, 6 and "
+        "9 rows (five times the weights' memory), 'dual' through a transposed copy, 'stock' keeps torch's layers; "
+        "'auto' times 'onednn' and 'dual' on this machine at start-up (blocks of 1 to 32 rows through every layer) "
+        "and keeps the faster, while its copy takes at most 3 GiB.",
     )
     grouped_attention: bool = Field(
         True,
@@ -68,29 +68,3 @@ class WorkerConfig(BaseSettings):
             max_context=self.max_context, cache_dir=self.cache_dir, torch_threads=self.torch_threads,
             cpu_linear=self.cpu_linear, grouped_attention=self.grouped_attention, int8=int8,
         )
-
-
-class PromptLookupSettings(BaseSettings):
-    """Prompt lookup (specd.core.lookup), for the coordinator's session loop and for draft workers."""
-
-    lookup_min_ngram: int = Field(
-        3,
-        ge=0,
-        le=64,
-        description="Prompt lookup: where the last N or more tokens (N = this) occurred earlier in the session, "
-        "what followed them then is proposed as draft tokens that cost no model step. 0 turns it off.",
-    )
-    lookup_max_ngram: int = Field(8, ge=1, le=64, description="Prompt lookup: the longest match tried first.")
-
-    @model_validator(mode="after")
-    def _lookup_lengths(self) -> "PromptLookupSettings":
-        if self.lookup_min_ngram > self.lookup_max_ngram:
-            raise ValueError(
-                f"lookup_min_ngram ({self.lookup_min_ngram}) must not exceed lookup_max_ngram ({self.lookup_max_ngram})"
-            )
-        return self
-
-    @property
-    def lookup_ngram(self) -> tuple[int, int] | None:
-        """(min n, max n), or None when prompt lookup is off."""
-        return (self.lookup_min_ngram, self.lookup_max_ngram) if self.lookup_min_ngram else None

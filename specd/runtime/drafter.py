@@ -43,7 +43,7 @@ from specd.core.lookup import NgramIndex
 from specd.models.pretrained import LoadedModel
 from specd.core.sampling import SamplingParams, Stream, keyed_uniform, sample_from, warp_probs
 from specd.core.stopping import StopRule
-from specd.core.tree import ROOT
+from specd.runtime.draft_tree import TreeBuilder
 from specd.runtime.worker import ModelWorker, OpenResult, PositionFeatures, WorkerSession
 
 
@@ -68,18 +68,6 @@ class DraftProposal:
     confidences: list[float] = field(default_factory=list)
     model_steps: int = 0  # positions the model computed, kept or not (for a tree: its forward passes)
     parents: list[int] = field(default_factory=list)  # a draft tree's (specd.core.tree); empty for a chain
-
-
-@dataclass
-class _TreeNode:
-    token: int
-    parent: int  # index into the candidate list, or ROOT
-    depth: int
-    survival: float
-    prob: float  # the draft's probability of the token (-1: only prompt lookup proposed it)
-    match: int = 0  # > 0: prompt lookup proposed it, after a match of this many tokens
-    g: torch.Tensor | None = None  # the draft's feature after it, once computed
-    row: int = -1  # its speculative row in the draft's cache, once computed
 
 
 class Drafter(ModelWorker):
@@ -129,7 +117,7 @@ class Drafter(ModelWorker):
             state.receive(features.start, features.rows)
         self._check_features(state, len(prompt))
         state.catch_up(prompt)
-        session = WorkerSession(kv=state, params=params, committed=list(prompt), prompt_length=len(prompt))
+        session = WorkerSession(kv=state, params=params, committed=list(prompt))
         self.sessions.add(session_id, session)
         return OpenResult(prefill_tokens=len(prompt), prefill_seconds=time.perf_counter() - started)
 
@@ -148,10 +136,7 @@ class Drafter(ModelWorker):
             raise InvalidArgument(f"tree_width must be in 0..{MAX_TREE_WIDTH}, got {tree_width}")
         validation.depth(k, self.max_depth)
         expected = len(session.committed) + len(append)
-        if committed_length and committed_length != expected:
-            raise InvalidArgument(
-                f"session out of sync: appending gives {expected} committed tokens, caller says {committed_length}"
-            )
+        self.check_length(expected, committed_length)
         self.check_room(expected, k)
         state = session.kv
         if isinstance(state, FeatureSession):
@@ -221,143 +206,15 @@ class Drafter(ModelWorker):
         self, state: FeatureSession, session: WorkerSession, k: int, stop: StopRule | None, width: int,
         started: float,
     ) -> DraftProposal:
-        """The best tree of at most k tokens by survival (the chance a token is reached and accepted).
-
-        A token's expected acceptance is the stop rule's: for the draft's top choice at a position,
-        by the confidence there; for an alternative, by its own probability; for a token copied by
-        prompt lookup (which continues any candidate whose text repeats the session's, at no model
-        cost), by the length of its match. Its survival is that times its parent's. Level by
-        level, the draft computes the children of the `width` most likely tokens of the level whose
-        survival reaches the rule's extend threshold and that can still be among the k best, in
-        one forward pass per level. The block is then the k tokens of highest survival above
-        min_survival; a child's survival never exceeds its parent's, so every kept token's parent
-        is kept too."""
-        nodes, steps = self._grow_tree(state, session, k, stop, width)
-        keep_at = stop.min_survival if stop is not None else 0.0
-        chosen = sorted(
-            (i for i, node in enumerate(nodes) if node.survival >= keep_at),
-            key=lambda i: (-nodes[i].survival, nodes[i].depth, i),
-        )[:k]
-        # Output order: by depth, then by parent; siblings the model offered first, by descending
-        # probability, then copied ones.
-        order: list[int] = []
-        index = {ROOT: ROOT}
-        for depth in range(1, max((nodes[i].depth for i in chosen), default=0) + 1):
-            level = [i for i in chosen if nodes[i].depth == depth]
-            for i in sorted(level, key=lambda i: (index[nodes[i].parent], -nodes[i].prob)):
-                index[i] = len(order)
-                order.append(i)
-        parents = [index[nodes[i].parent] for i in order]
-        copied = [n for n, i in enumerate(order) if nodes[i].match]
+        """The best tree of at most k tokens (specd.runtime.draft_tree)."""
+        grown = TreeBuilder(
+            state, session.committed, session.lookup, k, stop, width, self._head_size, self._token_id
+        ).build()
         return DraftProposal(
-            tokens=[nodes[i].token for i in order], distributions=[], seconds=time.perf_counter() - started,
-            looked_up=copied, lookup_lengths=[nodes[order[n]].match for n in copied],
-            confidences=[1.0 if nodes[i].match else nodes[i].prob for i in order],
-            model_steps=steps, parents=[] if tree.is_chain(parents) else parents,
+            tokens=grown.tokens, distributions=[], seconds=time.perf_counter() - started,
+            looked_up=grown.looked_up, lookup_lengths=grown.lookup_lengths, confidences=grown.confidences,
+            model_steps=grown.model_steps, parents=[] if tree.is_chain(grown.parents) else grown.parents,
         )
-
-    def _grow_tree(
-        self, state: FeatureSession, session: WorkerSession, k: int, stop: StopRule | None, width: int
-    ) -> tuple[list["_TreeNode"], int]:
-        """Every candidate token, and the number of forward passes that took."""
-        extend_at = stop.extend_threshold if stop is not None else 0.0
-        keep_at = stop.min_survival if stop is not None else 0.0
-        # The most a model-proposed child can be expected to be accepted (calibrations are non-decreasing).
-        ceiling = 1.0
-        if stop is not None:
-            ceiling = max(stop.expected_acceptance(1.0), stop.alternative_expected(1.0, 1.0))
-        nodes: list[_TreeNode] = []
-        children: dict[int, dict[int, int]] = {}  # candidate -> its children's token -> their index
-        copied: dict[int, bool] = {}  # candidates that prompt lookup continues
-
-        def add(parent: int, token: int, expected: float, prob: float, match: int = 0) -> int | None:
-            """A candidate child of `parent`. A token both the model and a copy offer there counts as proposed
-            by the one that expects more of it."""
-            survival = (1.0 if parent == ROOT else nodes[parent].survival) * expected
-            known = children.setdefault(parent, {}).get(token)
-            copied[parent] = copied.get(parent, False) or match > 0
-            if known is not None:
-                node = nodes[known]
-                if survival > node.survival:
-                    node.survival, node.match = survival, match
-                node.prob = max(node.prob, prob)
-                return None
-            depth = 1 if parent == ROOT else nodes[parent].depth + 1
-            children[parent][token] = len(nodes)
-            nodes.append(_TreeNode(token, parent, depth, survival, prob, match))
-            return len(nodes) - 1
-
-        def copy(start: int) -> None:
-            """Tokens prompt lookup continues `start` with, each after the last, while they may be kept."""
-            lookup = session.lookup
-            node: int | None = start
-            while lookup is not None and node is not None:
-                if (nodes[node].depth if node != ROOT else 0) >= k:
-                    return
-                path = [nodes[a].token for a in tree.ancestors([n.parent for n in nodes], node)]
-                found = lookup.match((session.committed[-lookup.max_n :] + path)[-lookup.max_n :])
-                if found is None:
-                    return
-                token, length = found
-                node = add(node, token, stop.lookup_expected(length) if stop is not None else 1.0, -1.0, length)
-                if node is not None and nodes[node].survival < keep_at:
-                    return
-
-        def offer(parent: int, logits: torch.Tensor) -> None:
-            """The `width` likeliest children of `parent` as the model sees them, each continued by lookup."""
-            top = torch.topk(torch.softmax(logits[: self._head_size].float(), dim=-1), min(width, self._head_size))
-            probs, rows = top.values.tolist(), top.indices.tolist()
-            for rank, (prob, row) in enumerate(zip(probs, rows)):
-                if stop is None:
-                    expected = prob
-                elif rank == 0:
-                    expected = stop.expected_acceptance(prob)
-                else:
-                    expected = stop.alternative_expected(prob, probs[0])
-                added = add(parent, self._token_id(row), expected, prob)
-                if added is not None:
-                    copy(added)
-
-        root_g, root_logits = state.last
-        copy(ROOT)
-        offer(ROOT, root_logits)
-        computed = steps = 0  # speculative rows in the draft's cache; forward passes
-        for depth in range(1, k):
-            # Computing a token's children pays only if one of them could be among the k best so far.
-            ranked = sorted((node.survival for node in nodes), reverse=True)
-            kth = ranked[k - 1] if len(ranked) >= k else -1.0
-
-            def pays(i: int) -> bool:
-                return nodes[i].survival >= extend_at and nodes[i].survival * ceiling > kth
-
-            def copy_end(i: int) -> int:
-                """The last token of the copied span that continues `i` (`i` itself when none does)."""
-                while copied.get(i) and nodes[i].g is None and len(children[i]) == 1:
-                    i = next(iter(children[i].values()))
-                return i
-
-            # As in a chain, the model runs along a copied span only to continue after its end: a token
-            # a copy continues is computed when the span's last token is worth continuing.
-            level = [
-                i for i, node in enumerate(nodes)
-                if node.depth == depth and pays(i) and (node.parent == ROOT or nodes[node.parent].g is not None)
-                and (not copied.get(i) or (pays(end := copy_end(i)) and nodes[end].depth < k))
-            ]
-            expand = sorted(level, key=lambda i: -nodes[i].survival)[:width]
-            if not expand:
-                break
-            features = [root_g[0] if nodes[i].parent == ROOT else nodes[nodes[i].parent].g for i in expand]
-            parents = [node.parent for node in nodes]
-            sees = [[nodes[a].row for a in tree.ancestors(parents, nodes[i].parent)] for i in expand]
-            g, logits = state.tree_step(
-                torch.stack(features), [nodes[i].token for i in expand], [depth] * len(expand), sees
-            )
-            steps += 1
-            for row, i in enumerate(expand):
-                nodes[i].g, nodes[i].row = g[row], computed + row
-                offer(i, logits[row])
-            computed += len(expand)
-        return nodes, steps
 
     def _choose(
         self, logits: torch.Tensor, params: SamplingParams, position: int

@@ -121,7 +121,7 @@ class KVSession:
     def forward(self, token_ids: list[int]) -> torch.Tensor:
         """Feed tokens after the cached ones; returns logits [len(token_ids), vocab]."""
         input_ids = self._input(token_ids)
-        out = self.model(input_ids=input_ids, past_key_values=self.cache, use_cache=True)
+        out = self.model(input_ids=input_ids, cache=self.cache, use_cache=True)
         self._fed(token_ids)
         return out.logits[0].float()  # [n, vocab]
 
@@ -134,7 +134,7 @@ class KVSession:
         """
         input_ids = self._input(token_ids)
         hidden = self.model.get_decoder()(
-            input_ids=input_ids, past_key_values=self.cache, use_cache=True
+            input_ids=input_ids, cache=self.cache, use_cache=True
         ).last_hidden_state  # [1, n, H]
         logits = self.model.get_output_embeddings()(hidden)
         self._fed(token_ids)
@@ -147,7 +147,7 @@ class KVSession:
         hidden states [n, H] when `features`, else None."""
         input_ids = self._input(token_ids)
         hidden = self.model.get_decoder()(
-            input_ids=input_ids, past_key_values=self.cache, use_cache=True
+            input_ids=input_ids, cache=self.cache, use_cache=True
         ).last_hidden_state  # [1, n, H]
         self._fed(token_ids)
         return hidden[0] if features else None
@@ -164,7 +164,7 @@ class KVSession:
         positions = tree.position_ids(parents, context, len(feed), self.device)
         hidden = self.model.get_decoder()(
             input_ids=self._input(feed + tokens), attention_mask=mask, position_ids=positions,
-            past_key_values=self.cache, use_cache=True,
+            cache=self.cache, use_cache=True,
         ).last_hidden_state  # [1, n, H]
         logits = self.model.get_output_embeddings()(hidden)
         self._fed(feed + tokens)

@@ -28,16 +28,12 @@ class SessionTable(Generic[T]):
         self.ttl_seconds = ttl_seconds
         self._clock = clock
         self._entries: dict[str, _Entry[T]] = {}
-        self.evicted_total = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._entries
-
-    def ids(self) -> list[str]:
-        return list(self._entries)
 
     def reserve(self, session_id: str) -> None:
         """Fail early, before any model work, if the session cannot be added."""
@@ -69,5 +65,4 @@ class SessionTable(Generic[T]):
         stale = [sid for sid, e in self._entries.items() if now - e.last_used > self.ttl_seconds]
         for sid in stale:
             del self._entries[sid]
-        self.evicted_total += len(stale)
         return stale

@@ -43,7 +43,7 @@ class Verifier(ModelWorker):
         """parents: a draft tree's (specd.core.tree); None or empty for a chain."""
         session = self.sessions.get(session_id)
         k = len(draft_tokens)
-        self.check_length(session, committed_length)
+        self.check_length(len(session.committed), committed_length)
         self.check_room(len(session.committed), k)
         if any(not 0 <= t < self.vocab_size for t in draft_tokens):
             raise InvalidArgument(f"draft token ids must be in [0, {self.vocab_size})")

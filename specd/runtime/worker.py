@@ -27,7 +27,6 @@ class WorkerSession:
     kv: KVSession | FeatureSession  # FeatureSession: drafts that read the oracle's features
     params: SamplingParams
     committed: list[int]  # prompt + generated tokens, as agreed with the oracle
-    prompt_length: int
     return_features: bool = False  # oracle sessions serving a feature draft
     lookup: NgramIndex | None = None  # draft sessions with prompt lookup: the committed tokens' n-grams
 
@@ -100,7 +99,7 @@ class ModelWorker:
         if len(prefix) > cached:
             self.prefix_cache.store(prefix, kv.layer_states(), None if features is None else features.rows)
         session = WorkerSession(
-            kv=kv, params=params, committed=list(prompt), prompt_length=len(prompt), return_features=return_features
+            kv=kv, params=params, committed=list(prompt), return_features=return_features
         )
         self.sessions.add(session_id, session)
         return OpenResult(
@@ -124,9 +123,9 @@ class ModelWorker:
             )
 
     @staticmethod
-    def check_length(session: WorkerSession, committed_length: int) -> None:
-        if committed_length and committed_length != len(session.committed):
+    def check_length(held: int, committed_length: int) -> None:
+        """A caller that names its committed length (0: unchecked) must agree with the `held` tokens."""
+        if committed_length and committed_length != held:
             raise FailedPrecondition(
-                f"session out of sync: caller expects {committed_length} committed tokens, "
-                f"worker holds {len(session.committed)}"
+                f"session out of sync: caller expects {committed_length} committed tokens, worker holds {held}"
             )

@@ -228,6 +228,7 @@ async def test_bad_requests_get_clear_statuses(coordinator, prompt_ids):
             (dict(token_ids=prompt_ids, max_tokens=4, temperature=-1.0), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
             (dict(token_ids=prompt_ids, max_tokens=4, temperature=1.0, top_p=2.0), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
             (dict(token_ids=prompt_ids, max_tokens=4, depth=99), grpc.StatusCode.OUT_OF_RANGE, "depth"),
+            (dict(token_ids=prompt_ids, max_tokens=4, depth=-1), grpc.StatusCode.INVALID_ARGUMENT, "depth"),
         ]
         for kwargs, code, fragment in cases:
             with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -236,6 +237,9 @@ async def test_bad_requests_get_clear_statuses(coordinator, prompt_ids):
             assert fragment in info.value.details()
         ok = await client.generate(token_ids=prompt_ids, max_tokens=4)
         assert ok.completion_tokens <= 4
+        assert len(ok.request_id) == 32  # generated when the request names none
+        named = await client.generate(token_ids=prompt_ids, max_tokens=2, request_id="mine-1")
+        assert named.request_id == "mine-1"
 
 
 async def test_stop_strings_and_chat_template(coordinator, prompt_ids):

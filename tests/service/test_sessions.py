@@ -115,6 +115,16 @@ async def test_bad_input_gets_a_clear_status_and_the_server_keeps_serving(stubs,
         draft_stub.Propose(draft_pb2.ProposeRequest(session_id="bad-k", depth=100)), out_of_range, "depth"
     )
     await expect_status(draft_stub.Propose(draft_pb2.ProposeRequest(session_id="bad-k", depth=0)), invalid)
+    # A caller whose count of committed tokens disagrees with the worker's is out of sync, at either worker.
+    desync = grpc.StatusCode.FAILED_PRECONDITION
+    await expect_status(
+        draft_stub.Propose(draft_pb2.ProposeRequest(session_id="bad-k", depth=2, committed_length=7)), desync, "sync"
+    )
+    await expect_status(
+        oracle_stub.Verify(oracle_pb2.VerifyRequest(session_id="bad-k", draft_token_ids=[1], committed_length=7)),
+        desync,
+        "sync",
+    )
     await expect_status(
         draft_stub.Propose(draft_pb2.ProposeRequest(session_id="gone", depth=2)), grpc.StatusCode.NOT_FOUND
     )

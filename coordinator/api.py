@@ -15,7 +15,7 @@ from coordinator.session.loop import Finish
 from coordinator.control_plane.client import PlaneClient
 from coordinator.service import Coordinator
 from specd.core.errors import InvalidArgument, SpecdError
-from specd.rpc.host import grpc_errors, status_code
+from specd.rpc.host import abort_with_error, grpc_errors
 from specd.v1 import admin_pb2, admin_pb2_grpc, common_pb2, generation_pb2, generation_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def request_from_proto(message: generation_pb2.GenerateRequest, context: grpc.ai
 async def abort_with(context: grpc.aio.ServicerContext, error: BaseException) -> None:
     """Translate any failure of a request into a status a person understands."""
     if isinstance(error, SpecdError):
-        await context.abort(status_code(error), str(error))
+        await abort_with_error(context, error)
     if isinstance(error, grpc.aio.AioRpcError):
         code = error.code() if error.code() in _PASS_THROUGH else grpc.StatusCode.UNAVAILABLE
         await context.abort(code, f"worker call failed: {error.code().name}: {error.details()}")

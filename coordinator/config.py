@@ -22,6 +22,12 @@ class CoordinatorConfig(PromptLookupSettings):
     max_depth: int = Field(8, ge=1, le=64, description="Largest k any policy may choose (k_max).")
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     max_concurrent_sessions: int = Field(64, ge=1, description="Sessions run at once; more wait in line.")
+    max_waiting: int = Field(
+        256,
+        ge=0,
+        description="Requests that may wait in line for a session slot; beyond it a request gets RESOURCE_EXHAUSTED "
+        "at once, with a RetryInfo saying when to retry.",
+    )
     health_interval_seconds: float = Field(2.0, gt=0, description="How often workers are health-checked.")
     report_interval_seconds: float = Field(0.5, gt=0, description="How often a session reports its progress.")
     oracle_delay_ms: float = Field(

@@ -7,12 +7,12 @@ most while it runs (fire-and-forget progress) and once at the end (release).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
 from typing import AsyncIterator
 
+from coordinator.admission import Admission
 from coordinator.config import CoordinatorConfig
 from coordinator.control_plane.scheduling import Assignment
 from coordinator.depth import DepthPolicy, FixedDepth, make_policy
@@ -45,7 +45,9 @@ class Coordinator:
         self._drafts: dict[str, DraftClient] = {}
         self._codecs: dict[str, TextCodec] = {}
         self._checked_pairs: set[tuple[str, str]] = set()
-        self._slots = asyncio.Semaphore(config.max_concurrent_sessions)
+        self.admission = Admission(
+            config.max_concurrent_sessions, config.max_waiting, self.metrics.running, self.metrics.waiting
+        )
 
     async def close(self) -> None:
         for client in [*self._oracles.values(), *self._drafts.values()]:
@@ -106,25 +108,19 @@ class Coordinator:
         if depth is not None:
             validation.depth(depth, self.config.max_depth)
         started = time.perf_counter()
-        self.metrics.waiting.inc()
-        async with self._slots:
-            self.metrics.waiting.dec()
-            self.metrics.running.inc()
-            try:
-                async for delta in self._generate(request, depth, started):
-                    yield delta
-            finally:
-                self.metrics.running.dec()
+        async with self.admission.slot():
+            async for delta in self._generate(request, depth, started):
+                yield delta
 
     async def _generate(self, request: GenerationRequest, depth: int | None, started: float) -> AsyncIterator[Delta]:
         session_id = uuid.uuid4().hex
-        assignment: Assignment | None = await self.plane.call("acquire", session_id, request.request_id, depth != 0)
-        if assignment is None:
-            raise Unavailable("no healthy oracle worker is available; `specctl status` shows the workers")
         policy: DepthPolicy | None = None
         summary: dict = {}
         first = True
-        try:
+        try:  # the release below also covers an assignment made while this request was being cancelled
+            assignment: Assignment | None = await self.plane.call("acquire", session_id, request.request_id, depth != 0)
+            if assignment is None:
+                raise Unavailable("no healthy oracle worker is available; `specctl status` shows the workers")
             pair = await self._pair(assignment)
             policy = self._policy(assignment, depth)
             hook = self._round_hook(assignment.pair_id, started)

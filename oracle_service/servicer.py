@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 from specd.runtime.verifier import Verifier
 from oracle_service.config import OracleConfig
+from specd.runtime.engine import Engine
 from specd.runtime.executor import ModelExecutor
 from specd.rpc.host import grpc_errors
 from specd.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
@@ -22,6 +25,17 @@ class OracleServicer(WorkerServicerMixin, oracle_pb2_grpc.OracleServiceServicer)
 
     def __init__(self, verifier: Verifier, executor: ModelExecutor, config: OracleConfig):
         super().__init__(verifier, executor, config)
+        self.engine = Engine(
+            verifier, executor, max_batch_rows=config.max_batch_rows, prefill_chunk_tokens=config.prefill_chunk_tokens,
+            batching=config.batching, on_step=self.metrics.record_step,
+        )
+        self.metrics.queued.set_function(lambda: self.engine.queued)
+
+    async def open_session(self, session_id: str, prompt: list[int], params: Any, options: dict[str, Any]) -> Any:
+        return await self.guard_session(session_id, self.engine.open(session_id, prompt, params, **options))
+
+    async def stop(self) -> None:
+        await self.engine.stop()
 
     @grpc_errors
     async def GetTokenizer(
@@ -48,14 +62,15 @@ class OracleServicer(WorkerServicerMixin, oracle_pb2_grpc.OracleServiceServicer)
     @grpc_errors
     async def Verify(self, request: oracle_pb2.VerifyRequest, context: grpc.aio.ServicerContext) -> oracle_pb2.Verdict:
         session_id = session_id_from(request)
-        result = await self.run_for_session(
+        result = await self.guard_session(
             session_id,
-            self.worker.verify,
-            session_id,
-            list(request.draft_token_ids),
-            [(list(d.token_ids), list(d.probs)) for d in request.draft_distributions],
-            request.committed_length,
-            list(request.draft_parents),
+            self.engine.verify(
+                session_id,
+                list(request.draft_token_ids),
+                [(list(d.token_ids), list(d.probs)) for d in request.draft_distributions],
+                request.committed_length,
+                list(request.draft_parents),
+            ),
         )
         self.metrics.forward.labels("verify").observe(result.seconds)
         assert self.metrics.spec is not None

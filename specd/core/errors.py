@@ -11,6 +11,10 @@ from __future__ import annotations
 class SpecdError(Exception):
     code: str = "INTERNAL"
 
+    def __init__(self, message: str = "", *, retry_after_seconds: float | None = None):
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds  # a hint for the client (google.rpc.RetryInfo), if any
+
 
 class InvalidArgument(SpecdError):
     code = "INVALID_ARGUMENT"

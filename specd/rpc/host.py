@@ -9,6 +9,7 @@ Also the decorator that turns domain errors (specd.core.errors) into gRPC status
 from __future__ import annotations
 
 import asyncio
+import datetime
 import functools
 import logging
 import signal
@@ -17,16 +18,34 @@ from typing import Any, Awaitable, Callable, Iterable
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from google.rpc import error_details_pb2, status_pb2
 
 from specd.core.errors import SpecdError
 from specd.rpc.security import Security
 
 log = logging.getLogger(__name__)
+# Where gRPC's rich error model puts a serialized google.rpc.Status.
+GRPC_STATUS_DETAILS = "grpc-status-details-bin"
 
 
 def status_code(error: SpecdError) -> grpc.StatusCode:
     """The gRPC status a domain error names."""
     return grpc.StatusCode[error.code]
+
+
+def error_metadata(error: SpecdError) -> tuple[tuple[str, bytes], ...]:
+    """Trailing metadata carrying a google.rpc.Status with a RetryInfo detail, for errors that say when to retry."""
+    if error.retry_after_seconds is None:
+        return ()
+    info = error_details_pb2.RetryInfo()
+    info.retry_delay.FromTimedelta(datetime.timedelta(seconds=error.retry_after_seconds))
+    status = status_pb2.Status(code=status_code(error).value[0], message=str(error))
+    status.details.add().Pack(info)
+    return ((GRPC_STATUS_DETAILS, status.SerializeToString()),)
+
+
+async def abort_with_error(context: grpc.aio.ServicerContext, error: SpecdError) -> None:
+    await context.abort(status_code(error), str(error), trailing_metadata=error_metadata(error))
 
 
 def grpc_errors(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -37,7 +56,7 @@ def grpc_errors(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitabl
         try:
             return await method(self, request, context)
         except SpecdError as error:
-            await context.abort(status_code(error), str(error))
+            await abort_with_error(context, error)
 
     return wrapper
 

@@ -64,11 +64,12 @@ async def start_worker(service: WorkerService, config: WorkerConfig, sweep_secon
     await host.start()
     sweeper = asyncio.ensure_future(periodic(sweep_seconds, servicer.evict_idle))
 
-    async def stop_sweeper() -> None:
+    async def stop_servicer() -> None:
         sweeper.cancel()
+        await servicer.stop()
         servicer.executor.shutdown()
 
-    host.on_stop(stop_sweeper)
+    host.on_stop(stop_servicer)
     metrics_port = -1
     if config.metrics_port >= 0:
         metrics_port = serve_metrics(servicer.metrics.registry, config.metrics_port, config.host)

@@ -6,10 +6,14 @@ and exposes it on its own HTTP port.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 DEPTH_BUCKETS = tuple(float(k) for k in range(0, 17))
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+SESSION_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def serve_metrics(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> int:
@@ -107,3 +111,28 @@ class WorkerMetrics:
             ("source",), registry=r,
         )
         self.spec = SpecDecodeCounters(r, ()) if role == "oracle" else None
+        # Continuous batching (the oracle's engine, specd.runtime.engine).
+        self.queued = Gauge("specd_engine_queued", "Verify blocks and prompt opens waiting for or in a step.", registry=r)
+        self.step_rows = Histogram(
+            "specd_engine_rows_per_step", "Rows (tokens) in one forward pass, all sessions together.",
+            buckets=ROW_BUCKETS, registry=r,
+        )
+        self.step_sessions = Histogram(
+            "specd_engine_sessions_per_step", "Sessions in one forward pass.", buckets=SESSION_BUCKETS, registry=r
+        )
+        self.step_seconds = Histogram(
+            "specd_engine_step_seconds", "Time of one engine step (its forward pass and decisions).",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "specd_engine_queue_seconds", "Time a verify block or an open waited before its first step.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+
+    def record_step(self, step: Any) -> None:
+        """An engine step's StepStats (called on the model thread; the metrics are thread-safe)."""
+        self.step_rows.observe(step.rows)
+        self.step_sessions.observe(step.sessions)
+        self.step_seconds.observe(step.seconds)
+        for wait in step.queue_seconds:
+            self.queue_seconds.observe(wait)

@@ -11,7 +11,7 @@ import asyncio
 import functools
 import logging
 import random
-from typing import Any, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 import grpc
 
@@ -56,12 +56,22 @@ class WorkerServicerMixin:
         self.metrics.running.set_function(lambda: len(worker.sessions))
 
     async def run_for_session(self, session_id: str, fn: Callable[..., T], *args: Any) -> T:
-        """Run model work; if the call is cancelled meanwhile, free the session."""
+        """Run model work on the model thread; if the call is cancelled meanwhile, free the session."""
+        return await self.guard_session(session_id, self.executor.run(fn, *args))
+
+    async def guard_session(self, session_id: str, work: Awaitable[T]) -> T:
+        """Await work on a session; if the call is cancelled meanwhile, free the session."""
         try:
-            return await self.executor.run(fn, *args)
+            return await work
         except asyncio.CancelledError:
             asyncio.ensure_future(self.executor.run(self.worker.close, session_id))
             raise
+
+    async def open_session(self, session_id: str, prompt: list[int], params: Any, options: dict[str, Any]) -> Any:
+        """Open and prefill a session (an OpenResult); the oracle queues it on its engine instead."""
+        return await self.run_for_session(
+            session_id, functools.partial(self.worker.open, **options), session_id, prompt, params
+        )
 
     @grpc_errors
     async def GetInfo(self, request: Any, context: grpc.aio.ServicerContext) -> common_pb2.ModelInfo:
@@ -90,10 +100,7 @@ class WorkerServicerMixin:
         session_id = session_id_from(request)
         params = sampling_from_proto(request.sampling)
         options = self.open_options(request)
-        result = await self.run_for_session(
-            session_id, functools.partial(self.worker.open, **options), session_id, list(request.prompt_token_ids),
-            params,
-        )
+        result = await self.open_session(session_id, list(request.prompt_token_ids), params, options)
         reply = self.open_response(
             prefill_tokens=result.prefill_tokens, prefill_seconds=result.prefill_seconds,
             cached_tokens=result.cached_tokens,
@@ -112,6 +119,9 @@ class WorkerServicerMixin:
     async def CloseSession(self, request: Any, context: grpc.aio.ServicerContext) -> common_pb2.CloseSessionResponse:
         existed = await self.executor.run(self.worker.close, session_id_from(request))
         return common_pb2.CloseSessionResponse(existed=existed)
+
+    async def stop(self) -> None:
+        """Release what the servicer holds beyond its sessions (the oracle's engine loop)."""
 
     async def evict_idle(self) -> None:
         evicted = await self.executor.run(self.worker.evict_idle)

@@ -197,6 +197,10 @@ class KVSession:
             raise ValueError("forward needs at least one token")
         return torch.tensor([token_ids], dtype=torch.long, device=self.device)  # [1, n]
 
+    def record_fed(self, token_ids: list[int]) -> None:
+        """Note tokens whose keys and values a pass run elsewhere (specd.runtime.batch) appended to the cache."""
+        self._fed(token_ids)
+
     def _fed(self, token_ids: list[int]) -> None:
         self.cached_ids.extend(token_ids)
         self.forward_passes += 1

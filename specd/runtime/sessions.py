@@ -35,11 +35,12 @@ class SessionTable(Generic[T]):
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._entries
 
-    def reserve(self, session_id: str) -> None:
-        """Fail early, before any model work, if the session cannot be added."""
+    def reserve(self, session_id: str, pending: int = 0) -> None:
+        """Fail early, before any model work, if the session cannot be added (`pending`: sessions being opened
+        that will take room too)."""
         if session_id in self._entries:
             raise AlreadyExists(f"session {session_id!r} is already open")
-        if len(self._entries) >= self.max_sessions:
+        if len(self._entries) + pending >= self.max_sessions:
             raise ResourceExhausted(
                 f"this worker already holds {self.max_sessions} sessions (its max_sessions); retry later"
             )

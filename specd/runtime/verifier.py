@@ -18,6 +18,8 @@ from specd.core import tree
 from specd.core.errors import InvalidArgument
 from specd.core.sampling import warp_probs
 from specd.core.verification import Verdict, sparse_to_dense, verify_greedy, verify_greedy_tree, verify_sampled
+from specd.models.pretrained import LoadedModel
+from specd.runtime.batch import Segment, packed_forward, use_packed_attention
 from specd.runtime.worker import ModelWorker, PositionFeatures, WorkerSession
 
 
@@ -31,7 +33,27 @@ class VerifyResult:
     path: list[int] | None = None  # draft trees: indices of the accepted tokens, root side first
 
 
+@dataclass
+class VerifyPlan:
+    """A verification ready for its forward pass: the session's rows (what its cache lacks of the committed
+    sequence, then the draft block) and what deciding on them needs."""
+
+    session: WorkerSession
+    draft_tokens: list[int]
+    parents: list[int]  # a draft tree's; empty for a chain
+    q: torch.Tensor | None  # [k, vocab] the draft's proposals (sampled sessions)
+    feed: list[int]  # committed tokens the cache lacks, fed before the block
+    first_position: int  # the position of feed[0]
+    segment: Segment
+    started: float
+
+
 class Verifier(ModelWorker):
+    def __init__(self, loaded: LoadedModel, **limits):
+        super().__init__(loaded, **limits)
+        # Sessions share forward passes where the model allows it (specd.runtime.batch).
+        self.packed = use_packed_attention(loaded.model)
+
     def verify(
         self,
         session_id: str,
@@ -40,65 +62,101 @@ class Verifier(ModelWorker):
         committed_length: int,
         parents: list[int] | None = None,
     ) -> VerifyResult:
-        """parents: a draft tree's (specd.core.tree); None or empty for a chain."""
+        """Verify one session's block in a pass of its own. parents: a draft tree's (specd.core.tree); None
+        or empty for a chain."""
+        plan = self.plan_verify(session_id, draft_tokens, draft_distributions, committed_length, parents)
+        (hidden,) = self.forward([plan.segment])
+        return self.finish_verify(plan, hidden)
+
+    def plan_verify(
+        self,
+        session_id: str,
+        draft_tokens: list[int],
+        draft_distributions: list[tuple[list[int], list[float]]],
+        committed_length: int,
+        parents: list[int] | None = None,
+    ) -> VerifyPlan:
+        """Check the request and lay out its rows; raises a SpecdError for a caller's mistake."""
         session = self.sessions.get(session_id)
         k = len(draft_tokens)
         self.check_length(len(session.committed), committed_length)
         self.check_room(len(session.committed), k)
         if any(not 0 <= t < self.vocab_size for t in draft_tokens):
             raise InvalidArgument(f"draft token ids must be in [0, {self.vocab_size})")
+        parents = list(parents or [])
         if parents:
             tree.check_parents(parents, k)
-            if not tree.is_chain(parents):
-                if not session.params.greedy:
-                    raise InvalidArgument("draft trees are for greedy sessions (temperature 0); send a chain")
-                return self._verify_tree(session, draft_tokens, parents)
+            if tree.is_chain(parents):
+                parents = []
+            elif not session.params.greedy:
+                raise InvalidArgument("draft trees are for greedy sessions (temperature 0); send a chain")
         q = None
         if not session.params.greedy and k:
             q = self._proposal_matrix(draft_tokens, draft_distributions)
         started = time.perf_counter()
         feed = session.kv.sync(session.committed)
-        first_position = len(session.committed) - len(feed)
-        hidden = None
-        if session.return_features:
-            logits, hidden = session.kv.forward_with_features(feed + draft_tokens)  # [n, vocab], [n, H]
+        first = len(session.committed) - len(feed)
+        if parents:
+            tree_mask = tree.attention_mask(parents, 0, len(feed), torch.device("cpu"))[0, 0]
+            positions = tree.position_ids(parents, first, len(feed), torch.device("cpu"))[0].tolist()
         else:
-            logits = session.kv.forward(feed + draft_tokens)
-        logits = logits[-(k + 1) :, : self.vocab_size]  # [k+1, vocab]
-        if session.params.greedy:
-            verdict = verify_greedy(draft_tokens, logits)
-        else:
-            p = warp_probs(logits, session.params).cpu()  # [k+1, vocab], beside q for the acceptance tests
-            if q is None:
-                q = torch.zeros(0, self.vocab_size)
-            verdict = verify_sampled(draft_tokens, q, p, session.params.seed, start_position=len(session.committed))
-        session.committed.extend(verdict.committed(draft_tokens))
-        session.kv.sync(session.committed)  # drop the rejected suffix now, freeing its memory
-        features = None
-        if hidden is not None:
-            # Rows whose input token is now committed: the fed tokens and the accepted draft tokens.
-            features = PositionFeatures(first_position, hidden[: len(feed) + verdict.accepted])
-        return VerifyResult(
-            verdict=verdict, k=k, committed_length=len(session.committed), seconds=time.perf_counter() - started,
-            features=features,
-        )
+            tree_mask, positions = None, list(range(first, first + len(feed) + k))
+        segment = Segment(session.kv.cache, feed + draft_tokens, positions, tree_mask)
+        return VerifyPlan(session, draft_tokens, parents, q, feed, first, segment, started)
 
-    def _verify_tree(self, session: WorkerSession, draft_tokens: list[int], parents: list[int]) -> VerifyResult:
-        started = time.perf_counter()
-        feed = session.kv.sync(session.committed)
-        first_position = len(session.committed) - len(feed)
-        logits, hidden = session.kv.forward_tree(feed, draft_tokens, parents, features=session.return_features)
-        verdict, path = verify_greedy_tree(draft_tokens, parents, logits[len(feed) - 1 :, : self.vocab_size])
-        session.kv.keep_path(first_position + len(feed), draft_tokens, path)
-        session.committed.extend([draft_tokens[i] for i in path] + [verdict.next_token])
+    def forward(self, segments: list[Segment]) -> list[torch.Tensor]:
+        """Every segment's final hidden states [n, H]: one packed pass, or one pass each where the model
+        cannot share them."""
+        if self.packed:
+            return packed_forward(self.loaded.model, segments)
+        return [self._forward_alone(segment) for segment in segments]
+
+    @torch.inference_mode()
+    def _forward_alone(self, segment: Segment) -> torch.Tensor:
+        device = self.loaded.device
+        cached = segment.cache.get_seq_length()
+        mask = None
+        if segment.tree_mask is not None:
+            mask = torch.ones(len(segment), cached + len(segment), dtype=torch.bool)
+            mask[:, cached:] = segment.tree_mask
+            mask = mask[None, None].to(device)
+        return self.loaded.model.get_decoder()(
+            input_ids=torch.tensor([segment.tokens], dtype=torch.long, device=device),
+            position_ids=torch.tensor([segment.positions], dtype=torch.long, device=device),
+            attention_mask=mask, cache=segment.cache, use_cache=True,
+        ).last_hidden_state[0]
+
+    @torch.inference_mode()
+    def finish_verify(self, plan: VerifyPlan, hidden: torch.Tensor) -> VerifyResult:
+        """Decide on the block from the pass's final hidden states [n, H], commit, and roll the cache back."""
+        session, draft_tokens, feed = plan.session, plan.draft_tokens, plan.feed
+        session.kv.record_fed(plan.segment.tokens)
+        k = len(draft_tokens)
+        head = self.loaded.model.get_output_embeddings()
+        logits = head(hidden[len(feed) - 1 :]).float()[:, : self.vocab_size]  # [k+1, vocab]
+        path: list[int] | None = None
+        if plan.parents:
+            verdict, path = verify_greedy_tree(draft_tokens, plan.parents, logits)
+            session.kv.keep_path(plan.first_position + len(feed), draft_tokens, path)
+            session.committed.extend([draft_tokens[i] for i in path] + [verdict.next_token])
+            kept = [len(feed) + i for i in path]
+        else:
+            if session.params.greedy:
+                verdict = verify_greedy(draft_tokens, logits)
+            else:
+                p = warp_probs(logits, session.params).cpu()  # [k+1, vocab], beside q for the acceptance tests
+                q = plan.q if plan.q is not None else torch.zeros(0, self.vocab_size)
+                verdict = verify_sampled(draft_tokens, q, p, session.params.seed, start_position=len(session.committed))
+            session.committed.extend(verdict.committed(draft_tokens))
+            session.kv.sync(session.committed)  # drop the rejected suffix now, freeing its memory
+            kept = [len(feed) + i for i in range(verdict.accepted)]
         features = None
-        if hidden is not None:
-            # The fed rows, then the accepted tokens' rows: the positions whose input is now committed.
-            rows = torch.cat([hidden[: len(feed)], hidden[[len(feed) + i for i in path]]])
-            features = PositionFeatures(first_position, rows)
+        if session.return_features:
+            # Rows whose input token is now committed: the fed tokens and the accepted draft tokens.
+            features = PositionFeatures(plan.first_position, hidden[list(range(len(feed))) + kept])
         return VerifyResult(
-            verdict=verdict, k=len(draft_tokens), committed_length=len(session.committed),
-            seconds=time.perf_counter() - started, features=features, path=path,
+            verdict=verdict, k=k, committed_length=len(session.committed),
+            seconds=time.perf_counter() - plan.started, features=features, path=path,
         )
 
     def _proposal_matrix(

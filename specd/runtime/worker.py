@@ -7,11 +7,12 @@ table needs no lock. The servicers translate protobuf to these calls and back.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from specd.core.errors import FailedPrecondition, OutOfRange
+from specd.core.errors import AlreadyExists, FailedPrecondition, OutOfRange
+from specd.runtime.batch import Segment
 from specd.runtime.feature_session import FeatureSession
 from specd.runtime.kv import KVSession
 from specd.core.lookup import NgramIndex
@@ -47,6 +48,36 @@ class OpenResult:
     cached_tokens: int = 0  # prompt positions whose keys and values came from the prefix cache
 
 
+@dataclass
+class Prefill:
+    """A session being opened: its prompt's positions go into its cache, in one pass or chunk by chunk."""
+
+    session_id: str
+    prompt: list[int]
+    params: SamplingParams
+    return_features: bool
+    kv: KVSession
+    cached: int = 0  # prompt positions taken from the prefix cache
+    done: int = 0  # prompt positions in the cache so far
+    parts: list[torch.Tensor] = field(default_factory=list)  # features of those positions, in order
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def prefix(self) -> list[int]:
+        """The positions a prefill fills: every prompt token but the last."""
+        return self.prompt[:-1]
+
+    def next_chunk(self, chunk_tokens: int) -> tuple[list[int], list[int]]:
+        """(tokens, positions) up to the next multiple of chunk_tokens: chunk boundaries depend on the prompt
+        alone, never on what else a pass holds, so a session's keys and values do not depend on the load."""
+        end = min(len(self.prefix), (self.done // chunk_tokens + 1) * chunk_tokens)
+        return self.prefix[self.done : end], list(range(self.done, end))
+
+    @property
+    def finished(self) -> bool:
+        return self.done >= len(self.prefix)
+
+
 class ModelWorker:
     def __init__(
         self, loaded: LoadedModel, *, max_sessions: int, session_ttl_seconds: float, max_depth: int,
@@ -56,6 +87,7 @@ class ModelWorker:
         self.max_depth = max_depth
         self.sessions: SessionTable[WorkerSession] = SessionTable(max_sessions, session_ttl_seconds)
         self.prefix_cache = PrefixCache(prefix_cache_tokens)
+        self._opening: set[str] = set()  # sessions whose prompt is being prefilled
 
     @property
     def vocab_size(self) -> int:
@@ -68,44 +100,75 @@ class ModelWorker:
     def validate_open(self, session_id: str, prompt: list[int]) -> None:
         """Cheap checks that must fail before any model work is queued."""
         validation.prompt_ids(prompt, self.vocab_size, self.max_context)
-        self.sessions.reserve(session_id)
+        if session_id in self._opening:
+            raise AlreadyExists(f"session {session_id!r} is already opening")
+        self.sessions.reserve(session_id, pending=len(self._opening))
+
+    def begin_open(
+        self, session_id: str, prompt: list[int], params: SamplingParams, *, return_features: bool = False
+    ) -> Prefill:
+        """Start opening a session: its cache begins with the longest prefix of the prompt the prefix cache
+        holds; the rest of the prompt (all but its last token, which the next forward pass feeds) is still to
+        prefill."""
+        self.validate_open(session_id, prompt)
+        prefill = Prefill(session_id, list(prompt), params, return_features, KVSession(self.loaded.model, self.loaded.device))
+        hit = self.prefix_cache.lookup(prefill.prefix, features=return_features)
+        if hit is not None:
+            cached = hit.length
+            prefill.kv.load_prefix(
+                prefill.prefix[:cached], [(k[..., :cached, :], v[..., :cached, :]) for k, v in hit.entry.layers]
+            )
+            if return_features:
+                assert hit.entry.features is not None
+                prefill.parts.append(hit.entry.features[:cached])
+            prefill.cached = prefill.done = cached
+        self._opening.add(session_id)
+        return prefill
+
+    def finish_open(self, prefill: Prefill) -> OpenResult:
+        """The session is open once its whole prompt is in its cache."""
+        self._opening.discard(prefill.session_id)
+        features = None
+        if prefill.return_features:
+            rows = torch.cat(prefill.parts) if prefill.parts else torch.zeros(0, self.loaded.model.config.hidden_size)
+            features = PositionFeatures(0, rows)
+        if prefill.done > prefill.cached:
+            self.prefix_cache.store(prefill.prefix, prefill.kv.layer_states(), None if features is None else features.rows)
+        session = WorkerSession(
+            kv=prefill.kv, params=prefill.params, committed=list(prefill.prompt), return_features=prefill.return_features
+        )
+        self.sessions.add(prefill.session_id, session)
+        return OpenResult(
+            prefill_tokens=len(prefill.prompt), prefill_seconds=time.perf_counter() - prefill.started,
+            features=features, cached_tokens=prefill.cached,
+        )
+
+    def prefilled(self, prefill: Prefill, segment: Segment, hidden: torch.Tensor) -> None:
+        """A chunk of the prompt went through a pass (specd.runtime.engine): its rows are in the cache."""
+        prefill.kv.record_fed(segment.tokens)
+        if prefill.return_features:
+            prefill.parts.append(hidden)
+        prefill.done += len(segment)
+
+    def abandon_open(self, prefill: Prefill) -> None:
+        self._opening.discard(prefill.session_id)
 
     def open(
         self, session_id: str, prompt: list[int], params: SamplingParams, *, return_features: bool = False
     ) -> OpenResult:
-        """Prefill the prompt (all but its last token, which the next forward pass feeds), after the
-        longest prefix of it the prefix cache holds."""
-        self.validate_open(session_id, prompt)
-        started = time.perf_counter()
-        kv = KVSession(self.loaded.model, self.loaded.device)
-        prefix = prompt[:-1]
-        hit = self.prefix_cache.lookup(prefix, features=return_features)
-        cached = 0
-        parts: list[torch.Tensor] = []
-        if hit is not None:
-            cached = hit.length
-            kv.load_prefix(prefix[:cached], [(k[..., :cached, :], v[..., :cached, :]) for k, v in hit.entry.layers])
-            if return_features:
-                assert hit.entry.features is not None
-                parts.append(hit.entry.features[:cached])
-        if len(prefix) > cached:
-            rows = kv.prefill(prefix[cached:], features=return_features)
-            if rows is not None:
-                parts.append(rows)
-        features = None
-        if return_features:
-            rows = torch.cat(parts) if parts else torch.zeros(0, self.loaded.model.config.hidden_size)
-            features = PositionFeatures(0, rows)
-        if len(prefix) > cached:
-            self.prefix_cache.store(prefix, kv.layer_states(), None if features is None else features.rows)
-        session = WorkerSession(
-            kv=kv, params=params, committed=list(prompt), return_features=return_features
-        )
-        self.sessions.add(session_id, session)
-        return OpenResult(
-            prefill_tokens=len(prompt), prefill_seconds=time.perf_counter() - started, features=features,
-            cached_tokens=cached,
-        )
+        """Open a session and prefill its prompt in one pass."""
+        prefill = self.begin_open(session_id, prompt, params, return_features=return_features)
+        try:
+            rest = prefill.prefix[prefill.done :]
+            if rest:
+                rows = prefill.kv.prefill(rest, features=prefill.return_features)
+                if rows is not None:
+                    prefill.parts.append(rows)
+                prefill.done += len(rest)
+        except BaseException:
+            self.abandon_open(prefill)
+            raise
+        return self.finish_open(prefill)
 
     def close(self, session_id: str) -> bool:
         return self.sessions.pop(session_id) is not None

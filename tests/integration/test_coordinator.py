@@ -281,3 +281,53 @@ async def test_a_draft_dying_mid_stream_does_not_fail_the_request(ray_local, tin
         assert await no_sessions_left(oracle)
     finally:
         await running.stop()
+
+
+async def test_admission_is_bounded_and_its_gauges_return_to_zero(ray_local, oracle, prompt_ids):
+    """One running slot and one waiting place: a third request is refused at once with RESOURCE_EXHAUSTED and a
+    RetryInfo; a request cancelled while it waits leaves no trace in the gauges."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    running = await own_coordinator("plane-admission", oracle, max_concurrent_sessions=1, max_waiting=1)
+    registry = running.coordinator.metrics.registry
+
+    def gauges() -> tuple[float, float]:
+        return (
+            registry.get_sample_value("specd_num_requests_running"),
+            registry.get_sample_value("specd_num_requests_waiting"),
+        )
+
+    try:
+        async with AsyncSpecdClient(running.address) as client:
+            long = client.stream(token_ids=prompt_ids, max_tokens=300, stop_at_eos=False, depth=0)
+            await long.__anext__()  # it holds the one slot
+            waiting = asyncio.ensure_future(client.generate(token_ids=prompt_ids, max_tokens=2, depth=0))
+            for _ in range(100):
+                if gauges() == (1.0, 1.0):
+                    break
+                await asyncio.sleep(0.02)
+            assert gauges() == (1.0, 1.0)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await client.generate(token_ids=prompt_ids, max_tokens=2, depth=0)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "capacity" in info.value.details()
+            details = dict(info.value.trailing_metadata())["grpc-status-details-bin"]
+            status = status_pb2.Status.FromString(details)
+            retry = error_details_pb2.RetryInfo()
+            assert status.details[0].Unpack(retry) and retry.retry_delay.ToTimedelta().total_seconds() > 0
+            waiting.cancel()  # cancelled while it waits
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            for _ in range(100):
+                if gauges() == (1.0, 0.0):
+                    break
+                await asyncio.sleep(0.02)
+            assert gauges() == (1.0, 0.0)
+            rest = [c async for c in long]
+            assert rest[-1].finish_reason == "length"
+        for _ in range(100):
+            if gauges() == (0.0, 0.0):
+                break
+            await asyncio.sleep(0.02)
+        assert gauges() == (0.0, 0.0)
+    finally:
+        await running.stop()

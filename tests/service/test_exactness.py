@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from coordinator.depth import FixedDepth
@@ -80,3 +82,35 @@ async def test_prompt_lookup_is_exact(oracle, lookup_draft, reference, k):
         looked_up_accepted += stats.lookup_accepted
     assert (accepted - looked_up_accepted) / (drafted - looked_up) < 0.2
     assert looked_up_accepted > 0  # the tiny oracle repeats itself, and lookup copies the repeats
+
+
+async def test_eight_concurrent_sessions_share_passes_and_stay_exact(oracle, unrelated_draft, feature_draft, reference):
+    """Eight sessions at once on one oracle, with different drafts and depths (chains, trees, k = 0): the oracle
+    batches their rounds into shared forward passes, and each output is still the oracle's own."""
+    from coordinator.depth import make_policy
+
+    registry = oracle.servicer.metrics.registry
+    steps_before = registry.get_sample_value("specd_engine_sessions_per_step_count") or 0.0
+    alone_before = registry.get_sample_value("specd_engine_sessions_per_step_bucket", {"le": "1.0"}) or 0.0
+    items = list(reference.values())
+
+    async def one(index: int):
+        ids, expected = items[index % len(items)]
+        draft_address = (unrelated_draft, feature_draft)[index % 2].address
+        oracle_client, draft = OracleClient(oracle.address), DraftClient(draft_address)
+        policy = FixedDepth(index % 5) if index < 5 else make_policy("goodput", 8)
+        try:
+            session = SpeculativeSession(
+                SessionRequest(prompt=ids, sampling=common_pb2.SamplingParams(), max_tokens=MAX_TOKENS),
+                draft, oracle_client, policy,
+            )
+            return await run_to_completion(session), expected
+        finally:
+            await oracle_client.close()
+            await draft.close()
+
+    for tokens, expected in await asyncio.gather(*(one(i) for i in range(8))):
+        assert tokens == expected
+    steps = registry.get_sample_value("specd_engine_sessions_per_step_count") - steps_before
+    alone = registry.get_sample_value("specd_engine_sessions_per_step_bucket", {"le": "1.0"}) - alone_before
+    assert steps > 0 and alone < steps  # some passes served several sessions

@@ -1,0 +1,151 @@
+"""One forward pass over the rows of several sessions: the step of continuous batching.
+
+The rows of every session in a step are packed into one sequence, [1, N], and go through the
+model once: embeddings, the linear layers and the norms see all N rows together, which is where
+a CPU or a GPU gains from batching. Attention is the only part that mixes rows, and there each
+session's rows attend only to that session's own keys and values (its KV cache, specd.runtime.kv)
+and under its own mask: causal for a chain or a prompt chunk, its tree mask for a draft tree.
+Rows carry their own absolute positions, so rotary embeddings are each session's.
+
+Each session's attention is the same call, on the same tensors, as when it runs alone, and under
+a plan whose linear layers give a row the same result whatever the other rows
+(specd.kernels.cpu_linear, "onednn", the default on x86), a session's rows in a batched pass are
+bit for bit what they are in a pass of its own. This is how vLLM's flattened batches work
+(varlen attention over per-request KV), in plain torch.
+
+Supported for llama-style decoders (embed_tokens, rotary_emb, layers, norm; `PACKED_MODEL_TYPES`);
+other models run one session per pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+PACKED_ATTENTION = "specd_packed"
+PACKED_MODEL_TYPES = ("llama",)
+_INNER = "_specd_inner_attention"  # the config attribute keeping the attention the packed one wraps
+
+
+@dataclass
+class Segment:
+    """One session's rows in a pass."""
+
+    cache: DynamicCache  # the session's own KV cache; the pass appends these rows to it
+    tokens: list[int]
+    positions: list[int]  # each row's absolute position (a tree's rows: by depth)
+    tree_mask: torch.Tensor | None = None  # [n, n] bool: which of this pass's rows a row sees; None: causal
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+@dataclass
+class _Pass:
+    segments: list[Segment]
+    bounds: list[tuple[int, int]] = field(default_factory=list)  # each segment's rows in the packed sequence
+    masks: list[torch.Tensor | None] = field(default_factory=list)  # each segment's [1, 1, n, L] mask, per pass
+    states: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)  # layer -> per segment
+
+
+class _PackedCache:
+    """Stands in for a transformers Cache during a packed pass: each segment's keys and values go into its
+    session's own cache, and the attention function reads them back from there."""
+
+    def __init__(self, batch: _Pass):
+        self.batch = batch
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        states = []
+        for segment, (start, end) in zip(self.batch.segments, self.batch.bounds):
+            states.append(segment.cache.update(key_states[:, :, start:end], value_states[:, :, start:end], layer_idx))
+        self.batch.states[layer_idx] = states
+        return key_states, value_states
+
+
+def _segment_mask(segment: Segment, cached: int, device: torch.device) -> torch.Tensor | None:
+    """[1, 1, n, cached + n] bool (True: may attend), or None for a single row (it sees the whole cache)."""
+    n = len(segment)
+    if n == 1 and segment.tree_mask is None:
+        return None
+    mask = torch.ones(n, cached + n, dtype=torch.bool, device=device)
+    own = segment.tree_mask.to(device) if segment.tree_mask is not None else torch.ones(n, n, dtype=torch.bool).tril()
+    mask[:, cached:] = own.to(device)
+    return mask[None, None]
+
+
+def packed_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface. In a packed pass: each segment's queries against its own cache,
+    through the attention the model used before (its `_INNER` implementation); otherwise that attention alone."""
+    batch: _Pass | None = kwargs.pop("specd_batch", None)
+    inner = ALL_ATTENTION_FUNCTIONS[getattr(module.config, _INNER)]
+    if batch is None:
+        return inner(module, query, key, value, attention_mask, **kwargs)
+    outputs = []
+    for index, (start, end) in enumerate(batch.bounds):
+        keys, values = batch.states[module.layer_idx][index]
+        out, _ = inner(module, query[:, :, start:end], keys, values, batch.masks[index], **kwargs)
+        outputs.append(out)  # [1, n, heads, head_dim]
+    return torch.cat(outputs, dim=1), None
+
+
+def use_packed_attention(model: nn.Module) -> bool:
+    """Let `model` run packed passes; returns whether it can. Its unpacked forward is unchanged."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", "") not in PACKED_MODEL_TYPES:
+        return False
+    current = getattr(config, "_attn_implementation", None)
+    if current == PACKED_ATTENTION:
+        return True
+    if current is None or "sdpa" not in current:
+        return False  # the masks built here are SDPA's (boolean)
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(PACKED_ATTENTION, packed_attention)
+    AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
+    setattr(config, _INNER, current)
+    model.set_attn_implementation(PACKED_ATTENTION)
+    return True
+
+
+@torch.inference_mode()
+def packed_forward(model: nn.Module, segments: list[Segment]) -> list[torch.Tensor]:
+    """Run every segment's rows through the decoder in one pass; returns each segment's final hidden states
+    [n, H] (what the output head reads). Each session's cache then holds its rows."""
+    if getattr(model.config, "_attn_implementation", None) != PACKED_ATTENTION:
+        raise ValueError("packed passes need use_packed_attention(model) first")
+    decoder = model.get_decoder()
+    device = decoder.embed_tokens.weight.device
+    batch = _Pass(segments)
+    start = 0
+    for segment in segments:
+        if not len(segment):
+            raise ValueError("a segment needs at least one row")
+        batch.bounds.append((start, start + len(segment)))
+        batch.masks.append(_segment_mask(segment, segment.cache.get_seq_length(), device))
+        start += len(segment)
+    ids = torch.tensor([[t for s in segments for t in s.tokens]], dtype=torch.long, device=device)  # [1, N]
+    positions = torch.tensor([[p for s in segments for p in s.positions]], dtype=torch.long, device=device)
+    hidden = decoder.embed_tokens(ids)
+    position_embeddings = decoder.rotary_emb(hidden, position_ids=positions)
+    cache = _PackedCache(batch)
+    for layer in decoder.layers[: model.config.num_hidden_layers]:
+        hidden = layer(
+            hidden, attention_mask=None, position_embeddings=position_embeddings, position_ids=positions,
+            cache=cache, use_cache=True, specd_batch=batch,
+        )
+    hidden = decoder.norm(hidden)[0]  # [N, H]
+    return [hidden[a:b] for a, b in batch.bounds]

@@ -31,6 +31,13 @@ class OracleServicer(WorkerServicerMixin, oracle_pb2_grpc.OracleServiceServicer)
         )
         self.metrics.queued.set_function(lambda: self.engine.queued)
 
+    def load(self) -> common_pb2.WorkerLoad:
+        load = self.engine.load()
+        return common_pb2.WorkerLoad(
+            queued=load.queued, rows_per_step=load.rows_per_step, step_seconds=load.step_seconds,
+            busy_fraction=load.busy_fraction,
+        )
+
     async def open_session(self, session_id: str, prompt: list[int], params: Any, options: dict[str, Any]) -> Any:
         return await self.guard_session(session_id, self.engine.open(session_id, prompt, params, **options))
 

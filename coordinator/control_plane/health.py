@@ -68,6 +68,10 @@ class HealthChecker:
             worker.max_sessions = info.max_sessions
             worker.active_sessions = info.active_sessions
             worker.device = info.device
+            worker.load = {
+                "queued": info.load.queued, "rows_per_step": info.load.rows_per_step,
+                "step_seconds": info.load.step_seconds, "busy_fraction": info.load.busy_fraction,
+            }
         worker.last_check = time.monotonic()
 
     async def check_all(self, workers: list[Worker]) -> None:

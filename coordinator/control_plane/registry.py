@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from specd.core.errors import InvalidArgument, NotFound
@@ -37,6 +37,7 @@ class Worker:
     last_check: float = 0.0
     error: str = ""
     failed_checks: int = 0  # consecutive health checks that timed out
+    load: dict[str, float] = field(default_factory=dict)  # ModelInfo.load at the last check (WorkerLoad's fields)
 
     @property
     def is_oracle(self) -> bool:
@@ -49,7 +50,8 @@ class Worker:
     def usable(self) -> bool:
         return self.healthy and not self.draining
 
-    def load(self) -> float:
+    def occupancy(self) -> float:
+        """Sessions held or assigned, as a share of what it takes."""
         return max(self.assigned, self.active_sessions) / max(self.max_sessions, 1)
 
     def to_dict(self) -> dict[str, Any]:
@@ -60,7 +62,7 @@ class Worker:
             "assigned_sessions": self.assigned, "max_sessions": self.max_sessions, "node_id": self.node_id,
             "node_ip": self.node_ip, "vocab_fingerprint": self.vocab_fingerprint,
             "seconds_since_check": time.monotonic() - self.last_check if self.last_check else -1.0,
-            "error": self.error, "device": self.device, "launched_by": self.launched_by,
+            "error": self.error, "device": self.device, "launched_by": self.launched_by, "load": dict(self.load),
         }
 
 

@@ -37,9 +37,9 @@ def choose_pair(registry: Registry, use_draft: bool) -> tuple[Worker, Worker | N
     oracles = [w for w in registry.oracles() if w.usable()]
     if not oracles:
         return None
-    oracle = min(oracles, key=lambda w: (w.load(), w.name))
+    oracle = min(oracles, key=lambda w: (w.occupancy(), w.name))
     drafts = [w for w in registry.drafts() if w.usable() and compatible(w, oracle)] if use_draft else []
-    draft = min(drafts, key=lambda w: (w.load(), w.name)) if drafts else None
+    draft = min(drafts, key=lambda w: (w.occupancy(), w.name)) if drafts else None
     return oracle, draft
 
 

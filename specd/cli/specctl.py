@@ -60,19 +60,26 @@ def table(rows: list[list[Any]], headers: list[str]) -> str:
     return "\n".join(lines)
 
 
+def show_load(load: common_pb2.WorkerLoad) -> str:
+    """busy share, rows per pass and queue, e.g. '35% 12.0r q2'; '-' for a worker that reports none."""
+    if not load.rows_per_step and not load.queued:
+        return "-"
+    return f"{load.busy_fraction:.0%} {load.rows_per_step:.1f}r q{load.queued}"
+
+
 def show_status(reply: admin_pb2.ClusterStatus) -> str:
     workers = [
         [
             w.name, "draft" if w.role == common_pb2.WORKER_ROLE_DRAFT else "oracle", w.address,
             "healthy" if w.healthy else f"UNHEALTHY ({w.error})", "draining" if w.draining else "-",
-            f"{w.assigned_sessions}/{w.max_sessions}", w.model_id,
+            f"{w.assigned_sessions}/{w.max_sessions}", show_load(w.load), w.model_id,
             f"{w.node_ip} {w.node_id[:8]}" if w.node_id else "-", w.launched_by,
         ]
         for w in reply.workers
     ]
     pairs = [[p.pair_id, p.draft or "(oracle alone)", p.oracle, p.depth_policy, "yes" if p.usable else "no"] for p in reply.pairs]
     return (
-        table(workers, ["WORKER", "ROLE", "ADDRESS", "HEALTH", "DRAIN", "SESSIONS", "MODEL", "NODE", "LAUNCHED"])
+        table(workers, ["WORKER", "ROLE", "ADDRESS", "HEALTH", "DRAIN", "SESSIONS", "LOAD", "MODEL", "NODE", "LAUNCHED"])
         + "\n\n"
         + table(pairs, ["PAIR", "DRAFT", "ORACLE", "DEPTH POLICY", "USABLE"])
         + f"\n\nactive sessions: {reply.active_sessions}   default depth policy: {reply.default_depth_policy}"

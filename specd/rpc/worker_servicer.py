@@ -89,7 +89,12 @@ class WorkerServicerMixin:
             active_sessions=len(self.worker.sessions),
             max_sessions=self.worker.sessions.max_sessions,
             feature_dim=self.feature_dim(),
+            load=self.load(),
         )
+
+    def load(self) -> common_pb2.WorkerLoad:
+        """ModelInfo.load: how busy the worker is (the oracle's engine reports it)."""
+        return common_pb2.WorkerLoad()
 
     def feature_dim(self) -> int:
         """ModelInfo.feature_dim: what a draft reads (0: tokens alone); oracles override it."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -42,6 +43,47 @@ class StepStats:
     prefill_rows: int
     seconds: float
     queue_seconds: list[float]  # per job that started in this step: how long it waited
+
+
+@dataclass(frozen=True)
+class Load:
+    """The engine's recent load (specd.v1 WorkerLoad)."""
+
+    queued: int
+    rows_per_step: float
+    step_seconds: float
+    busy_fraction: float
+
+
+class StepWindow:
+    """The steps of the last `seconds`, for the load report; written on the model thread, read on the event loop."""
+
+    def __init__(self, seconds: float = 5.0):
+        self.seconds = seconds
+        self._steps: deque[tuple[float, int, float]] = deque()  # (end time, rows, seconds)
+        self._lock = threading.Lock()
+
+    def add(self, rows: int, seconds: float) -> None:
+        with self._lock:
+            self._steps.append((time.monotonic(), rows, seconds))
+            self._prune()
+
+    def load(self, queued: int) -> Load:
+        with self._lock:
+            self._prune()
+            steps = list(self._steps)
+        if not steps:
+            return Load(queued, 0.0, 0.0, 0.0)
+        busy = sum(seconds for _, _, seconds in steps)
+        return Load(
+            queued=queued, rows_per_step=sum(rows for _, rows, _ in steps) / len(steps),
+            step_seconds=busy / len(steps), busy_fraction=min(1.0, busy / self.seconds),
+        )
+
+    def _prune(self) -> None:
+        horizon = time.monotonic() - self.seconds
+        while self._steps and self._steps[0][0] < horizon:
+            self._steps.popleft()
 
 
 @dataclass
@@ -76,12 +118,16 @@ class Engine:
         self.batching = batching
         self.on_step = on_step
         self._queue: deque[_Job] = deque()
+        self.window = StepWindow()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    def load(self) -> Load:
+        return self.window.load(self.queued)
 
     async def verify(
         self, session_id: str, draft_tokens: list[int], distributions: list[tuple[list[int], list[float]]],
@@ -187,12 +233,14 @@ class Engine:
             if job.prefill.finished:
                 job.result = self.verifier.finish_open(job.prefill)
                 job.finished = True
+        stats = StepStats(
+            rows=sum(len(s) for s in segments), sessions=len(segments), verifies=len(plans),
+            prefill_rows=sum(len(s) for _, s in chunks), seconds=time.perf_counter() - started,
+            queue_seconds=waits,
+        )
+        self.window.add(stats.rows, stats.seconds)
         if self.on_step is not None:
-            self.on_step(StepStats(
-                rows=sum(len(s) for s in segments), sessions=len(segments), verifies=len(plans),
-                prefill_rows=sum(len(s) for _, s in chunks), seconds=time.perf_counter() - started,
-                queue_seconds=waits,
-            ))
+            self.on_step(stats)
 
     def _next_chunk(self, job: _Job, rows: int) -> Segment | None:
         """The open's next prompt chunk, if it fits the step (a step with no other rows takes one anyway);

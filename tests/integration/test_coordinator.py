@@ -329,5 +329,9 @@ async def test_admission_is_bounded_and_its_gauges_return_to_zero(ray_local, ora
                 break
             await asyncio.sleep(0.02)
         assert gauges() == (0.0, 0.0)
+        # The oracle's recent passes show in the control plane's status (for `specctl status`).
+        await running.plane.call("check_all")
+        (worker,) = (await running.plane.call("status"))["workers"]
+        assert worker["load"]["rows_per_step"] >= 1 and worker["load"]["step_seconds"] > 0
     finally:
         await running.stop()

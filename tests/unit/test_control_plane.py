@@ -91,3 +91,10 @@ def test_statistics_follow_a_session_from_start_to_its_pair_totals():
     assert totals["accepted_per_position"] == [4, 2] and stats.live() == []
     empty = Statistics().pair("o").to_dict("o", "fixed:0", [])
     assert empty["mean_acceptance_length"] == 1.0 and empty["acceptance_rate"] == 0.0
+
+
+def test_specctl_shows_a_workers_load():
+    from specd.cli.specctl import show_load
+
+    assert show_load(common_pb2.WorkerLoad()) == "-"
+    assert show_load(common_pb2.WorkerLoad(queued=2, rows_per_step=12.0, busy_fraction=0.35)) == "35% 12.0r q2"

@@ -7,7 +7,8 @@ creative), it measures with one client the oracle alone through specd (k=0), pla
 `generate`, transformers assisted generation (its assistant: the draft, or the shipped standalone
 draft when the draft reads the oracle's features), specd with fixed k = 1..8 and
 with the adaptive policy, at temperature 0 and at a seeded temperature; then an injected round
-trip to the oracle (0, 2, 10, 50 ms) and 1, 4 and 8 concurrent streaming clients. It writes
+trip to the oracle (0, 2, 10, 50 ms) and 1 to 32 concurrent streaming clients, beside transformers'
+static batch of each size. It writes
 results.json, results.md (tables, the goals with PASS/FAIL) and PNG plots into --out.
 
 The workers run as separate processes; the coordinator and the clients run in this process.
@@ -32,6 +33,8 @@ FULL_PASSES = 2
 FULL_DELAYS = "0,2,10,50"
 QUICK_MAX_TOKENS = 8
 QUICK_DELAYS = "0,50"
+FULL_CLIENTS = "1,2,4,8,16,32"
+QUICK_CLIENTS = "1,4,8"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="base seed of sampled requests (prompt i uses seed + i)")
     parser.add_argument("--temperature", type=float, default=0.7, help="temperature of the sampled section")
     parser.add_argument("--delays", default=None, help=f"injected coordinator-oracle round trips, ms (default {FULL_DELAYS}; --quick {QUICK_DELAYS})")
-    parser.add_argument("--clients", default="1,4,8", help="concurrency levels")
+    parser.add_argument("--clients", default=None, help=f"concurrency levels (default {FULL_CLIENTS}; --quick {QUICK_CLIENTS})")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: all cores; --quick 1)")
     parser.add_argument("--prompts", type=Path, default=None, help="prompt set (JSONL; default: the shipped one)")
 
@@ -125,7 +128,7 @@ def build_options(args: argparse.Namespace, workdir: Path | None = None):
         seed=args.seed,
         temperature=args.temperature,
         delays_ms=_numbers(args.delays or (QUICK_DELAYS if quick else FULL_DELAYS), float),
-        clients=_numbers(args.clients, int),
+        clients=_numbers(args.clients or (QUICK_CLIENTS if quick else FULL_CLIENTS), int),
         min_requests_per_level=1 if quick else 4,
         requests_per_client=1,
         # Tiny models gain nothing from intra-op threads; they only add synchronisation.

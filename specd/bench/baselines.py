@@ -98,6 +98,23 @@ class CallLog:
             handle.remove()
 
 
+def static_batch(oracle: LoadedModel, prompts: list[list[int]], max_tokens: int) -> tuple[int, float]:
+    """transformers `generate` on all `prompts` at once (left-padded, greedy, exactly max_tokens new tokens each):
+    the static batch a user of the plain library would run. Returns (output tokens, seconds)."""
+    pad = oracle.eos_token_ids[0] if oracle.eos_token_ids else 0
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=oracle.device)  # [N, width]
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=oracle.device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        output = oracle.model.generate(
+            input_ids, attention_mask=mask, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False,
+            pad_token_id=pad,
+        )
+    seconds = time.perf_counter() - started
+    return (output.shape[1] - width) * len(prompts), seconds
+
+
 class TransformersBaselines:
     def __init__(self, oracle: LoadedModel, draft: LoadedModel):
         self.oracle = oracle

@@ -1,8 +1,16 @@
-"""The goals the benchmark reports against (2-core CPU, temperature 0, one client)."""
+"""The goals the benchmark reports against (2-core CPU, temperature 0): one client, then concurrent clients."""
 
 from __future__ import annotations
 
-from specd.bench.results import ADAPTIVE, HF_ASSISTED, BenchResults, GoalCheck
+from specd.bench.results import (
+    ADAPTIVE,
+    CONCURRENT_ADAPTIVE,
+    CONCURRENT_ORACLE_ALONE,
+    HF_ASSISTED,
+    STATIC_BATCH,
+    BenchResults,
+    GoalCheck,
+)
 
 SPEEDUP_GOAL = 2.0  # adaptive over the oracle alone through specd
 BEST_FIXED_SHARE = 0.95  # adaptive over the best fixed k, in every category
@@ -10,8 +18,19 @@ FAR_ORACLE_MS = 50.0
 FAR_ORACLE_SHARE = 0.95  # adaptive over the oracle alone at that injected round trip
 
 
+# Concurrency: adaptive at PEER_CLIENTS clients at least matches transformers' static batch of that size; at every
+# level adaptive keeps UNDER_LOAD_SHARE of the oracle alone; the oracle alone at PEER_CLIENTS clients reaches
+# SCALING x its own one-client throughput.
+PEER_CLIENTS = 16
+UNDER_LOAD_SHARE = 0.95
+SCALING = 4.0
+
+
 def check_goals(results: BenchResults) -> list[GoalCheck]:
-    return [_speedup(results), _beats_transformers(results), _best_fixed(results), _far_oracle(results)]
+    return [
+        _speedup(results), _beats_transformers(results), _best_fixed(results), _far_oracle(results),
+        _matches_static_batch(results), _never_hurts_under_load(results), _oracle_scales(results),
+    ]
 
 
 def _not_measured(goal: str) -> GoalCheck:
@@ -63,3 +82,44 @@ def _far_oracle(results: BenchResults) -> GoalCheck:
     k = point.adaptive.overall.k_mean
     chosen = f"; adaptive's mean k {k:.2f}" if k is not None else ""
     return GoalCheck(goal, f"min {worst:.2f}x ({detail}{chosen})", worst, worst >= FAR_ORACLE_SHARE)
+
+
+def _concurrency_tokens(results: BenchResults, policy: str, clients: int) -> float | None:
+    point = results.concurrency.point(policy, clients) if results.concurrency else None
+    return point.summary.tokens_per_second if point is not None and point.summary.tokens else None
+
+
+def _matches_static_batch(results: BenchResults) -> GoalCheck:
+    goal = f"at {PEER_CLIENTS} clients, adaptive >= transformers' static batch of {PEER_CLIENTS}"
+    adaptive = _concurrency_tokens(results, CONCURRENT_ADAPTIVE, PEER_CLIENTS)
+    peer = _concurrency_tokens(results, STATIC_BATCH, PEER_CLIENTS)
+    if adaptive is None or peer is None:
+        return _not_measured(goal)
+    share = adaptive / peer
+    return GoalCheck(goal, f"{share:.2f}x ({adaptive:.1f} vs {peer:.1f} tok/s)", share, share >= 1.0)
+
+
+def _never_hurts_under_load(results: BenchResults) -> GoalCheck:
+    goal = f"at every level, adaptive >= {UNDER_LOAD_SHARE:.2f}x the oracle alone through specd"
+    levels = sorted({p.clients for p in results.concurrency.points}) if results.concurrency else []
+    shares = {}
+    for clients in levels:
+        adaptive = _concurrency_tokens(results, CONCURRENT_ADAPTIVE, clients)
+        alone = _concurrency_tokens(results, CONCURRENT_ORACLE_ALONE, clients)
+        if adaptive is not None and alone:
+            shares[clients] = adaptive / alone
+    if not shares:
+        return _not_measured(goal)
+    worst = min(shares.values())
+    detail = ", ".join(f"{n}: {r:.2f}x" for n, r in shares.items())
+    return GoalCheck(goal, f"min {worst:.2f}x ({detail})", worst, worst >= UNDER_LOAD_SHARE)
+
+
+def _oracle_scales(results: BenchResults) -> GoalCheck:
+    goal = f"the oracle alone at {PEER_CLIENTS} clients >= {SCALING:.0f}x its one-client throughput"
+    one = _concurrency_tokens(results, CONCURRENT_ORACLE_ALONE, 1)
+    many = _concurrency_tokens(results, CONCURRENT_ORACLE_ALONE, PEER_CLIENTS)
+    if one is None or many is None:
+        return _not_measured(goal)
+    ratio = many / one
+    return GoalCheck(goal, f"{ratio:.2f}x ({many:.1f} vs {one:.1f} tok/s)", ratio, ratio >= SCALING)

@@ -17,6 +17,10 @@ ADAPTIVE_FIXED_BLOCKS = "specd-adaptive-no-stop-rule"  # the same, blocks of the
 ADAPTIVE_CHAINS = "specd-adaptive-chains"  # the same, draft trees off (goodput:tree_width=0)
 HF_PLAIN = "transformers-generate"
 HF_ASSISTED = "transformers-assisted"
+# The concurrency section's rows.
+CONCURRENT_ADAPTIVE = "adaptive"
+CONCURRENT_ORACLE_ALONE = "oracle alone"
+STATIC_BATCH = "transformers static batch"
 
 
 def fixed_key(k: int) -> str:
@@ -90,6 +94,9 @@ class ConcurrencyPoint:
 class ConcurrencyResult:
     warmup: str
     points: list[ConcurrencyPoint]
+
+    def point(self, policy: str, clients: int) -> ConcurrencyPoint | None:
+        return next((p for p in self.points if p.policy == policy and p.clients == clients), None)
 
 
 @dataclass

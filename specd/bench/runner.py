@@ -232,6 +232,7 @@ async def run_bench(options: BenchOptions) -> BenchResults:
                 seed=options.seed,
                 progress=progress,
                 models=models,
+                oracle=oracle,
             )
             sections = {
                 "speed": lambda: speed_section(ctx, 0.0, passes=options.passes),

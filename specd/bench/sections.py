@@ -7,7 +7,8 @@ results (specd.bench.results).
   other work on the machine can only add time.
 - rtt: an injected round trip on every coordinator -> oracle call; the adaptive policy against
   the oracle alone at the same delay.
-- concurrency: 1, 4, 8 clients streaming at once; aggregate throughput and latency percentiles.
+- concurrency: 1 to 32 clients streaming at once; aggregate throughput and latency percentiles, beside
+  transformers' static batch of the same size.
 
 Prompts are tokenized once here with the oracle's chat template and sent as token ids, so specd
 and the transformers baselines decode exactly the same input.
@@ -27,10 +28,13 @@ import grpc
 from tqdm import tqdm
 
 from coordinator.server import RunningCoordinator
-from specd.bench.baselines import TransformersBaselines
+from specd.bench.baselines import TransformersBaselines, static_batch
 from specd.bench.measure import RequestRecord, StreamRecord, StreamSummary, set_ratios, summarise, summarise_streams
 from specd.bench.prompts import BenchPrompt, PromptSet
 from specd.bench.results import (
+    CONCURRENT_ADAPTIVE,
+    CONCURRENT_ORACLE_ALONE,
+    STATIC_BATCH,
     ADAPTIVE,
     ADAPTIVE_FIXED_BLOCKS,
     ADAPTIVE_MODEL_ONLY,
@@ -49,6 +53,7 @@ from specd.bench.results import (
 )
 from specd.bench.stack import BenchStack
 from specd.client import AsyncSpecdClient, Result
+from specd.models.pretrained import LoadedModel
 from specd.runtime.executor import ModelExecutor
 
 REQUEST_TIMEOUT_SECONDS = 900.0
@@ -108,6 +113,7 @@ class BenchContext:
     seed: int
     progress: tqdm
     models: ModelExecutor  # the one thread that loads and runs the transformers baselines
+    oracle: LoadedModel | None = None  # the oracle in this process, for transformers' static batches
 
     def step(self, what: str) -> None:
         self.progress.set_postfix_str(what, refresh=False)
@@ -362,11 +368,11 @@ async def rtt_section(ctx: BenchContext, delays_ms: list[float], per_category: i
     return RttResult(prompts_per_category=per_category, warmup=warmup, points=points)
 
 
-CONCURRENCY_POLICIES = (("adaptive", None), ("oracle alone", 0))
+CONCURRENCY_POLICIES = ((CONCURRENT_ADAPTIVE, None), (CONCURRENT_ORACLE_ALONE, 0))
 
 
 def concurrency_requests(levels: list[int], requests_for: Callable[[int], int]) -> int:
-    return warmup_requests(False, False) + len(CONCURRENCY_POLICIES) * sum(requests_for(n) for n in levels)
+    return warmup_requests(False, False) + sum(len(CONCURRENCY_POLICIES) * requests_for(n) + 1 for n in levels)
 
 
 async def _stream(client: AsyncSpecdClient, ctx: BenchContext, prompt: BenchPrompt, depth: int | None) -> StreamRecord:
@@ -399,9 +405,24 @@ async def concurrency_section(ctx: BenchContext, levels: list[int], requests_for
             for policy, depth in CONCURRENCY_POLICIES:
                 summary = await _level(running, ctx, clients, requests_for(clients), depth, policy)
                 points.append(ConcurrencyPoint(policy, clients, summary))
+            if ctx.oracle is not None:
+                points.append(ConcurrencyPoint(STATIC_BATCH, clients, await _static_batch(ctx, clients)))
     finally:
         await ctx.stack.close_coordinator(running)
     return ConcurrencyResult(warmup=warmup, points=points)
+
+
+async def _static_batch(ctx: BenchContext, clients: int) -> StreamSummary:
+    """The peer of a level: one transformers `generate` over `clients` prompts at once, each writing max_tokens
+    tokens (the same prompts the level's first requests use), while the workers are idle."""
+    assert ctx.oracle is not None
+    prompts = [ctx.prompt_ids[p.id] for p in itertools.islice(itertools.cycle(ctx.prompts.measured), clients)]
+    tokens, seconds = await ctx.models.run(static_batch, ctx.oracle, prompts, ctx.max_tokens)
+    ctx.step(f"{clients} clients, {STATIC_BATCH}")
+    return StreamSummary(
+        requests=clients, failed=0, tokens=tokens, wall_seconds=seconds, tokens_per_second=tokens / seconds,
+        ttft_p50_ms=None, ttft_p99_ms=None, itl_p50_ms=None, itl_p99_ms=None, tpot_p50_ms=None, e2e_p50_ms=seconds * 1000,
+    )
 
 
 async def _level(

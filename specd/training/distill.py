@@ -56,6 +56,7 @@ from specd.models.pretrained import LoadedModel, check_device
 from specd.models.loader import load_model
 from specd.models.sources import resolve_source
 from specd.core.sampling import SamplingParams
+from specd.core.verification import acceptance_rate, mean_acceptance_length
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parent.parent / "data" / "distill_prompts.jsonl"
 WORK_DIR = "work"  # under --out: cached answers, checkpoint, greedy continuations (not part of the artifact)
@@ -568,11 +569,11 @@ class AcceptanceReport:
 
     @property
     def acceptance_rate(self) -> float:
-        return self.accepted / self.drafted if self.drafted else 0.0
+        return acceptance_rate(self.accepted, self.drafted)
 
     @property
     def mean_acceptance_length(self) -> float:
-        return 1.0 + self.accepted / self.rounds if self.rounds else 0.0
+        return mean_acceptance_length(self.accepted, self.rounds)
 
 
 def greedy_acceptance(
@@ -637,7 +638,7 @@ def greedy_continuations(
         cache = DynamicCache()
         for _ in range(length):
             out = oracle.model(
-                input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                 logits_to_keep=1,
             )
             input_ids = out.logits[:, -1, : oracle.vocab_size].argmax(-1, keepdim=True)  # [batch, 1]

@@ -15,7 +15,7 @@ from scipy.stats import chisquare
 from specd.training import distill
 from specd.models.artifact import DraftManifest, slice_output_head
 from specd.core.errors import InvalidArgument
-from specd.models.sources import DRAFT_ARTIFACT_MANIFEST
+from specd.models.sources import DRAFT_ARTIFACT_MANIFEST, shipped_draft_path
 from specd.models.loader import load_model
 from specd.models.tiny import write_tiny_model
 
@@ -248,7 +248,7 @@ def test_makefile_recipes_are_valid_distill_commands():
     assert parsed["draft-cpu"].device == "cpu" and parsed["draft-cpu"].kind == "features"
     assert parsed["draft-standalone"].kind == "layers"
     # The shipped default was made by `make draft`: its manifest records the same settings.
-    manifest = DraftManifest.read(Path(distill.__file__).parent / "data" / "drafts" / "smollm2-135m-feature-draft")
+    manifest = DraftManifest.read(shipped_draft_path("smollm2-135m-feature-draft"))
     recipe, training = parsed["draft"], manifest.training
     assert training["steps"] == recipe.steps and training["batch_size"] == recipe.batch_size
     assert training["lr"] == recipe.lr and training["unroll"] == recipe.unroll

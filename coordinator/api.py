@@ -6,14 +6,15 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
-from coordinator.session.generation import Delta, GenerationRequest
-from coordinator.session.loop import Finish
 from coordinator.control_plane.client import PlaneClient
 from coordinator.service import Coordinator
+from coordinator.session.generation import Delta, GenerationRequest
+from coordinator.session.loop import Finish
 from specd.core.errors import InvalidArgument, SpecdError
 from specd.rpc.host import abort_with_error, grpc_errors
 from specd.v1 import admin_pb2, admin_pb2_grpc, common_pb2, generation_pb2, generation_pb2_grpc
@@ -89,7 +90,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 text.append(delta.text)
                 ids.extend(delta.token_ids)
                 final = delta
-        except Exception as error:  # noqa: BLE001 - every failure becomes a status
+        except Exception as error:
             self.coordinator.metrics.failures.labels(_code_name(error)).inc()
             await abort_with(context, error)
         assert final is not None and request is not None
@@ -107,7 +108,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
                 yield generation_pb2.GenerateStreamResponse(
                     request_id=request.request_id, text=delta.text, token_ids=delta.token_ids, **stats_fields(delta)
                 )
-        except Exception as error:  # noqa: BLE001 - every failure becomes a status
+        except Exception as error:
             self.coordinator.metrics.failures.labels(_code_name(error)).inc()
             await abort_with(context, error)
 

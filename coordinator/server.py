@@ -15,8 +15,8 @@ from coordinator.api import ADMIN_SERVICE, GENERATION_SERVICE, AdminServicer, Ge
 from coordinator.config import CoordinatorConfig
 from coordinator.control_plane.client import PlaneClient, connect_ray, get_or_create_plane
 from coordinator.service import Coordinator
-from specd.rpc.metrics import serve_metrics
 from specd.rpc.host import ServiceHost
+from specd.rpc.metrics import serve_metrics
 from specd.v1 import admin_pb2_grpc, common_pb2, generation_pb2_grpc
 
 log = logging.getLogger(__name__)

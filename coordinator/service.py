@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from coordinator.admission import Admission
 from coordinator.config import CoordinatorConfig
+from coordinator.control_plane.client import PlaneClient
 from coordinator.control_plane.scheduling import Assignment
 from coordinator.depth import DepthPolicy, FixedDepth, make_policy
+from coordinator.session.clients import DraftClient, OracleClient
 from coordinator.session.generation import (
     Delta,
     GenerationRequest,
@@ -25,11 +27,9 @@ from coordinator.session.generation import (
     validate_request,
 )
 from coordinator.session.loop import SpeculativeSession
-from coordinator.control_plane.client import PlaneClient
 from coordinator.session.stats import RoundObservation
-from coordinator.session.clients import DraftClient, OracleClient
-from specd.core.compat import check_pair
 from specd.core import validation
+from specd.core.compat import check_pair
 from specd.core.errors import Unavailable
 from specd.rpc.metrics import CoordinatorMetrics
 

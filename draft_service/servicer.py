@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import grpc
 
-from specd.runtime.drafter import Drafter
-from specd.core.stopping import StopRule
-from specd.runtime.executor import ModelExecutor
-from specd.rpc.host import grpc_errors
-from specd.v1 import common_pb2, draft_pb2, draft_pb2_grpc
-from specd.rpc.worker_servicer import WorkerServicerMixin, session_id_from
-from specd.rpc.features import features_from_proto
 from draft_service.config import DraftConfig
+from specd.core.stopping import StopRule
+from specd.rpc.features import features_from_proto
+from specd.rpc.host import grpc_errors
+from specd.rpc.worker_servicer import WorkerServicerMixin, session_id_from
+from specd.runtime.drafter import Drafter
+from specd.runtime.executor import ModelExecutor
+from specd.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 
 SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
 

@@ -6,14 +6,14 @@ from typing import Any
 
 import grpc
 
-from specd.runtime.verifier import Verifier
 from oracle_service.config import OracleConfig
+from specd.rpc.features import features_to_proto
+from specd.rpc.host import grpc_errors
+from specd.rpc.worker_servicer import WorkerServicerMixin, session_id_from
 from specd.runtime.engine import Engine
 from specd.runtime.executor import ModelExecutor
-from specd.rpc.host import grpc_errors
+from specd.runtime.verifier import Verifier
 from specd.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
-from specd.rpc.worker_servicer import WorkerServicerMixin, session_id_from
-from specd.rpc.features import features_to_proto
 
 SERVICE_NAME = oracle_pb2.DESCRIPTOR.services_by_name["OracleService"].full_name
 

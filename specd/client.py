@@ -12,8 +12,8 @@ Other languages use the protos in protos/specd/v1 directly.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import AsyncIterator, Iterator
 
 from specd.rpc.security import Security
 from specd.v1 import common_pb2, generation_pb2, generation_pb2_grpc
@@ -129,7 +129,7 @@ class SpecdClient:
     def close(self) -> None:
         self.channel.close()
 
-    def __enter__(self) -> "SpecdClient":
+    def __enter__(self) -> SpecdClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -159,7 +159,7 @@ class AsyncSpecdClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def __aenter__(self) -> "AsyncSpecdClient":
+    async def __aenter__(self) -> AsyncSpecdClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

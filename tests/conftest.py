@@ -12,10 +12,10 @@ quiet_idle_threads()  # before anything imports torch
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from draft_service.config import DraftConfig
-from oracle_service.config import OracleConfig
-from specd.cluster.roles import start_local_worker
-from specd.models.tiny import write_tiny_feature_draft, write_tiny_model
+from draft_service.config import DraftConfig  # noqa: E402
+from oracle_service.config import OracleConfig  # noqa: E402
+from specd.cluster.roles import start_local_worker  # noqa: E402
+from specd.models.tiny import write_tiny_feature_draft, write_tiny_model  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -11,6 +11,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.control_plane.actor import ControlPlane
 from specd.core.errors import SpecdError
 
+
 class PlaneClient:
     """Awaitable calls on the control-plane actor; domain errors come back as themselves."""
 

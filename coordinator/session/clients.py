@@ -6,9 +6,9 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-from specd.rpc.security import Security
-from specd.rpc.host import channel_options
 from specd.core.stopping import StopRule
+from specd.rpc.host import channel_options
+from specd.rpc.security import Security
 from specd.v1 import common_pb2, draft_pb2, draft_pb2_grpc, oracle_pb2, oracle_pb2_grpc
 
 

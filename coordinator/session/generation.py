@@ -8,16 +8,16 @@ layer needs no model files.
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from coordinator.depth import DepthPolicy
+from coordinator.session.clients import DraftClient, OracleClient
 from coordinator.session.loop import Finish, RoundHook, SessionRequest, SpeculativeSession
 from coordinator.session.stats import SpeculationStats
-from coordinator.session.clients import DraftClient, OracleClient
 from specd.core import validation
 from specd.core.errors import InvalidArgument, OutOfRange
 from specd.v1 import common_pb2, oracle_pb2
@@ -70,7 +70,7 @@ class Pair:
     def build(
         cls, oracle: OracleClient, draft: DraftClient | None, codec: TextCodec, oracle_info: common_pb2.ModelInfo,
         max_depth: int, name: str,
-    ) -> "Pair":
+    ) -> Pair:
         return cls(
             oracle=oracle,
             draft=draft,

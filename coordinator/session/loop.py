@@ -32,14 +32,14 @@ import enum
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
-from typing import AsyncIterator, Callable
 
 import grpc
 
 from coordinator.depth import DepthPolicy
-from coordinator.session.stats import RoundObservation, SpeculationStats
 from coordinator.session.clients import DraftClient, OracleClient, join_features
+from coordinator.session.stats import RoundObservation, SpeculationStats
 from specd.core.errors import FailedPrecondition
 from specd.core.lookup import NgramIndex
 from specd.v1 import common_pb2

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from coordinator.session.generation import Pair, TextCodec
 from coordinator.session.clients import DraftClient, OracleClient
+from coordinator.session.generation import Pair, TextCodec
 from specd.core.compat import check_pair, pair_id
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+import matplotlib.pyplot as plt
 
-from specd.bench.results import ADAPTIVE, HF_ASSISTED, BenchResults, SpeedResult  # noqa: E402
+from specd.bench.results import ADAPTIVE, HF_ASSISTED, BenchResults, SpeedResult
 
 
 def write_plots(results: BenchResults, out: Path) -> list[Path]:
@@ -36,7 +36,7 @@ def _speed_axes(ax: plt.Axes, speed: SpeedResult | None, categories: list[str], 
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, category in enumerate([*categories, "all"]):
         color = colors[i % len(colors)]
-        pick = (lambda c: c.overall) if category == "all" else (lambda c: c.by_category.get(category))
+        pick = (lambda c: c.overall) if category == "all" else (lambda c, category=category: c.by_category.get(category))
         points = [(c.depth, pick(c).tokens_per_second) for c in fixed if pick(c) is not None]
         style = {"linewidth": 2.5, "color": "black"} if category == "all" else {"color": color}
         ax.plot([k for k, _ in points], [v for _, v in points], marker="o", label=category, **style)

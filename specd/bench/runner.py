@@ -18,6 +18,7 @@ import torch
 import transformers
 from tqdm import tqdm
 
+from draft_service.config import DraftConfig
 from specd.bench.baselines import TransformersBaselines
 from specd.bench.goals import check_goals
 from specd.bench.prompts import PROMPTS_PATH, PromptSet, load_prompt_set
@@ -32,10 +33,9 @@ from specd.bench.sections import (
     speed_section,
 )
 from specd.bench.stack import BenchStack, StackSettings
-from draft_service.config import DraftConfig
-from specd.models.sources import DRAFT_ARTIFACT_MANIFEST, resolve_source
-from specd.models.pretrained import LoadedModel
 from specd.models.loader import load_model
+from specd.models.pretrained import LoadedModel
+from specd.models.sources import DRAFT_ARTIFACT_MANIFEST, resolve_source
 from specd.runtime.executor import ModelExecutor
 
 SECTIONS = ("speed", "sampled", "rtt", "concurrency")

@@ -32,16 +32,16 @@ from specd.bench.baselines import TransformersBaselines, static_batch
 from specd.bench.measure import RequestRecord, StreamRecord, StreamSummary, set_ratios, summarise, summarise_streams
 from specd.bench.prompts import BenchPrompt, PromptSet
 from specd.bench.results import (
-    CONCURRENT_ADAPTIVE,
-    CONCURRENT_ORACLE_ALONE,
-    STATIC_BATCH,
     ADAPTIVE,
+    ADAPTIVE_CHAINS,
     ADAPTIVE_FIXED_BLOCKS,
     ADAPTIVE_MODEL_ONLY,
-    ADAPTIVE_CHAINS,
+    CONCURRENT_ADAPTIVE,
+    CONCURRENT_ORACLE_ALONE,
     HF_ASSISTED,
     HF_PLAIN,
     ORACLE_ALONE,
+    STATIC_BATCH,
     BestFixed,
     ConcurrencyPoint,
     ConcurrencyResult,
@@ -325,7 +325,7 @@ def best_fixed(results: list[ConfigResult], categories: list[str]) -> list[BestF
         return []
     out = []
     for category in [*categories, "all"]:
-        cell = (lambda r: r.overall) if category == "all" else (lambda r: r.by_category[category])
+        cell = (lambda r: r.overall) if category == "all" else (lambda r, category=category: r.by_category[category])
         winner = max(fixed, key=lambda r: cell(r).tokens_per_second)
         best, mine = cell(winner).tokens_per_second, cell(adaptive).tokens_per_second
         out.append(BestFixed(category, int(winner.depth or 0), best, mine, mine / best if best > 0 else 0.0))

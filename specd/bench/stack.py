@@ -114,7 +114,7 @@ class BenchStack:
         for running in list(self._coordinators):
             try:
                 await self.close_coordinator(running)
-            except Exception as error:  # noqa: BLE001 - best effort on the way down
+            except Exception as error:
                 log.warning("stopping a coordinator: %s", error)
         # Requests cancelled on the way out report to the control plane as they unwind: let them.
         await asyncio.sleep(0.5)
@@ -124,7 +124,7 @@ class BenchStack:
             if worker is not None:
                 worker.stop()
 
-    async def __aenter__(self) -> "BenchStack":
+    async def __aenter__(self) -> BenchStack:
         try:
             await self.start()
         except BaseException:

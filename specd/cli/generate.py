@@ -17,9 +17,9 @@ from coordinator.depth import FixedDepth
 from coordinator.session.generation import GenerationRequest, stream_generation
 from coordinator.session.pairing import connect_pair
 from specd.client import SpecdClient
+from specd.cluster.procs import spawn
 from specd.core.defaults import EMBEDDED_ORACLE
 from specd.models.shipped import default_draft_source
-from specd.cluster.procs import spawn
 from specd.v1 import common_pb2
 
 LOCAL_DEFAULT_DEPTH = 4

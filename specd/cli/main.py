@@ -39,7 +39,7 @@ def config_from_args(config_cls: type[BaseModel], args: argparse.Namespace) -> A
     try:
         return config_cls(**values)
     except ValidationError as error:
-        raise SystemExit(f"invalid {config_cls.__name__}:\n{error}")
+        raise SystemExit(f"invalid {config_cls.__name__}:\n{error}") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -41,7 +41,7 @@ def spawn(role: str, options: dict[str, object], timeout: float = 600.0, command
     args = [sys.executable, "-m", "specd.cli", *(command or ["serve", role])]
     for key, value in options.items():
         args += [f"--{key.replace('_', '-')}", str(value)]
-    log = tempfile.NamedTemporaryFile(prefix=f"specd-{role}-", suffix=".log", delete=False)
+    log = tempfile.NamedTemporaryFile(prefix=f"specd-{role}-", suffix=".log", delete=False)  # noqa: SIM115 - the worker writes it for its whole life
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     deadline = time.monotonic() + timeout

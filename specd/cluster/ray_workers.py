@@ -8,6 +8,7 @@ the actor is just another worker address: sessions talk to it over gRPC, not thr
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -27,10 +28,8 @@ class WorkerHost:
     async def start(self, role: str, settings: dict[str, Any]) -> dict[str, str]:
         # Ray starts its worker processes at a low priority (niceness 15); a model worker serves
         # latency-bound traffic, so it runs at normal priority where the node allows it.
-        try:
+        with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, 0, 0)
-        except OSError:
-            pass
         config = CONFIGS[role](**settings)
         self.worker = await start_local_worker(config)
         node_id = ray.get_runtime_context().get_node_id()

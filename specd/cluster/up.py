@@ -20,11 +20,11 @@ import ray
 
 from coordinator.config import CoordinatorConfig
 from coordinator.control_plane.client import connect_ray, get_or_create_plane
-from specd.cluster.ray_workers import LaunchedWorker, launch_worker, stop_worker
 from coordinator.server import start_coordinator
 from draft_service.config import DraftConfig
-from specd.core.defaults import COORDINATOR_PORT, EMBEDDED_ORACLE
 from specd.cluster.procs import announce_ready
+from specd.cluster.ray_workers import LaunchedWorker, launch_worker, stop_worker
+from specd.core.defaults import COORDINATOR_PORT, EMBEDDED_ORACLE
 from specd.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ async def bring_up(args: argparse.Namespace, stop: asyncio.Event) -> None:
         for worker in launched:
             try:
                 await stop_worker(worker)
-            except Exception as error:  # noqa: BLE001 - best effort on the way down
+            except Exception as error:
                 log.warning("stopping %s: %s", worker.role, error)
         ray.shutdown()
 

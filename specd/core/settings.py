@@ -19,7 +19,7 @@ class PromptLookupSettings(BaseSettings):
     lookup_max_ngram: int = Field(8, ge=1, le=64, description="Prompt lookup: the longest match tried first.")
 
     @model_validator(mode="after")
-    def _lookup_lengths(self) -> "PromptLookupSettings":
+    def _lookup_lengths(self) -> PromptLookupSettings:
         if self.lookup_min_ngram > self.lookup_max_ngram:
             raise ValueError(
                 f"lookup_min_ngram ({self.lookup_min_ngram}) must not exceed lookup_max_ngram ({self.lookup_max_ngram})"

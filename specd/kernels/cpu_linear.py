@@ -39,7 +39,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Iterable
 
 import torch
 from torch import nn

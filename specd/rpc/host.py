@@ -13,12 +13,13 @@ import datetime
 import functools
 import logging
 import signal
-from typing import Any, Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from google.rpc import error_details_pb2, status_pb2
 
 from specd.core.errors import SpecdError
 from specd.rpc.security import Security

@@ -8,8 +8,9 @@ Ray actors) and `serve_worker` runs it until SIGTERM/SIGINT (`specd serve`).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -30,14 +31,14 @@ class WorkerService:
 
     role: str  # "draft" or "oracle"
     service_name: str  # the gRPC service's full name (specd.v1.DraftService, ...)
-    build: Callable[[Any, ModelExecutor], "WorkerServicerMixin"]  # (its config, the model thread) -> servicer
+    build: Callable[[Any, ModelExecutor], WorkerServicerMixin]  # (its config, the model thread) -> servicer
     add_to_server: Callable[[Any, grpc.aio.Server], None]  # the generated add_..._to_server
 
 
 @dataclass
 class LocalWorker:
     host: ServiceHost
-    servicer: "WorkerServicerMixin"
+    servicer: WorkerServicerMixin
     sweeper: asyncio.Future
     metrics_port: int = -1
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import hmac
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import grpc
 
@@ -39,7 +40,7 @@ class Security:
     ca: bytes | None = None
 
     @classmethod
-    def from_env(cls) -> "Security":
+    def from_env(cls) -> Security:
         token = _read("SPECD_AUTH_TOKEN_FILE")
         return cls(
             token=token.decode().strip() if token else None,

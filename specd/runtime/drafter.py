@@ -31,21 +31,20 @@ with the tokens prompt lookup copies, and keeps the tokens the stop rule says pa
 from __future__ import annotations
 
 import time
+from collections.abc import Generator
 from dataclasses import dataclass, field
-from typing import Generator
 
 import torch
 
 from specd.core import tree, validation
 from specd.core.errors import InvalidArgument
-from specd.runtime.feature_session import FeatureSession
 from specd.core.lookup import NgramIndex
-from specd.models.pretrained import LoadedModel
 from specd.core.sampling import SamplingParams, Stream, keyed_uniform, sample_from, warp_probs
 from specd.core.stopping import StopRule
+from specd.models.pretrained import LoadedModel
 from specd.runtime.draft_tree import TreeBuilder
+from specd.runtime.feature_session import FeatureSession
 from specd.runtime.worker import ModelWorker, OpenResult, PositionFeatures, WorkerSession
-
 
 # Most alternatives a tree block may offer per position.
 MAX_TREE_WIDTH = 16

@@ -20,8 +20,9 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from specd.core.errors import SpecdError
 from specd.core.sampling import SamplingParams

@@ -11,16 +11,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specd.core import validation
 from specd.core.errors import AlreadyExists, FailedPrecondition, OutOfRange
+from specd.core.lookup import NgramIndex
+from specd.core.sampling import SamplingParams
+from specd.models.pretrained import LoadedModel
 from specd.runtime.batch import Segment
 from specd.runtime.feature_session import FeatureSession
 from specd.runtime.kv import KVSession
-from specd.core.lookup import NgramIndex
-from specd.models.pretrained import LoadedModel
 from specd.runtime.prefix_cache import PrefixCache
-from specd.core.sampling import SamplingParams
 from specd.runtime.sessions import SessionTable
-from specd.core import validation
 
 
 @dataclass

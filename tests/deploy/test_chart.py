@@ -17,8 +17,8 @@ import yaml
 from coordinator.config import CoordinatorConfig
 from draft_service.config import DraftConfig
 from oracle_service.config import OracleConfig
-from specd.core import defaults as specd_config
 from specd.cli.main import build_parser
+from specd.core import defaults as specd_config
 from tests.deploy.conftest import CHART, NAMESPACE, RELEASE, Manifest, find, render_chart, render_objects
 
 CORE_KINDS = {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "ServiceAccount"}

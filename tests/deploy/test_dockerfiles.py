@@ -7,17 +7,17 @@ from __future__ import annotations
 import fnmatch
 import re
 import shlex
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 from packaging.requirements import Requirement
 
-from specd.core import defaults as specd_config
 from draft_service.config import DraftConfig
 from oracle_service.config import OracleConfig
+from specd.core import defaults as specd_config
 from tests.deploy.conftest import CHART, DEPLOY, REPO
 
 DOCKER = DEPLOY / "docker"

@@ -11,10 +11,10 @@ from coordinator.session.generation import GenerationRequest, stream_generation
 from coordinator.session.pairing import connect_pair
 from draft_service.config import DraftConfig
 from oracle_service.config import OracleConfig
-from specd.core.defaults import EMBEDDED_ORACLE
-from specd.models.shipped import default_draft_source, standalone_draft_source
 from specd.cluster.roles import start_local_worker
+from specd.core.defaults import EMBEDDED_ORACLE
 from specd.models.loader import load_model
+from specd.models.shipped import default_draft_source, standalone_draft_source
 
 pytestmark = pytest.mark.slow
 MAX_TOKENS = 32

@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from coordinator.depth import FixedDepth, GoodputDepth
-from coordinator.session.loop import SessionRequest, SpeculativeSession, run_to_completion
 from coordinator.session.clients import DraftClient, OracleClient
-from specd.runtime.drafter import Drafter
-from specd.runtime.verifier import Verifier
+from coordinator.session.loop import SessionRequest, SpeculativeSession, run_to_completion
+from specd.cluster.roles import start_local_worker
+from specd.core.sampling import SamplingParams
 from specd.models.artifact import DraftManifest, save_draft_artifact, slice_output_head
 from specd.models.feature_draft import FeatureDraftModel
-from specd.cluster.roles import start_local_worker
 from specd.models.loader import load_model
-from specd.core.sampling import SamplingParams
+from specd.runtime.drafter import Drafter
+from specd.runtime.verifier import Verifier
 from specd.v1 import common_pb2
 from tests.conftest import draft_config, oracle_config
 

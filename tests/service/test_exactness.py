@@ -7,8 +7,8 @@ import asyncio
 import pytest
 
 from coordinator.depth import FixedDepth
-from coordinator.session.loop import SessionRequest, SpeculativeSession, run_to_completion
 from coordinator.session.clients import DraftClient, OracleClient
+from coordinator.session.loop import SessionRequest, SpeculativeSession, run_to_completion
 from specd.models.tiny import build_tokenizer
 from specd.v1 import common_pb2
 from tests.conftest import greedy_reference

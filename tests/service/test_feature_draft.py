@@ -6,13 +6,13 @@ import grpc
 import pytest
 
 from coordinator.depth import FixedDepth, GoodputDepth
-from coordinator.session.loop import SessionRequest, SpeculativeSession, run_to_completion
 from coordinator.session.clients import DraftClient, OracleClient
-from specd.runtime.drafter import Drafter
-from specd.runtime.verifier import Verifier
-from specd.models.loader import load_model
+from coordinator.session.loop import SessionRequest, SpeculativeSession, run_to_completion
 from specd.core.sampling import SamplingParams
 from specd.core.stopping import StopRule
+from specd.models.loader import load_model
+from specd.runtime.drafter import Drafter
+from specd.runtime.verifier import Verifier
 from specd.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 from tests.conftest import greedy_reference
 from tests.service.test_exactness import MAX_TOKENS, PROMPTS

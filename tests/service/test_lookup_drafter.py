@@ -7,10 +7,10 @@ import random
 import pytest
 import torch
 
-from specd.runtime.drafter import Drafter, SparseDistribution
 from specd.core.lookup import NgramIndex
-from specd.models.loader import load_model
 from specd.core.sampling import SamplingParams
+from specd.models.loader import load_model
+from specd.runtime.drafter import Drafter, SparseDistribution
 
 LIMITS = {"max_sessions": 64, "session_ttl_seconds": 60.0, "max_depth": 8}
 

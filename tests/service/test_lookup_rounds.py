@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 
 from coordinator.depth import FixedDepth, GoodputDepth
-from coordinator.session.loop import SessionRequest, SpeculativeSession, run_to_completion
 from coordinator.session.clients import DraftClient, OracleClient
-from specd.v1 import common_pb2
+from coordinator.session.loop import SessionRequest, SpeculativeSession, run_to_completion
 from specd.models.tiny import build_tokenizer
+from specd.v1 import common_pb2
 from tests.conftest import greedy_reference
 from tests.service.test_exactness import MAX_TOKENS, PROMPTS
 

@@ -16,9 +16,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from coordinator.depth import FixedDepth
 from coordinator.session.generation import GenerationRequest, stream_generation
 from coordinator.session.pairing import connect_pair
-from specd.core.errors import IncompatiblePair
-from specd.cluster.roles import start_local_worker
 from specd.cluster.procs import spawn
+from specd.cluster.roles import start_local_worker
+from specd.core.errors import IncompatiblePair
 from specd.models.tiny import build_model, build_tokenizer
 from specd.v1 import common_pb2
 from tests.conftest import draft_config

@@ -10,10 +10,10 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.depth import FixedDepth
-from coordinator.session.loop import SessionRequest, SpeculativeSession
 from coordinator.session.clients import DraftClient, OracleClient
-from specd.runtime.kv import KVSession
+from coordinator.session.loop import SessionRequest, SpeculativeSession
 from specd.cluster.roles import start_local_worker
+from specd.runtime.kv import KVSession
 from specd.v1 import common_pb2, draft_pb2, draft_pb2_grpc, oracle_pb2, oracle_pb2_grpc
 from tests.conftest import draft_config, oracle_config
 

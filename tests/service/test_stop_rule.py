@@ -13,15 +13,15 @@ import torch
 from scipy.stats import chisquare
 
 from coordinator.depth import GoodputDepth
-from coordinator.session.loop import SessionRequest, SpeculativeSession, run_to_completion
 from coordinator.session.clients import DraftClient, OracleClient
-from specd.runtime.drafter import Drafter
-from specd.runtime.verifier import Verifier
+from coordinator.session.loop import SessionRequest, SpeculativeSession, run_to_completion
 from specd.core.errors import InvalidArgument
-from specd.models.loader import load_model
 from specd.core.sampling import SamplingParams, warp_probs
 from specd.core.stopping import StopRule
+from specd.models.loader import load_model
 from specd.models.tiny import build_tokenizer
+from specd.runtime.drafter import Drafter
+from specd.runtime.verifier import Verifier
 from specd.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 from tests.conftest import greedy_reference
 
@@ -54,8 +54,8 @@ def soft_draft(near_draft):
     return dataclasses.replace(near_draft, model=model)
 
 
-def propose(drafter: Drafter, session: str, k: int, stop: StopRule | None, params=SamplingParams()):
-    drafter.open(session, PROMPT, params)
+def propose(drafter: Drafter, session: str, k: int, stop: StopRule | None, params: SamplingParams | None = None):
+    drafter.open(session, PROMPT, params or SamplingParams())
     try:
         return drafter.propose(session, [], 0, k, stop=stop)
     finally:
@@ -186,8 +186,9 @@ def test_sampled_output_keeps_the_oracles_distribution_whatever_the_blocks_lengt
         verifier.open(session, PROMPT, trial)
         drafter.open(session, PROMPT, trial)
         out: list[int] = []
+        appended: list[int] = []
         while len(out) < 2:
-            proposal = drafter.propose(session, appended if out else [], 0, 2, stop=rule)
+            proposal = drafter.propose(session, appended, 0, 2, stop=rule)
             lengths.append(len(proposal.tokens))
             rows = [(d.token_ids, d.probs) for d in proposal.distributions]
             verdict = verifier.verify(session, proposal.tokens, rows, 0).verdict

@@ -10,9 +10,9 @@ import transformers.integrations.sdpa_attention as sdpa_attention
 
 from specd.kernels.attention import GROUPED_SDPA, use_grouped_attention
 from specd.models.feature_draft import FeatureDraftModel
+from specd.models.tiny import build_model
 from specd.runtime.feature_session import FeatureSession
 from specd.runtime.kv import KVSession
-from specd.models.tiny import build_model
 
 CPU = torch.device("cpu")
 PROMPT = [5, 17, 42, 99, 7, 3, 250, 31]

@@ -16,7 +16,15 @@ import torch
 
 from specd.bench import register
 from specd.bench.baselines import FullVocabularyHead, TransformersBaselines
-from specd.bench.measure import RequestRecord, StreamRecord, depth_summary, percentile, set_ratios, summarise, summarise_streams
+from specd.bench.measure import (
+    RequestRecord,
+    StreamRecord,
+    depth_summary,
+    percentile,
+    set_ratios,
+    summarise,
+    summarise_streams,
+)
 from specd.bench.prompts import CATEGORIES, load_prompt_set
 from specd.models.artifact import slice_output_head
 from specd.models.loader import load_model

@@ -9,8 +9,8 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from specd.kernels import cpu_linear
 from oracle_service.config import OracleConfig
+from specd.kernels import cpu_linear
 from specd.kernels.cpu_linear import (
     FUSED_GROUPS,
     PACKED_ROWS,
@@ -23,8 +23,8 @@ from specd.kernels.cpu_linear import (
     time_plans,
     use_cpu_linear,
 )
-from specd.runtime.kv import KVSession
 from specd.models.tiny import build_model
+from specd.runtime.kv import KVSession
 
 needs_mkl = pytest.mark.skipif(not mkl_packed_available(), reason="this torch build has no MKL packed GEMM")
 needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN linear")
@@ -182,7 +182,7 @@ def test_auto_takes_the_plan_it_timed_fastest(monkeypatch):
     for fastest in ("onednn", "dual"):
         timed: list[list[str]] = []
 
-        def fake(layers, fastest=fastest):
+        def fake(layers, fastest=fastest, timed=timed):
             timed.append(list(layers))
             assert all(layer.plan == plan for plan, plan_layers in layers.items() for layer in plan_layers)
             return {plan: 0.0 if plan == fastest else 1.0 for plan in layers}

@@ -8,13 +8,13 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from specd.runtime.drafter import Drafter
-from specd.runtime.verifier import Verifier
 from draft_service.config import DraftConfig
+from specd.core.sampling import SamplingParams
 from specd.kernels.int8_linear import Int8Linear, int8_available, use_int8_linear
 from specd.models.loader import load_model
-from specd.core.sampling import SamplingParams
 from specd.models.tiny import build_tokenizer
+from specd.runtime.drafter import Drafter
+from specd.runtime.verifier import Verifier
 from tests.conftest import greedy_reference
 from tests.service.test_exactness import MAX_TOKENS, PROMPTS
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache
 
+from specd.models.tiny import build_model
 from specd.runtime import kv
 from specd.runtime.kv import KVSession, SessionCache
-from specd.models.tiny import build_model
 
 CPU = torch.device("cpu")
 

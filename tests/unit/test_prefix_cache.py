@@ -4,14 +4,13 @@ session opened on a cached prefix holds what a fresh prefill computes, and write
 from __future__ import annotations
 
 import grpc
-import pytest
 import torch
 
-from specd.runtime.drafter import Drafter
-from specd.runtime.verifier import Verifier
-from specd.models.loader import load_model
-from specd.runtime.prefix_cache import BLOCK, PrefixCache
 from specd.core.sampling import SamplingParams
+from specd.models.loader import load_model
+from specd.runtime.drafter import Drafter
+from specd.runtime.prefix_cache import BLOCK, PrefixCache
+from specd.runtime.verifier import Verifier
 from specd.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
 from tests.conftest import greedy_reference
 
@@ -123,7 +122,7 @@ def test_speculation_over_a_cached_prefix_is_exact(tiny_dir):
     verifier = Verifier(load_model(oracle_dir), prefix_cache_tokens=512, **LIMITS)
     drafter = Drafter(load_model(str(tiny_dir / "unrelated")), prefix_cache_tokens=512, **LIMITS)
     hits = 0
-    for n, tail in enumerate(([1, 2, 3], [4, 5], [1, 2, 3, 9])):
+    for tail in ([1, 2, 3], [4, 5], [1, 2, 3, 9]):
         prompt = SYSTEM + tail
         opened = verifier.open("s", prompt, SamplingParams())
         drafted = drafter.open("s", prompt, SamplingParams())

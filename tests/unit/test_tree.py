@@ -8,17 +8,17 @@ import torch
 
 from coordinator.depth import GoodputDepth, make_policy
 from coordinator.session.stats import RoundObservation, SpeculationStats
-from specd.runtime.drafter import Drafter
-from specd.runtime.verifier import Verifier
 from specd.core import tree
-from specd.kernels.attention import use_grouped_attention
 from specd.core.errors import InvalidArgument
-from specd.runtime.kv import KVSession
-from specd.models.loader import load_model
 from specd.core.sampling import SamplingParams
 from specd.core.stopping import StopRule
-from specd.models.tiny import build_model
 from specd.core.verification import verify_greedy_tree
+from specd.kernels.attention import use_grouped_attention
+from specd.models.loader import load_model
+from specd.models.tiny import build_model
+from specd.runtime.drafter import Drafter
+from specd.runtime.kv import KVSession
+from specd.runtime.verifier import Verifier
 
 CPU = torch.device("cpu")
 LIMITS = {"max_sessions": 4, "session_ttl_seconds": 60.0, "max_depth": 8}

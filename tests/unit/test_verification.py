@@ -79,7 +79,7 @@ class TestSampledReproducibility:
         assert keyed_uniform(7, 3, Stream.ACCEPT) == keyed_uniform(7, 3, Stream.ACCEPT)
         assert keyed_uniform(7, 3, Stream.ACCEPT) != keyed_uniform(7, 3, Stream.ORACLE)
         values = [keyed_uniform(7, i, Stream.DRAFT) for i in range(2000)]
-        assert 0.0 <= min(values) and max(values) < 1.0
+        assert min(values) >= 0.0 and max(values) < 1.0
         assert abs(np.mean(values) - 0.5) < 0.03
 
 

@@ -7,9 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from coordinator.depth import (
-    LOOKUP_LENGTH_PRIOR, FixedDepth, GoodputDepth, HeuristicDepth, expected_tokens, make_policy, speedup_bound,
-)
+from coordinator.depth import FixedDepth, GoodputDepth, HeuristicDepth, expected_tokens, make_policy, speedup_bound
+from coordinator.depth.goodput import LOOKUP_LENGTH_PRIOR
 from coordinator.session.stats import RoundObservation
 
 VERIFY_BASE, VERIFY_SLOPE = 0.050, 0.004  # seconds: t_verify(k) = base + slope * k
@@ -97,13 +96,13 @@ def test_goodput_adapts_within_bounded_rounds_when_acceptance_changes():
     assert policy.choose_k() >= 6  # a draft that is always right earns a long block
     # The draft turns useless: k must fall to 0 within bounded rounds. Acceptance is a count over
     # about `window` tests, so from a perfect record this takes a few windows.
-    for n in range(1, 26):
+    for n in range(1, 26):  # noqa: B007 - n is read after the loop
         rounds_of(policy, 0.0, 1)
         if policy.best_k() == 0:
             break
     assert policy.best_k() == 0, f"still k={policy.best_k()} after {n} bad rounds"
     # While at k = 0 the policy keeps probing; once the draft is good again it climbs back.
-    for n in range(1, 61):
+    for n in range(1, 61):  # noqa: B007 - n is read after the loop
         rounds_of(policy, 1.0, 1)
         if policy.best_k() >= 4:
             break

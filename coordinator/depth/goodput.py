@@ -1,0 +1,368 @@
+"""The goodput policy (the default): the k of best expected committed tokens per second.
+
+    E(k)    = 1 + sum_{i=1..k} prod_{j=1..i} a_j        (a_j: acceptance at draft position j)
+    cost(k) = k * t_draft + t_verify(k) + rtt_oracle + t_loop + [k > 0] * rtt_draft
+    k*      = argmax_{k in 0..k_max} E(k) / cost(k)
+
+k = 0 is the oracle decoding alone (no draft call at all). t_loop is the session loop's own
+time per round (Python, stream writes), which every round pays whatever its k. The draft's
+per-token time and the round trips are exponential moving averages, t_verify(k) comes from
+the verify cost model, and a_j from discounted per-position counts (specd's estimators,
+coordinator/depth/estimators.py). A new session starts from its pair's learned state with at
+most `carry` tests per position, so a request whose text is easier or harder than the last
+one's is followed within a few rounds. While k = 0 is chosen, acceptance is not observed, so
+every `probe_every` rounds the policy probes with a small k to notice a draft that became useful.
+
+Blocks copied by the session loop's prompt lookup (specd.core.lookup) cost no draft call, and
+their acceptance has nothing to do with the draft's: it is high where the text repeats its
+context and low elsewhere. They get acceptance estimates of their own, learned the same way
+from those rounds only, and `lookup_depth()` gives the k of best goodput for a copied block, or
+0 when the draft's best round is expected to do better.
+
+With `confidence_stop` (the default) the block's length is decided token by token instead, by
+the draft (specd.core.stopping): a position's expected acceptance comes from the draft's
+confidence there, which separates easy text from hard far better than any per-position
+average. Whenever the model above picks k > 0, the policy asks for k_max tokens with a stop
+rule: keep a computed token while its chance of being reached and accepted is at least
+goodput x verify growth per token, and compute one more position while it is at least goodput x
+(t_draft + verify growth), goodput being the measured tokens per second of recent drafted
+rounds (Dinkelbach's method converges on the best ratio of tokens to seconds this way). It
+learns the calibration (acceptance per band of the draft's confidence) from every tested token,
+and the acceptance of looked-up tokens per length of the match behind them.
+
+With `tree_width` w > 1 (4 by default) greedy blocks may be draft trees (specd.core.tree): the
+draft also offers up to w - 1 alternatives per position, and the same stop rule keeps any token
+whose chance of being reached and accepted pays for its verified row. The policy learns the
+acceptance of alternatives by their probability the way it learns the calibration. Measured
+effects: docs/depth-policy.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from coordinator.depth.estimators import CalibrationBands, DiscountedRates, VerifyCostModel
+from coordinator.depth.policy import expected_tokens
+from coordinator.session.stats import RoundObservation
+from specd.core.stopping import StopRule
+
+
+@dataclass
+class GoodputState:
+    """Moving averages the goodput policy learns; plain data so it can cross process boundaries."""
+
+    acceptance: list[float]  # a_1..a_kmax, the current estimates
+    observed: list[int] = field(default_factory=list)  # rounds that tested each position
+    accepted_weight: list[float] = field(default_factory=list)  # discounted accepted tests per position
+    tested_weight: list[float] = field(default_factory=list)  # discounted tests per position
+    draft_token_seconds: float | None = None
+    verify_seconds_by_k: dict[int, float] = field(default_factory=dict)
+    verify_rounds_by_k: dict[int, int] = field(default_factory=dict)
+    rtt_oracle_seconds: float = 0.0
+    rtt_draft_seconds: float = 0.0
+    loop_seconds: float = 0.0
+    rounds: int = 0
+    # Rounds whose block the session loop copied by prompt lookup, with acceptance of their own.
+    lookup_acceptance: list[float] = field(default_factory=list)
+    lookup_accepted_weight: list[float] = field(default_factory=list)
+    lookup_tested_weight: list[float] = field(default_factory=list)
+    # The stop rule: tests and acceptances of model-proposed tokens per band of the draft's confidence,
+    # and the discounted tokens and wall time of the rounds that asked the draft (their goodput).
+    calibration_accepted: list[float] = field(default_factory=list)
+    calibration_tested: list[float] = field(default_factory=list)
+    alternative_accepted: list[float] = field(default_factory=list)  # draft trees' alternatives, by probability
+    alternative_tested: list[float] = field(default_factory=list)
+    drafted_tokens: float = 0.0
+    drafted_seconds: float = 0.0
+    drafted_rounds: float = 0.0
+    # Tested looked-up tokens (copied blocks and the draft's own lookup) per length of their match.
+    lookup_length_accepted: list[float] = field(default_factory=list)
+    lookup_length_tested: list[float] = field(default_factory=list)
+
+
+CALIBRATION_BANDS = 10
+# Pseudo-tests pulling a band's estimate towards the band's own confidence, and the most tests a band
+# keeps (older evidence is scaled down beyond it): calibration is the draft's, so it is learned slowly.
+CALIBRATION_SHRINK = 4.0
+CALIBRATION_CAP = 200.0
+# Expected acceptance of a looked-up token by its match's length (1..8 tokens; longer counts as 8) before
+# any is tested: a longer match is right more often; the values are priors taken from the measurements
+# described in docs/depth-policy.md, and the policy learns the real ones.
+LOOKUP_LENGTH_PRIOR = (0.15, 0.45, 0.55, 0.65, 0.7, 0.8, 0.85, 0.9)
+VERIFY_WEIGHT_CAP = 20
+VERIFY_TRUSTED_ROUNDS = 3
+# Until two depths have been timed, assume each extra verified token costs this share of a step.
+ASSUMED_VERIFY_GROWTH = 0.05
+
+
+class GoodputDepth:
+    def __init__(
+        self,
+        k_max: int = 8,
+        *,
+        smoothing: float = 0.3,
+        prior_acceptance: float = 0.6,
+        window: float = 8.0,
+        shrink: float = 2.0,
+        carry: float = 8.0,
+        probe_every: int = 4,
+        probe_k: int = 1,
+        lookup_prior: float = 0.8,
+        confidence_stop: int = 1,
+        tree_width: int = 4,
+    ):
+        if k_max < 1:
+            raise ValueError("k_max must be >= 1")
+        self.k_max = k_max
+        self.smoothing = smoothing
+        self.prior_acceptance = prior_acceptance
+        self.window, self.shrink, self.carry = window, shrink, carry
+        self.probe_every = probe_every
+        self.probe_k = min(probe_k, k_max)
+        self.lookup_prior = lookup_prior
+        self.confidence_stop = bool(confidence_stop)
+        self._tree_width = tree_width if tree_width > 1 else 0
+        self.rates = DiscountedRates(k_max, window=window, shrink=shrink, carry=carry)
+        self.bands = CalibrationBands(CALIBRATION_BANDS, shrink=CALIBRATION_SHRINK, cap=CALIBRATION_CAP)
+        self.lengths = CalibrationBands(len(LOOKUP_LENGTH_PRIOR), shrink=CALIBRATION_SHRINK, cap=CALIBRATION_CAP)
+        self.state = GoodputState(
+            acceptance=[prior_acceptance] * k_max, observed=[0] * k_max,
+            accepted_weight=[0.0] * k_max, tested_weight=[0.0] * k_max,
+            lookup_acceptance=[lookup_prior] * k_max,
+            lookup_accepted_weight=[0.0] * k_max, lookup_tested_weight=[0.0] * k_max,
+            calibration_accepted=[0.0] * CALIBRATION_BANDS, calibration_tested=[0.0] * CALIBRATION_BANDS,
+            alternative_accepted=[0.0] * CALIBRATION_BANDS, alternative_tested=[0.0] * CALIBRATION_BANDS,
+            lookup_length_accepted=[0.0] * len(LOOKUP_LENGTH_PRIOR),
+            lookup_length_tested=[0.0] * len(LOOKUP_LENGTH_PRIOR),
+        )
+        self.name = "goodput"
+        self._rounds_since_draft = 0
+
+    # -- learning -------------------------------------------------------------------------
+    def _ema(self, old: float | None, new: float) -> float:
+        return new if old is None else (1 - self.smoothing) * old + self.smoothing * new
+
+    def observe(self, round: RoundObservation) -> None:
+        s = self.state
+        s.rounds += 1
+        s.verify_seconds_by_k[round.k] = self._ema(s.verify_seconds_by_k.get(round.k), round.verify_seconds)
+        s.verify_rounds_by_k[round.k] = s.verify_rounds_by_k.get(round.k, 0) + 1
+        s.rtt_oracle_seconds = self._ema(s.rtt_oracle_seconds if s.rounds > 1 else None, round.oracle_network_seconds)
+        s.loop_seconds = self._ema(s.loop_seconds if s.rounds > 1 else None, round.loop_seconds)
+        self._count_lookup_lengths(round)
+        if round.lookup_led:
+            self._count(s.lookup_accepted_weight, s.lookup_tested_weight, round)
+            s.lookup_acceptance = self.rates.estimates(s.lookup_accepted_weight, s.lookup_tested_weight, self.lookup_prior)
+            return
+        if not round.draft_asked:
+            self._rounds_since_draft += 1
+            return
+        self._rounds_since_draft = 0
+        s.rtt_draft_seconds = self._ema(s.rtt_draft_seconds or None, round.draft_network_seconds)
+        # Positions the draft's model computed: one per token it proposed, unless it says otherwise
+        # (a block the stop rule ended may have computed one it did not keep).
+        steps = round.k - len(round.lookup_positions) if round.model_steps is None else round.model_steps
+        if steps > 0:
+            s.draft_token_seconds = self._ema(s.draft_token_seconds, round.draft_seconds / steps)
+        for i in self._count(s.accepted_weight, s.tested_weight, round):
+            s.observed[i] += 1
+        s.acceptance = self.rates.estimates(s.accepted_weight, s.tested_weight, self.prior_acceptance)
+        fade = 1.0 - 1.0 / self.window
+        s.drafted_tokens = fade * s.drafted_tokens + round.accepted + 1
+        s.drafted_seconds = fade * s.drafted_seconds + round.wall_seconds
+        s.drafted_rounds = fade * s.drafted_rounds + 1
+        self._calibrate(round)
+
+    def _calibrate(self, round: RoundObservation) -> None:
+        """Count each tested model-proposed token in the band of the draft's confidence for it. In a
+        tree only the draft's top choices count (the first child of a node that was reached), as
+        the calibration is the acceptance of the draft's top choice."""
+        s = self.state
+        for i, confidence, hit in round.tested_top_choices():
+            if i in round.lookup_positions:
+                continue
+            self.bands.count(s.calibration_accepted, s.calibration_tested, self.bands.band(confidence), hit)
+        for prob, hit in round.tested_alternatives():
+            self.bands.count(s.alternative_accepted, s.alternative_tested, self.bands.band(prob), hit)
+
+    def _count_lookup_lengths(self, round: RoundObservation) -> None:
+        """Count each tested looked-up token under the length of its match."""
+        s = self.state
+        for length, hit in round.tested_lookups():
+            entry = min(len(LOOKUP_LENGTH_PRIOR), max(1, length)) - 1
+            self.lengths.count(s.lookup_length_accepted, s.lookup_length_tested, entry, hit)
+
+    def _count(self, accepted: list[float], tested: list[float], round: RoundObservation) -> range:
+        """Fade the evidence, then count the positions this round tested (returned).
+
+        Evidence fades with every round of its kind, tested or not: a deep position that is rarely
+        reached must not keep an estimate from easier text; it falls back on the one before."""
+        # Position i was tested only if positions 1..i-1 were accepted (in a tree: depth i).
+        return self.rates.count(accepted, tested, min(round.accepted + 1, round.depth), round.accepted)
+
+    def estimated_acceptance(self) -> list[float]:
+        """a_1..a_kmax; a position never tested inherits the estimate of the position before it,
+        so a draft that keeps being right is offered longer blocks."""
+        return list(self.state.acceptance)
+
+    # -- the model of a round's cost ----------------------------------------------------------
+    @property
+    def verify_cost(self) -> VerifyCostModel:
+        return VerifyCostModel(
+            self.state.verify_seconds_by_k, self.state.verify_rounds_by_k, trusted_rounds=VERIFY_TRUSTED_ROUNDS,
+            weight_cap=VERIFY_WEIGHT_CAP, assumed_growth=ASSUMED_VERIFY_GROWTH,
+        )
+
+    def verify_seconds(self, k: int) -> float:
+        return self.verify_cost.seconds(k)
+
+    def verify_growth(self) -> float:
+        return self.verify_cost.growth()
+
+    def round_seconds(self, k: int, *, drafted: bool = True) -> float:
+        """Predicted wall time of a round of depth k; drafted=False: a copied block (no draft call)."""
+        s = self.state
+        cost = self.verify_seconds(k) + s.rtt_oracle_seconds + s.loop_seconds
+        if k > 0 and drafted:
+            draft = s.draft_token_seconds if s.draft_token_seconds is not None else 0.1 * self.verify_seconds(0)
+            cost += k * draft + s.rtt_draft_seconds
+        return cost
+
+    def goodput(self, k: int) -> float:
+        """Expected committed tokens per second for depth k."""
+        return expected_tokens(self.estimated_acceptance(), k) / self.round_seconds(k)
+
+    def best_k(self) -> int:
+        scores = [self.goodput(k) for k in range(self.k_max + 1)]
+        return max(range(self.k_max + 1), key=lambda k: (scores[k], -k))
+
+    def choose_k(self) -> int:
+        """The depth of best modelled goodput; with the stop rule, k_max whenever that is above 0: the
+        draft itself then ends each block where it stops paying."""
+        k = self.best_k()
+        if self.confidence_stop and k > 0:
+            k = self.k_max
+        if k == 0 and self._rounds_since_draft >= self.probe_every:
+            return self.k_max if self.confidence_stop else self.probe_k
+        return k
+
+    def measured_draft_goodput(self) -> float | None:
+        """Committed tokens per second of the recent rounds that asked the draft (None before any)."""
+        s = self.state
+        return s.drafted_tokens / s.drafted_seconds if s.drafted_seconds > 0 else None
+
+    def draft_goodput(self) -> float:
+        """Expected goodput of asking the draft: measured under the stop rule, else modelled at the best k."""
+        measured = self.measured_draft_goodput() if self.confidence_stop else None
+        return measured if measured is not None else self.goodput(self.best_k())
+
+    def calibration(self) -> list[float]:
+        """Expected acceptance of a model-proposed token per band of the draft's confidence: each band's
+        acceptance, pulled towards the band's own confidence, then made non-decreasing (pooling
+        neighbours that disagree, weighted by their evidence)."""
+        s = self.state
+        return self.bands.estimates(s.calibration_accepted, s.calibration_tested, self.bands.middles())
+
+    def alternative_calibration(self) -> list[float]:
+        """Expected acceptance of a draft tree's alternative per band of its probability, learned as the
+        calibration is; empty until one has been tested (the draft then scales the top choice's)."""
+        s = self.state
+        if not any(s.alternative_tested):
+            return []
+        return self.bands.estimates(s.alternative_accepted, s.alternative_tested, self.bands.middles())
+
+    def lookup_by_length(self) -> list[float]:
+        """Expected acceptance of a looked-up token per length of its match (1..8 tokens), learned the way
+        the calibration is, pulled towards LOOKUP_LENGTH_PRIOR."""
+        s = self.state
+        return self.lengths.estimates(s.lookup_length_accepted, s.lookup_length_tested, LOOKUP_LENGTH_PRIOR)
+
+    def stop_rule(self) -> StopRule | None:
+        """Keep a computed token while its chance of being reached and accepted is at least goodput x
+        the verify growth per token, and compute a further position while it is at least goodput x
+        (draft step + verify growth): a token below the line adds fewer expected tokens than the same
+        time spent at the session's current rate. Maximising tokens minus goodput x seconds this way,
+        with goodput re-measured as it improves, converges on the best ratio of tokens to seconds
+        (Dinkelbach's method)."""
+        if not self.confidence_stop:
+            return None
+        s = self.state
+        draft = s.draft_token_seconds if s.draft_token_seconds is not None else 0.1 * self.verify_seconds(0)
+        goodput, growth = self.draft_goodput(), self.verify_growth()
+        return StopRule(
+            min_survival=min(1.0, max(0.0, goodput * growth)),
+            calibration=tuple(self.calibration()),
+            lookup_acceptance=min(1.0, max(0.0, s.lookup_acceptance[0])),
+            extend_survival=min(1.0, max(0.0, goodput * (draft + growth))),
+            lookup_by_length=tuple(min(1.0, max(0.0, a)) for a in self.lookup_by_length()),
+            alternative_calibration=tuple(min(1.0, max(0.0, a)) for a in self.alternative_calibration()),
+        )
+
+    def tree_width(self) -> int:
+        """Draft trees go with the stop rule, which decides which alternatives pay their verify row."""
+        return self._tree_width if self.confidence_stop else 0
+
+    def lookup_goodput(self, k: int) -> float:
+        """Expected committed tokens per second of a copied block of depth k."""
+        return expected_tokens(self.state.lookup_acceptance, k) / self.round_seconds(k, drafted=False)
+
+    def lookup_depth(self) -> int:
+        """The copied block's best depth, or 0 when asking the draft is expected to do better."""
+        depth = max(range(1, self.k_max + 1), key=lambda k: (self.lookup_goodput(k), -k))
+        return depth if self.lookup_goodput(depth) > self.draft_goodput() else 0
+
+    # -- carrying state between sessions ------------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        return asdict(self.state)
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        observed = [int(n) for n in state.get("observed", [])][: self.k_max]
+        observed += [0] * (self.k_max - len(observed))
+        tested = [float(w) for w in state.get("tested_weight", [])][: self.k_max]
+        accepted = [float(w) for w in state.get("accepted_weight", [])][: self.k_max]
+        if not tested or len(accepted) != len(tested):  # no counts saved: its estimates, as tests
+            estimates = list(state.get("acceptance", []))[: self.k_max]
+            tested = [float(min(n, self.carry)) for n in observed[: len(estimates)]]
+            accepted = [a * n for a, n in zip(estimates, tested)]
+        accepted, tested = self.rates.carried(accepted, tested)
+        lookup_accepted, lookup_tested = self.rates.carried(
+            [float(w) for w in state.get("lookup_accepted_weight", [])][: self.k_max],
+            [float(w) for w in state.get("lookup_tested_weight", [])][: self.k_max],
+        )
+        self.state = GoodputState(
+            acceptance=[],
+            observed=observed,
+            accepted_weight=accepted,
+            tested_weight=tested,
+            lookup_accepted_weight=lookup_accepted,
+            lookup_tested_weight=lookup_tested,
+            draft_token_seconds=state.get("draft_token_seconds"),
+            verify_seconds_by_k={int(k): float(v) for k, v in state.get("verify_seconds_by_k", {}).items()},
+            verify_rounds_by_k={int(k): int(v) for k, v in state.get("verify_rounds_by_k", {}).items()},
+            rtt_oracle_seconds=float(state.get("rtt_oracle_seconds", 0.0)),
+            rtt_draft_seconds=float(state.get("rtt_draft_seconds", 0.0)),
+            loop_seconds=float(state.get("loop_seconds", 0.0)),
+            rounds=int(state.get("rounds", 0)),
+            calibration_accepted=self._bands(state.get("calibration_accepted")),
+            calibration_tested=self._bands(state.get("calibration_tested")),
+            alternative_accepted=self._bands(state.get("alternative_accepted")),
+            alternative_tested=self._bands(state.get("alternative_tested")),
+            lookup_length_accepted=self._bands(state.get("lookup_length_accepted"), len(LOOKUP_LENGTH_PRIOR)),
+            lookup_length_tested=self._bands(state.get("lookup_length_tested"), len(LOOKUP_LENGTH_PRIOR)),
+        )
+        drafted = float(state.get("drafted_rounds", 0.0))
+        if drafted > 0:  # the recent goodput of drafted rounds, as at most `carry` rounds of evidence
+            scale = min(1.0, self.carry / drafted)
+            self.state.drafted_rounds = drafted * scale
+            self.state.drafted_tokens = float(state.get("drafted_tokens", 0.0)) * scale
+            self.state.drafted_seconds = float(state.get("drafted_seconds", 0.0)) * scale
+        self.state.acceptance = self.rates.estimates(accepted, tested, self.prior_acceptance)
+        self.state.lookup_acceptance = self.rates.estimates(lookup_accepted, lookup_tested, self.lookup_prior)
+
+    @staticmethod
+    def _bands(values: list[float] | None, size: int = CALIBRATION_BANDS) -> list[float]:
+        values = [float(v) for v in values or []]
+        return values if len(values) == size else [0.0] * size

@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     from specd import bench
-    from specd.training import distill
+    from specd.cli import distill
 
     bench.register(commands)
     distill.register(commands)

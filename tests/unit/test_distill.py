@@ -12,12 +12,15 @@ import torch
 from safetensors.torch import load_file
 from scipy.stats import chisquare
 
-from specd.training import distill
-from specd.models.artifact import DraftManifest, slice_output_head
+from specd.cli import distill as distill_cli
 from specd.core.errors import InvalidArgument
-from specd.models.sources import DRAFT_ARTIFACT_MANIFEST, shipped_draft_path
+from specd.models.artifact import DraftManifest, slice_output_head
 from specd.models.loader import load_model
+from specd.models.sources import DRAFT_ARTIFACT_MANIFEST, shipped_draft_path
 from specd.models.tiny import write_tiny_model
+from specd.training import answers as stage_answers
+from specd.training import dataset, evaluation, pipeline
+from specd.training import prompts as prompt_set
 
 WORDS = ["fox", "dog", "sea", "code", "tea", "rain", "moon", "cake", "bird", "tree", "lamp", "road"]
 
@@ -35,7 +38,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="specd")
-    distill.register(parser.add_subparsers(required=True))
+    distill_cli.register(parser.add_subparsers(required=True))
     return parser.parse_args(["distill", *argv])
 
 
@@ -50,7 +53,7 @@ def tiny_args(root: Path, *extra: str) -> argparse.Namespace:
 
 def test_distill_end_to_end_then_resume(setup: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
     args = tiny_args(setup, "--steps", "40")
-    assert args.func is distill.run
+    assert args.func is pipeline.run
     assert args.func(args) == 0
     out = setup / "draft"
 
@@ -78,12 +81,12 @@ def test_distill_end_to_end_then_resume(setup: Path, capsys: pytest.CaptureFixtu
 
     # The replayed acceptance the command reports equals a live drafter/verifier loop, for the
     # distilled draft (reduced head) and for the untrained truncated one.
-    _, held_out = distill.split_held_out(distill.load_prompts(setup / "prompts.jsonl"), 0.2)
-    prompts = [distill.encode_prompt(oracle, p, 400) for p in held_out[:4]]
-    continuations = distill.greedy_continuations(oracle, prompts, 24 + 4)
+    _, held_out = prompt_set.split_held_out(prompt_set.load_prompts(setup / "prompts.jsonl"), 0.2)
+    prompts = [prompt_set.encode_prompt(oracle, p, 400) for p in held_out[:4]]
+    continuations = evaluation.greedy_continuations(oracle, prompts, 24 + 4)
     for candidate in (draft, load_model(str(setup / "oracle"), layers=1)):
-        live = distill.greedy_acceptance(candidate, oracle, prompts, k=4, max_new_tokens=24)
-        replayed = distill.replay_acceptance(
+        live = evaluation.greedy_acceptance(candidate, oracle, prompts, k=4, max_new_tokens=24)
+        replayed = evaluation.replay_acceptance(
             candidate, prompts, continuations, eos_token_ids=oracle.eos_token_ids, k=4, max_new_tokens=24,
             context=oracle.max_context,
         )
@@ -95,11 +98,11 @@ def test_distill_end_to_end_then_resume(setup: Path, capsys: pytest.CaptureFixtu
     def no_generation(*_args, **_kwargs):
         raise AssertionError("the cached answers should have been reused")
 
-    monkeypatch.setattr(distill, "generate_batch", no_generation)
+    monkeypatch.setattr(stage_answers, "generate_batch", no_generation)
     args = tiny_args(setup, "--steps", "60")
     assert args.func(args) == 0
     assert "resuming from" in capsys.readouterr().out
-    checkpoint = torch.load(out / distill.WORK_DIR / "checkpoint.pt", weights_only=True)
+    checkpoint = torch.load(out / pipeline.WORK_DIR / "checkpoint.pt", weights_only=True)
     assert checkpoint["step"] == 60
     resumed = DraftManifest.read(out).training
     assert resumed["steps"] == 60
@@ -117,16 +120,16 @@ def test_the_nucleus_sampler_draws_from_the_top_p_distribution():
     expected = nucleus / nucleus.sum()
     draws = 24_000
     torch.manual_seed(0)
-    scores = distill._NucleusSampler(0.9, candidates=16)(None, logits.expand(draws, -1).clone())
+    scores = stage_answers._NucleusSampler(0.9, candidates=16)(None, logits.expand(draws, -1).clone())
     assert ((scores == 0).sum(-1) == 1).all() and (torch.isinf(scores).sum(-1) == len(logits) - 1).all()
     counts = torch.bincount(scores.argmax(-1), minlength=len(logits)).double()
     kept = expected > 0
     assert counts[~kept].sum() == 0  # outside the nucleus: never
     assert chisquare(counts[kept].numpy(), (expected[kept] * draws).numpy()).pvalue > 1e-3
     torch.manual_seed(5)
-    again = distill._NucleusSampler(0.9, candidates=16)(None, logits.expand(64, -1).clone())
+    again = stage_answers._NucleusSampler(0.9, candidates=16)(None, logits.expand(64, -1).clone())
     torch.manual_seed(5)
-    assert torch.equal(again, distill._NucleusSampler(0.9, candidates=16)(None, logits.expand(64, -1).clone()))
+    assert torch.equal(again, stage_answers._NucleusSampler(0.9, candidates=16)(None, logits.expand(64, -1).clone()))
 
 
 def test_distill_loss_is_the_kl_when_targets_cover_the_vocabulary():
@@ -136,22 +139,22 @@ def test_distill_loss_is_the_kl_when_targets_cover_the_vocabulary():
     head = torch.randn(vocab, hidden)
     logp = torch.log_softmax(torch.randn(n, vocab) * 2, dim=-1)
     rows = torch.arange(vocab).repeat(n, 1)
-    loss, kl = distill.distill_loss(h, head, rows, logp)
+    loss, kl = dataset.distill_loss(h, head, rows, logp)
     logq = torch.log_softmax(h @ head.T, dim=-1)
     exact = (logp.exp() * (logp - logq)).sum(-1).mean()
     assert torch.allclose(kl, exact, atol=1e-5)
     # Keeping only the top tokens, the rest lumped into one bucket, gives a lower bound.
     top = torch.topk(logp, 3, dim=-1)
-    _, kl_top = distill.distill_loss(h, head, top.indices, top.values)
+    _, kl_top = dataset.distill_loss(h, head, top.indices, top.values)
     assert 0 <= float(kl_top) <= float(exact) + 1e-6
 
 
 def test_held_out_split_is_deterministic_and_disjoint():
-    prompts = distill.load_prompts(distill.DEFAULT_PROMPTS)
+    prompts = prompt_set.load_prompts(prompt_set.DEFAULT_PROMPTS)
     assert len(prompts) >= 300
     assert {"chat", "code", "extract", "creative", "qa"} <= {p.kind for p in prompts}
-    train, held_out = distill.split_held_out(prompts, 0.1)
-    again_train, again_held_out = distill.split_held_out(list(reversed(prompts)), 0.1)
+    train, held_out = prompt_set.split_held_out(prompts, 0.1)
+    again_train, again_held_out = prompt_set.split_held_out(list(reversed(prompts)), 0.1)
     assert {p.key for p in held_out} == {p.key for p in again_held_out}
     assert not {p.key for p in train} & {p.key for p in held_out}
     assert len(train) + len(held_out) == len(prompts)
@@ -170,13 +173,13 @@ def test_reduced_head_scores_the_chosen_rows(setup: Path):
 
 def test_head_vocab_keeps_the_most_emitted_tokens_and_eos():
     answers = [
-        distill.OracleAnswer(
+        stage_answers.OracleAnswer(
             prompt_ids=[1], answer_ids=[7, 7, 7, 4, 4, 9],
             top_ids=torch.tensor([[7, 4]] * 6, dtype=torch.int32),
             top_logprobs=torch.log(torch.tensor([[0.6, 0.4]] * 6)).half(),
         )
     ]
-    assert distill.choose_head_vocab(answers, 2, eos_token_ids=[0], vocab_size=50) == [0, 4, 7]
+    assert dataset.choose_head_vocab(answers, 2, eos_token_ids=[0], vocab_size=50) == [0, 4, 7]
 
 
 def test_manifest_is_checked(tmp_path: Path):
@@ -215,14 +218,14 @@ def test_feature_draft_distills_and_beats_untrained(setup: Path, device: str):
 def test_distill_refuses_a_device_it_cannot_use_and_a_bad_unroll(setup: Path):
     for device in ("tpu", "nonsense"):
         with pytest.raises(InvalidArgument, match=f"device.*{device}"):
-            distill.run(tiny_args(setup, "--device", device))
+            pipeline.run(tiny_args(setup, "--device", device))
         with pytest.raises(InvalidArgument, match=f"device.*{device}"):  # the workers' loading path too
             load_model(str(setup / "oracle"), device=device)
     with pytest.raises(InvalidArgument, match="--unroll"):
-        distill.run(tiny_args(setup, "--kind", "features", "--unroll", "0"))
+        pipeline.run(tiny_args(setup, "--kind", "features", "--unroll", "0"))
     if not torch.cuda.is_available():
         with pytest.raises(InvalidArgument, match="no CUDA device"):
-            distill.run(tiny_args(setup, "--device", "cuda"))
+            pipeline.run(tiny_args(setup, "--device", "cuda"))
 
 
 def makefile_distill_commands() -> dict[str, list[str]]:

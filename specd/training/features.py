@@ -1,6 +1,6 @@
 """Distilling a feature draft (specd.models.feature_draft): `specd distill --kind features`.
 
-Shares stage 1 (the oracle's answers) and stage 2 (the head vocabulary) with specd.distill.
+Shares stage 1 (the oracle's answers) and stage 2 (the head vocabulary) with the layer drafts (specd.training.answers, specd.training.dataset).
 Then:
 
 3a. features: one teacher-forced pass of the oracle over each prompt + answer records its final
@@ -26,12 +26,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from specd.training.distill import OracleAnswer, TrainResult, TrainSettings, distill_loss, run_training, synchronize
 from specd.core.errors import InvalidArgument
 from specd.models.feature_draft import FeatureDraftModel
+from specd.models.pretrained import LoadedModel
 from specd.runtime.feature_session import FeatureSession
 from specd.runtime.kv import KVSession
-from specd.models.pretrained import LoadedModel
+from specd.training.answers import OracleAnswer
+from specd.training.dataset import distill_loss
+from specd.training.trainer import TrainResult, TrainSettings, run_training, synchronize
 
 REGRESSION_WEIGHT = 1.0  # the feature regression, on features scaled to unit RMS
 

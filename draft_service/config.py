@@ -24,7 +24,7 @@ class DraftConfig(WorkerConfig, PromptLookupSettings):
     quantize: Literal["none", "int8"] = Field(
         "int8",
         description="On CPU, the draft's linear layers (its output head and decoder layers) as int8 weights, a "
-        "quarter of the bytes a draft step reads (specd/int8_linear.py). Lossless either way: the oracle accepts "
+        "quarter of the bytes a draft step reads (specd/kernels/int8_linear.py). Lossless either way: the oracle accepts "
         "by its own arithmetic; a draft's changes only how often. 'none' keeps them in the model's dtype.",
     )
     proposal_top_n: int = Field(

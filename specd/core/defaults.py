@@ -24,11 +24,10 @@ def keep_local_ray_on_loopback() -> None:
 
 
 # Model workers share cores with each other (a draft next to its oracle). OpenMP threads that
-# spin-wait long after each call would take those cores from the worker that is busy: on 2 cores
-# that made the oracle about 8x slower while an idle draft spun. Threads that never spin pay a
-# wake-up on each of a forward pass's several hundred small ops instead (a one-token step of the
-# default oracle took 47 ms instead of 25 ms). A short spin (about a millisecond) covers the gaps
-# between ops within a pass and lets threads sleep soon after it.
+# spin-wait long after each call take those cores from the worker that is busy, and threads that
+# never spin pay a wake-up on each of a forward pass's several hundred small ops instead. A short
+# spin (about a millisecond) covers the gaps between ops within a pass and lets threads sleep soon
+# after it (measured: docs/design.md, "One OpenMP team per process").
 IDLE_THREADS_ENV = {"GOMP_SPINCOUNT": "10000"}
 
 

@@ -8,9 +8,9 @@ cost: hence two thresholds, `min_survival` to keep a computed token and `extend_
 compute another. The coordinator's depth policy turns that into `min_survival` and learns `calibration`
 (what the draft's confidence is worth); the drafter applies the rule token by token.
 
-A token proposed by prompt lookup is worth what its match is worth: on the benchmark's prompts a
-copied token was the oracle's about 58% of the time after a 3-token match and 90% after an 8-token
-one, so the rule carries an expected acceptance per match length (`lookup_by_length`).
+A token proposed by prompt lookup is worth what its match is worth: a copy after a long match is
+right far more often than one after a short match (docs/depth-policy.md), so the rule carries an
+expected acceptance per match length (`lookup_by_length`).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ In a model with grouped-query attention (the default oracle has 9 query heads ov
 heads) transformers' SDPA path copies every key and value head once per query head it serves
 (`repeat_kv`) whenever a forward pass of more than one token comes with a mask, which a verify
 block over a KV cache always does. That copy is the whole cache, twice per layer, per verify,
-so it grows with the context: on the default oracle on 2 CPU cores it was lost in the noise at
-250 tokens of context, 7-20 ms of a 2-9 token verify at 700 and 16-27 ms at 1500.
+so its cost grows with the context (measured: docs/design.md, "Verify blocks attend on the
+key/value heads").
 
 `grouped_sdpa` instead folds each key/value head's query heads into one: queries
 [B, KV * G, n, D] are read as [B, KV, G * n, D] (query head h belongs to key/value head

@@ -3,16 +3,13 @@
 A verify pass multiplies a few rows (the block's tokens) by every weight of the model, so its
 cost is that of torch's float32 matmul for 1-9 rows, and which kernel is fast for that differs
 from one CPU to the next:
-- With MKL (torch's BLAS on x86) the kernel depends on the operands' memory layouts. With the
-  weight stored as nn.Linear stores it ([out, in]) a product of 1-3 rows was fast on an Intel
-  Xeon and one of 4 or more rows several times slower per layer; stored transposed ([in, out])
-  it was the other way round for 2-3 rows, and MKL's packed GEMM (the weight re-laid out once
-  for a given row count) cost about the same for 4-9 rows as the best kernel for one. On an AMD
-  EPYC the same MKL kernels read the weight once per row for 1-3 rows, so 2 rows cost twice one.
+- With MKL (torch's BLAS on x86) the kernel depends on the operands' memory layouts: the weight
+  as nn.Linear stores it ([out, in]), a transposed copy ([in, out]) and MKL's packed GEMM (the
+  weight re-laid out once for a given row count) each win for some row counts on some CPUs,
+  and on others a kernel reads the weight once per row, so 2 rows cost twice one.
 - oneDNN (torch's other CPU library) multiplies by a weight it re-laid out once, with kernels it
-  generates for the CPU it runs on. On that AMD EPYC all 211 linear layers of the default
-  oracle took 17-20 ms for any block of 1-9 rows, against 25-54 ms with the best MKL layout per
-  row count, and 45 ms against 107 ms for a 45-token prompt.
+  generates for the CPU it runs on, and costs about the same for any block of a few rows.
+The measurements behind this are in docs/design.md ("Verify blocks on a CPU").
 
 So the layer is a plan, and `auto` measures which plan is faster on the machine it runs on:
 - "onednn": every call through oneDNN's re-laid-out weight (one more copy of each weight);
@@ -28,10 +25,10 @@ logits as it would in a one-token step.
 
 Under "onednn" the layers a llama-style block multiplies by one input, one after the other (its
 q, k and v projections; its gate and up projections), are also joined into one product
-(`FusedGroup`): the weights stacked, one call instead of three or two. A oneDNN call costs
-some 30 microseconds beyond its arithmetic, and a forward pass of the default oracle makes 90
-fewer of them: 2.5-3.5 ms less per pass on an AMD EPYC with 2 cores, for 1 to 17 rows. Each
-output column is the same dot product as before, and on that machine bit for bit the same.
+(`FusedGroup`): the weights stacked, one call instead of three or two. Each oneDNN call has a
+fixed cost beyond its arithmetic, and a forward pass of the default oracle makes 90 fewer of
+them. Each output column is the same dot product as before (the tests check the logits bit for
+bit).
 """
 
 from __future__ import annotations

@@ -7,17 +7,17 @@ draft may trade a little precision for speed where the oracle may not.
 
 On a CPU a draft step multiplies one to a few rows by every weight of the draft, so its cost is
 reading the weights: for the default feature draft 36 MB of float32 per step (its 8192-row output
-head, one decoder layer and the layer that joins token and feature), about 1.9 ms of a 3.5 ms
-step on an AMD EPYC with 2 cores. `Int8Linear` keeps each weight as int8 with one scale per
+head, one decoder layer and the layer that joins token and feature), over half of a step.
+`Int8Linear` keeps each weight as int8 with one scale per
 output row (a quarter of float32's bytes) and multiplies through torch's quantized CPU kernels
 (fbgemm on x86), quantizing each input block to 8 bits on the fly with a scale of its own
 ("dynamic" quantization). The inputs use 7 of their 8 bits, so that the kernels' 16-bit pairwise
 sums cannot saturate on CPUs without VNNI.
 
 One scale per input block suits inputs of one kind (a normalised hidden state), not the feature
-draft's join of an embedding and a feature. Over four chat prompts at depth 4, tokens per round
-were 2.18 with the draft in float32, 2.21 with every layer but that one in int8, and 1.91 with it
-in int8 too; models list such layers in `int8_exempt`.
+draft's join of an embedding and a feature, whose scales differ widely: with that layer in int8
+acceptance fell (docs/design.md, "A draft's layers in int8"); models list such layers in
+`int8_exempt`.
 
 The quantized tensor functions these layers rely on are deprecated in torch; where they are
 missing, `use_int8_linear` leaves the layers as they are and says so.

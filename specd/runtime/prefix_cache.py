@@ -16,11 +16,10 @@ roll back and rewrite positions in place.
 
 Only prefills are stored, never the positions a session generated (those were computed in
 verification blocks). Where the model's layers give each row of a forward pass the same result
-whatever the other rows (specd/cpu_linear.py, "onednn", the default on x86), a prompt opened on
-a cached prefix then holds bit for bit the keys and values a prefill of the whole prompt
-computes, so a seeded request writes the same tokens with or without a hit. On the default
-oracle a session on a cached 48-token prefix matched a fresh prefill in every bit, while one
-that reused a previous session's generated positions did not.
+whatever the other rows (specd/kernels/cpu_linear.py, "onednn", the default on x86), a prompt
+opened on a cached prefix then holds bit for bit the keys and values a prefill of the whole
+prompt computes, so a seeded request writes the same tokens with or without a hit; positions
+computed in verify blocks do not meet that bar, which is why they are not stored.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ by construction. Stages, each cached under `<out>/work/` so that a rerun resumes
 measurement); what it writes is the same either way, and the manifest records the device, whose
 ms figures these are.
 
-Acceptance rate and mean acceptance length have the meanings defined in specd.verification.
+Acceptance rate and mean acceptance length have the meanings defined in specd.core.verification.
 Greedy acceptance is replayed from the oracle's greedy continuations (`replay_acceptance`), which
 gives the same counts as a live drafter/verifier loop (`greedy_acceptance`) at a fraction of the cost.
 """

@@ -61,10 +61,14 @@ class _PackedCache:
         self.batch = batch
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
-        states = []
-        for segment, (start, end) in zip(self.batch.segments, self.batch.bounds):
-            states.append(segment.cache.update(key_states[:, :, start:end], value_states[:, :, start:end], layer_idx))
-        self.batch.states[layer_idx] = states
+        segments = self.batch.segments
+        if len(segments) == 1:  # a pass of one session: no slicing
+            self.batch.states[layer_idx] = [segments[0].cache.update(key_states, value_states, layer_idx)]
+        else:
+            self.batch.states[layer_idx] = [
+                segment.cache.update(key_states[:, :, start:end], value_states[:, :, start:end], layer_idx)
+                for segment, (start, end) in zip(segments, self.batch.bounds)
+            ]
         return key_states, value_states
 
 
@@ -93,6 +97,10 @@ def packed_attention(
     inner = ALL_ATTENTION_FUNCTIONS[getattr(module.config, _INNER)]
     if batch is None:
         return inner(module, query, key, value, attention_mask, **kwargs)
+    states = batch.states[module.layer_idx]
+    if len(states) == 1:  # a pass of one session: its attention as it is
+        (keys, values), = states
+        return inner(module, query, keys, values, batch.masks[0], **kwargs)
     outputs = []
     for index, (start, end) in enumerate(batch.bounds):
         keys, values = batch.states[module.layer_idx][index]

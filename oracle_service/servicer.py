@@ -89,6 +89,8 @@ class OracleServicer(WorkerServicerMixin, oracle_pb2_grpc.OracleServiceServicer)
             committed_length=result.committed_length,
             verify_seconds=result.seconds,
             accepted_path=result.path or [],
+            step_sessions=result.step_sessions,
+            row_seconds=result.row_seconds,
         )
         if result.features is not None:
             reply.features.CopyFrom(features_to_proto(result.features))

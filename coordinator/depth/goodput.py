@@ -62,6 +62,9 @@ class GoodputState:
     rtt_oracle_seconds: float = 0.0
     rtt_draft_seconds: float = 0.0
     loop_seconds: float = 0.0
+    # What one more row of a block costs the other sessions of the oracle's batched pass (they each wait
+    # the row's time): 0 when a session has the oracle to itself.
+    row_externality_seconds: float = 0.0
     rounds: int = 0
     # Rounds whose block the session loop copied by prompt lookup, with acceptance of their own.
     lookup_acceptance: list[float] = field(default_factory=list)
@@ -150,6 +153,9 @@ class GoodputDepth:
         s.verify_rounds_by_k[round.k] = s.verify_rounds_by_k.get(round.k, 0) + 1
         s.rtt_oracle_seconds = self._ema(s.rtt_oracle_seconds if s.rounds > 1 else None, round.oracle_network_seconds)
         s.loop_seconds = self._ema(s.loop_seconds if s.rounds > 1 else None, round.loop_seconds)
+        s.row_externality_seconds = self._ema(
+            s.row_externality_seconds if s.rounds > 1 else None, round.row_externality_seconds
+        )
         self._count_lookup_lengths(round)
         if round.lookup_led:
             self._count(s.lookup_accepted_weight, s.lookup_tested_weight, round)
@@ -220,10 +226,16 @@ class GoodputDepth:
     def verify_growth(self) -> float:
         return self.verify_cost.growth()
 
+    def priced_growth(self) -> float:
+        """What one more row of a block costs the system: its own verify time, and the wait it adds to every
+        other session of the oracle's batched pass. With the oracle to itself a session pays its own alone;
+        as the load grows a row costs more and blocks shrink, down to k = 0 where the oracle is saturated."""
+        return self.verify_growth() + self.state.row_externality_seconds
+
     def round_seconds(self, k: int, *, drafted: bool = True) -> float:
         """Predicted wall time of a round of depth k; drafted=False: a copied block (no draft call)."""
         s = self.state
-        cost = self.verify_seconds(k) + s.rtt_oracle_seconds + s.loop_seconds
+        cost = self.verify_seconds(k) + s.rtt_oracle_seconds + s.loop_seconds + k * s.row_externality_seconds
         if k > 0 and drafted:
             draft = s.draft_token_seconds if s.draft_token_seconds is not None else 0.1 * self.verify_seconds(0)
             cost += k * draft + s.rtt_draft_seconds
@@ -289,7 +301,7 @@ class GoodputDepth:
             return None
         s = self.state
         draft = s.draft_token_seconds if s.draft_token_seconds is not None else 0.1 * self.verify_seconds(0)
-        goodput, growth = self.draft_goodput(), self.verify_growth()
+        goodput, growth = self.draft_goodput(), self.priced_growth()
         return StopRule(
             min_survival=min(1.0, max(0.0, goodput * growth)),
             calibration=tuple(self.calibration()),
@@ -345,6 +357,7 @@ class GoodputDepth:
             rtt_oracle_seconds=float(state.get("rtt_oracle_seconds", 0.0)),
             rtt_draft_seconds=float(state.get("rtt_draft_seconds", 0.0)),
             loop_seconds=float(state.get("loop_seconds", 0.0)),
+            row_externality_seconds=float(state.get("row_externality_seconds", 0.0)),
             rounds=int(state.get("rounds", 0)),
             calibration_accepted=self._bands(state.get("calibration_accepted")),
             calibration_tested=self._bands(state.get("calibration_tested")),

@@ -34,6 +34,8 @@ class TimedVerdict:
     wall_seconds: float
     features: common_pb2.Features | None = None  # sessions opened with return_features
     path: list[int] = field(default_factory=list)  # a draft tree's accepted tokens (Verdict.accepted_path)
+    step_sessions: int = 1  # Verdict.step_sessions: the load the round met
+    row_seconds: float = 0.0  # Verdict.row_seconds
 
 
 def join_features(parts: list[common_pb2.Features]) -> common_pb2.Features | None:
@@ -187,4 +189,6 @@ class OracleClient(WorkerClient):
             wall_seconds=time.perf_counter() - started,
             features=reply.features if reply.HasField("features") else None,
             path=list(reply.accepted_path),
+            step_sessions=max(1, reply.step_sessions),
+            row_seconds=reply.row_seconds,
         )

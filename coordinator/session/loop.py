@@ -323,6 +323,8 @@ class SpeculativeSession:
             model_steps=model_steps,
             parents=tuple(parents),
             path=tuple(verdict.path),
+            step_sessions=verdict.step_sessions,
+            row_seconds=verdict.row_seconds,
         )
 
     def _apply_limits(self, tokens: list[int]) -> list[int]:

@@ -37,6 +37,13 @@ class RoundObservation:
     model_steps: int | None = None  # positions the draft's model computed (None: one per modelled token)
     parents: tuple[int, ...] = ()  # a draft tree's (specd.core.tree); empty for a chain
     path: tuple[int, ...] = ()  # a draft tree's accepted tokens, root side first
+    step_sessions: int = 1  # sessions in the oracle's pass that verified this round
+    row_seconds: float = 0.0  # what one more row adds to such a pass (the oracle's recent step-cost curve)
+
+    @property
+    def row_externality_seconds(self) -> float:
+        """What one more drafted row of this round costs the other sessions of its pass: each waits row_seconds."""
+        return self.row_seconds * max(0, self.step_sessions - 1)
 
     @property
     def depth(self) -> int:

@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from specd.core.errors import SpecdError
@@ -80,6 +80,20 @@ class StepWindow:
             queued=queued, rows_per_step=sum(rows for _, rows, _ in steps) / len(steps),
             step_seconds=busy / len(steps), busy_fraction=min(1.0, busy / self.seconds),
         )
+
+    def row_seconds(self) -> float:
+        """What one more row adds to a pass: the slope of step seconds against rows over the recent steps
+        (least squares; 0 while the rows have not varied)."""
+        with self._lock:
+            steps = [(rows, seconds) for _, rows, seconds in self._steps]
+        if len(steps) < 2:
+            return 0.0
+        mean_r = sum(r for r, _ in steps) / len(steps)
+        mean_s = sum(s for _, s in steps) / len(steps)
+        var = sum((r - mean_r) ** 2 for r, _ in steps)
+        if var == 0:
+            return 0.0
+        return max(0.0, sum((r - mean_r) * (s - mean_s) for r, s in steps) / var)
 
     def _prune(self) -> None:
         horizon = time.monotonic() - self.seconds
@@ -222,9 +236,12 @@ class Engine:
         if not segments:
             return
         hidden = self.verifier.forward(segments)
+        row_seconds = self.window.row_seconds()
         for (job, plan), rows_hidden in zip(plans, hidden):
             try:
-                job.result = self.verifier.finish_verify(plan, rows_hidden)
+                job.result = replace(
+                    self.verifier.finish_verify(plan, rows_hidden), step_sessions=len(segments), row_seconds=row_seconds
+                )
             except SpecdError as error:
                 job.error = error
             job.finished = True

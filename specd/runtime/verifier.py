@@ -31,6 +31,8 @@ class VerifyResult:
     seconds: float
     features: PositionFeatures | None = None  # sessions opened with return_features
     path: list[int] | None = None  # draft trees: indices of the accepted tokens, root side first
+    step_sessions: int = 1  # sessions in the pass that verified it (specd.runtime.engine)
+    row_seconds: float = 0.0  # what one more row adds to such a pass, at the recent load
 
 
 @dataclass

@@ -512,3 +512,43 @@ def test_the_stop_rule_beats_every_fixed_depth_when_confidence_is_informative():
         tokens += committed
         seconds += obs.wall_seconds
     assert tokens / seconds > 1.05 * max(fixed.values()), (tokens / seconds, fixed)
+
+
+def loaded_rounds(policy: GoodputDepth, sessions: int, rounds: int, *, c0=0.030, row=0.0016, alpha=0.7) -> None:
+    """Rounds on an oracle whose batched pass costs c0 + row x rows (a synthetic step-cost curve), shared with
+    sessions - 1 others that decode one token each; each drafted token is accepted with probability alpha
+    (seeded)."""
+    rng = random.Random(0)
+    for i in range(rounds):
+        k = (i % 5) if i < 10 else policy.best_k()  # a spread of depths first, so the cost per k is measured
+        rows = (sessions - 1) + 1 + k
+        policy.observe(RoundObservation(
+            k=k, accepted=next((j for j in range(k) if rng.random() > alpha), k), draft_seconds=0.002 * k,
+            verify_seconds=c0 + row * rows,
+            step_sessions=sessions, row_seconds=row,
+        ))
+
+
+def test_goodput_prices_a_row_at_the_load_and_stops_speculating_when_saturated():
+    """A drafted row delays every session of the oracle's pass. With the same draft (acceptance learned alone)
+    and a step-cost curve of 30 ms + 1.6 ms per row, shared with sessions that decode one token each: k
+    shrinks as the batch grows and is 0 on a saturated oracle, where the same draft pays well alone."""
+    learned = GoodputDepth(confidence_stop=0, k_max=8)
+    loaded_rounds(learned, 1, 80)
+    chosen = {}
+    for sessions in (1, 4, 16, 64):
+        policy = make_policy("goodput:confidence_stop=0", 8, learned.snapshot())
+        others = 0.0016 * (sessions - 1)  # the other sessions' rows in every pass
+        policy.state.verify_seconds_by_k = {k: t + others for k, t in policy.state.verify_seconds_by_k.items()}
+        policy.state.row_externality_seconds = others  # what one more row costs them
+        chosen[sessions] = policy.best_k()
+    assert chosen[1] >= 2 and chosen[64] == 0
+    assert chosen[1] >= chosen[4] >= chosen[16] >= chosen[64] and chosen[16] < chosen[1]
+    # What the policy learns from rounds: the externality each round reports, and the stop rule's price of a row.
+    alone, busy = GoodputDepth(k_max=8), GoodputDepth(k_max=8)
+    loaded_rounds(alone, 1, 30)
+    loaded_rounds(busy, 16, 30)
+    assert busy.priced_growth() > alone.priced_growth() == alone.verify_growth()
+    assert busy.state.row_externality_seconds == pytest.approx(0.0016 * 15)
+    assert busy.stop_rule().min_survival > alone.stop_rule().min_survival
+    assert make_policy("goodput", 8, busy.snapshot()).state.row_externality_seconds == pytest.approx(0.0016 * 15)

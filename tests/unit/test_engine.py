@@ -74,6 +74,7 @@ async def test_a_batched_step_equals_each_session_alone(tiny_dir):
     assert [s.prefill_rows for s in steps[1:]] == [64, len(LONG_PROMPT) - 1 - 128]
     for got, want in zip(results[:4], expected):
         same(got, want, bitwise)
+        assert got.step_sessions == 5 and got.row_seconds >= 0  # the load each round met, for the depth policy
     opened = results[4]
     assert opened.features is not None and expected_open.features is not None
     if bitwise:

@@ -12,6 +12,8 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+import grpc
+
 from coordinator.admission import Admission
 from coordinator.config import CoordinatorConfig
 from coordinator.control_plane.client import PlaneClient
@@ -30,10 +32,20 @@ from coordinator.session.loop import SpeculativeSession
 from coordinator.session.stats import RoundObservation
 from specd.core import validation
 from specd.core.compat import check_pair
-from specd.core.errors import Unavailable
+from specd.core.errors import ResourceExhausted, Unavailable
 from specd.rpc.metrics import CoordinatorMetrics
 
 log = logging.getLogger(__name__)
+# Oracles a request tries after one refused it for want of room, before RESOURCE_EXHAUSTED.
+MAX_FULL_ORACLES = 3
+
+
+class OracleFull(Exception):
+    """The assigned oracle holds its max_sessions: the session should go to another one."""
+
+    def __init__(self, oracle: str):
+        super().__init__(oracle)
+        self.oracle = oracle
 
 
 class Coordinator:
@@ -109,16 +121,41 @@ class Coordinator:
             validation.depth(depth, self.config.max_depth)
         started = time.perf_counter()
         async with self.admission.slot():
-            async for delta in self._generate(request, depth, started):
-                yield delta
+            full: list[str] = []  # oracles that refused the session for want of room
+            while True:
+                attempt = self._generate(request, depth, started, full)
+                try:
+                    async for delta in attempt:
+                        yield delta
+                    return
+                except OracleFull as error:
+                    full.append(error.oracle)
+                    if len(full) >= MAX_FULL_ORACLES:
+                        raise ResourceExhausted(
+                            f"{len(full)} oracles had no room for another session; retry later",
+                            retry_after_seconds=self.admission.retry_after_seconds(),
+                        ) from None
+                finally:
+                    await attempt.aclose()  # its release runs now, also when this request ends early
 
-    async def _generate(self, request: GenerationRequest, depth: int | None, started: float) -> AsyncIterator[Delta]:
+    async def _generate(
+        self, request: GenerationRequest, depth: int | None, started: float, full: list[str]
+    ) -> AsyncIterator[Delta]:
+        """One attempt on one pair; raises OracleFull when the oracle refuses to open the session (it holds its
+        max_sessions), before anything was generated, so the caller tries another."""
         session_id = uuid.uuid4().hex
         policy: DepthPolicy | None = None
         summary: dict = {}
         first = True
+        opened = False
+        assignment: Assignment | None = None
         try:  # the release below also covers an assignment made while this request was being cancelled
-            assignment: Assignment | None = await self.plane.call("acquire", session_id, request.request_id, depth != 0)
+            assignment = await self.plane.call("acquire", session_id, request.request_id, depth != 0, full)
+            if assignment is None and full:
+                raise ResourceExhausted(
+                    f"every usable oracle is full ({', '.join(full)} refused the session); retry later",
+                    retry_after_seconds=self.admission.retry_after_seconds(),
+                )
             if assignment is None:
                 raise Unavailable("no healthy oracle worker is available; `specctl status` shows the workers")
             pair = await self._pair(assignment)
@@ -127,6 +164,7 @@ class Coordinator:
             async for delta in stream_generation(
                 request, pair, policy, session_id, hook, lookup_ngram=self.config.lookup_ngram
             ):
+                opened = True
                 if first and delta.token_ids:
                     self.metrics.ttft.observe(time.perf_counter() - started)
                     first = False
@@ -137,6 +175,10 @@ class Coordinator:
                     self.metrics.prompt_tokens.inc(delta.prompt_tokens)
                     self.metrics.e2e.observe(time.perf_counter() - started)
                 yield delta
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not opened and assignment is not None:
+                raise OracleFull(assignment.oracle_name) from error
+            raise
         finally:
             state = policy.snapshot() if policy is not None and depth is None else {}
             self.plane.tell("release", session_id, summary, state)

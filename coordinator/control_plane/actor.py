@@ -74,8 +74,11 @@ class ControlPlane:
     def policy_for(self, pid: str) -> str:
         return self.policies.get(pid, self.default_policy)
 
-    async def acquire(self, session_id: str, request_id: str = "", use_draft: bool = True) -> Assignment | None:
-        chosen = choose_pair(self.registry, use_draft)
+    async def acquire(
+        self, session_id: str, request_id: str = "", use_draft: bool = True, exclude: list[str] | None = None
+    ) -> Assignment | None:
+        """A pair for a new session, on an oracle not in `exclude` (ones that just refused it for want of room)."""
+        chosen = choose_pair(self.registry, use_draft, exclude or [])
         if chosen is None:
             return None
         oracle, draft = chosen

@@ -32,9 +32,9 @@ def compatible(draft: Worker, oracle: Worker) -> bool:
     return pair_problem(draft, oracle) is None
 
 
-def choose_pair(registry: Registry, use_draft: bool) -> tuple[Worker, Worker | None] | None:
-    """(oracle, draft or None) for a new session; None when no oracle is usable."""
-    oracles = [w for w in registry.oracles() if w.usable()]
+def choose_pair(registry: Registry, use_draft: bool, exclude: list[str] | None = None) -> tuple[Worker, Worker | None] | None:
+    """(oracle, draft or None) for a new session, on an oracle not in `exclude`; None when no oracle is usable."""
+    oracles = [w for w in registry.oracles() if w.usable() and w.name not in (exclude or [])]
     if not oracles:
         return None
     oracle = min(oracles, key=lambda w: (w.occupancy(), w.name))

@@ -12,6 +12,7 @@ import pytest
 
 from coordinator.config import CoordinatorConfig
 from coordinator.server import start_coordinator
+from coordinator.session.clients import OracleClient
 from specd.client import AsyncSpecdClient
 from specd.models.tiny import build_tokenizer
 from specd.v1 import common_pb2
@@ -26,16 +27,12 @@ def prompt_ids():
 
 
 async def own_coordinator(plane_name: str, oracle, draft=None, **overrides):
-    config = CoordinatorConfig(
-        port=0,
-        metrics_port=0,
-        plane_name=plane_name,
-        oracles=[oracle.address],
-        drafts=[draft.address] if draft is not None else [],
-        health_interval_seconds=0.5,
-        report_interval_seconds=0.05,
-        **overrides,
-    )
+    settings = {
+        "port": 0, "metrics_port": 0, "plane_name": plane_name, "oracles": [oracle.address],
+        "drafts": [draft.address] if draft is not None else [], "health_interval_seconds": 0.5,
+        "report_interval_seconds": 0.05,
+    }
+    config = CoordinatorConfig(**{**settings, **overrides})
     return await start_coordinator(config)
 
 
@@ -335,3 +332,32 @@ async def test_admission_is_bounded_and_its_gauges_return_to_zero(ray_local, ora
         assert worker["load"]["rows_per_step"] >= 1 and worker["load"]["step_seconds"] > 0
     finally:
         await running.stop()
+
+
+async def test_a_full_oracle_sends_the_session_to_another(ray_local, tiny_dir, oracle, prompt_ids):
+    """An oracle at its max_sessions answers RESOURCE_EXHAUSTED when the session opens; the coordinator tries the
+    next oracle, and the request completes there with the oracle's own greedy output. With every oracle full, the
+    client gets RESOURCE_EXHAUSTED."""
+    from specd.cluster.roles import start_local_worker
+    from tests.conftest import greedy_reference, oracle_config
+
+    full = await start_local_worker(oracle_config(tiny_dir, max_sessions=1))
+    holder = OracleClient(full.address)
+    # Checked rarely, the full oracle still looks empty to the control plane, and its name sorts first.
+    running = await own_coordinator("plane-full", full, health_interval_seconds=60.0)
+    try:
+        await running.plane.call("register", common_pb2.WORKER_ROLE_ORACLE, oracle.address, "oracle-z")
+        await holder.open_session("holder", [1, 2, 3], common_pb2.SamplingParams(), 5.0)  # takes its one slot
+        async with AsyncSpecdClient(running.address) as client:
+            result = await client.generate(token_ids=prompt_ids, max_tokens=12, stop_at_eos=False, depth=0)
+            assert result.token_ids == greedy_reference(tiny_dir / "oracle", prompt_ids, 12)
+            assert result.stats.oracle_worker == oracle.address
+            await running.plane.call("drain", "oracle-z", True)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await client.generate(token_ids=prompt_ids, max_tokens=4, depth=0)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "full" in info.value.details()
+    finally:
+        await holder.close_session("holder")
+        await holder.close()
+        await running.stop()
+        await full.stop()

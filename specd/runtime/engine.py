@@ -205,9 +205,13 @@ class Engine:
         chunks: list[tuple[_Job, Segment]] = []
         rows = 0
         waits: list[float] = []
+        sessions: set[str] = set()  # a session's next job waits for the step after this one's
         for job in jobs:
             if rows and not self.batching:
                 break
+            if job.args[0] in sessions:
+                continue
+            sessions.add(job.args[0])
             if job.future.cancelled():  # its caller is gone: drop it before it costs a row
                 if job.prefill is not None:
                     self.verifier.abandon_open(job.prefill)

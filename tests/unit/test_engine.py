@@ -102,6 +102,19 @@ async def test_sessions_join_and_leave_between_steps(tiny_dir):
     await engine.stop()
 
 
+async def test_two_rounds_of_one_session_never_share_a_step(tiny_dir):
+    """A caller that sends a session's next block before the last one's verdict gets them in order, one step each."""
+    verifier = make_verifier(tiny_dir)
+    steps: list[StepStats] = []
+    engine = Engine(verifier, ModelExecutor("test-engine"), on_step=steps.append)
+    await engine.open("s", [1, 2, 3], GREEDY)
+    steps.clear()
+    first, second = await asyncio.gather(engine.verify("s", [], [], 3), engine.verify("s", [], [], 4))
+    assert (first.committed_length, second.committed_length) == (4, 5)
+    assert [s.sessions for s in steps] == [1, 1]
+    await engine.stop()
+
+
 async def test_a_mistake_fails_its_own_job_only(tiny_dir):
     from specd.core.errors import FailedPrecondition, NotFound
 

@@ -70,7 +70,7 @@ draft: protos
 # A feature draft made on 2 CPU cores alone, in about 45 minutes: the oracle answers the training
 # prompts twice (10 min), records its features along them (7 min), then 20 minutes of distillation
 # and the held-out measurement (7 min); resumable. It reaches about half the default's gain
-# (README, "The default pair"); `cp` its two files over $(DRAFT) to serve it.
+# (docs/default-pair.md); `cp` its two files over $(DRAFT) to serve it.
 draft-cpu: setup
 	$(VENV)/bin/specd distill --kind features --oracle smollm2-135m-instruct --out $(DRAFT_CPU_WORK) --head-vocab 8192 \
 		--answers-per-prompt 2 --max-new-tokens 96 --temperature 0.7 --gen-batch-size 64 --minutes 20 \

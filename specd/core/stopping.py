@@ -9,8 +9,8 @@ compute another. The coordinator's depth policy turns that into `min_survival` a
 (what the draft's confidence is worth); the drafter applies the rule token by token.
 
 A token proposed by prompt lookup is worth what its match is worth: a copy after a long match is
-right far more often than one after a short match (docs/depth-policy.md), so the rule carries an
-expected acceptance per match length (`lookup_by_length`).
+right far more often than one after a short match (measured: docs/design.md, "Prompt lookup"), so
+the rule carries an expected acceptance per match length (`lookup_by_length`).
 """
 
 from __future__ import annotations

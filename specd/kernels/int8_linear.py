@@ -6,12 +6,12 @@ sampled one by the proposal distribution q the draft sends with it, whatever com
 draft may trade a little precision for speed where the oracle may not.
 
 On a CPU a draft step multiplies one to a few rows by every weight of the draft, so its cost is
-reading the weights: for the default feature draft 36 MB of float32 per step (its 8192-row output
-head, one decoder layer and the layer that joins token and feature), over half of a step.
-`Int8Linear` keeps each weight as int8 with one scale per
-output row (a quarter of float32's bytes) and multiplies through torch's quantized CPU kernels
-(fbgemm on x86), quantizing each input block to 8 bits on the fly with a scale of its own
-("dynamic" quantization). The inputs use 7 of their 8 bits, so that the kernels' 16-bit pairwise
+mostly reading the weights: for the default feature draft 36 MB of float32 per step (its 8192-row
+output head, one decoder layer and the layer that joins token and feature; measured share of a
+step: docs/design.md, "A draft's layers in int8"). `Int8Linear` keeps each weight as int8 with
+one scale per output row (a quarter of float32's bytes) and multiplies through torch's quantized
+CPU kernels (fbgemm on x86), quantizing each input block to 8 bits on the fly with a scale of its
+own ("dynamic" quantization). The inputs use 7 of their 8 bits, so that the kernels' 16-bit pairwise
 sums cannot saturate on CPUs without VNNI.
 
 One scale per input block suits inputs of one kind (a normalised hidden state), not the feature

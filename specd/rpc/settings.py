@@ -53,7 +53,7 @@ class WorkerConfig(BaseSettings):
         ge=0,
         description="Positions of keys and values kept after sessions close, for later prompts that begin the same "
         "way (a shared system prompt, earlier turns of a conversation) to reuse instead of prefilling them again; "
-        "kept in blocks of 8 tokens, least recently used dropped first (specd/prefix_cache.py). 0 turns it off.",
+        "kept in blocks of 8 tokens, least recently used dropped first (specd/runtime/prefix_cache.py). 0 turns it off.",
     )
     session_ttl_seconds: float = Field(300.0, gt=0, description="Idle sessions are evicted after this long.")
     max_context: int = Field(0, ge=0, description="Max tokens per session (0 uses the model's own limit).")

@@ -18,8 +18,10 @@ Only prefills are stored, never the positions a session generated (those were co
 verification blocks). Where the model's layers give each row of a forward pass the same result
 whatever the other rows (specd/kernels/cpu_linear.py, "onednn", the default on x86), a prompt
 opened on a cached prefix then holds bit for bit the keys and values a prefill of the whole
-prompt computes, so a seeded request writes the same tokens with or without a hit; positions
-computed in verify blocks do not meet that bar, which is why they are not stored.
+prompt computes, so a seeded request writes the same tokens with or without a hit. Positions
+computed in verify blocks come from passes of other shapes than a prefill's, which that guarantee
+does not cover, so they are not stored (measured: docs/design.md, "Sessions and the prefix
+cache").
 """
 
 from __future__ import annotations

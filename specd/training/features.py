@@ -1,6 +1,7 @@
 """Distilling a feature draft (specd.models.feature_draft): `specd distill --kind features`.
 
-Shares stage 1 (the oracle's answers) and stage 2 (the head vocabulary) with the layer drafts (specd.training.answers, specd.training.dataset).
+Shares stage 1 (the oracle's answers) and stage 2 (the head vocabulary) with the layer drafts
+(specd.training.answers, specd.training.dataset).
 Then:
 
 3a. features: one teacher-forced pass of the oracle over each prompt + answer records its final

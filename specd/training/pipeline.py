@@ -187,7 +187,9 @@ def _train(
         )
         model = FeatureDraftModel(oracle.model, head_ids).to(device)
         tqdm.write(f"training a feature draft on {features.answer_tokens} answer tokens from {sides}")
-        result = train_feature_draft(model, features, work / "checkpoint.pt", identity, train_settings, passes=args.unroll)
+        result = train_feature_draft(
+            model, features, work / "checkpoint.pt", identity, train_settings, passes=args.unroll
+        )
         return Trained(model, result, 1, features.answer_tokens, len(features))
     draft = load_model(args.oracle, layers=args.layers, device=str(device))
     if head_ids is not None:
@@ -297,7 +299,9 @@ def _evaluate_feature_draft(
         untrained, oracle, prompts, k=args.k, max_new_tokens=args.eval_tokens, desc="untrained"
     )
     continuations = _cached_continuations(oracle, prompts, args.eval_tokens + args.k, work / "greedy.json")
-    agreement = [first_token_agreement(d, oracle, prompts, continuations, args.eval_tokens) for d in (shipped, untrained)]
+    agreement = [
+        first_token_agreement(d, oracle, prompts, continuations, args.eval_tokens) for d in (shipped, untrained)
+    ]
     longest = max(prompts, key=len)
     draft_ms = step_ms(shipped, oracle, longest)
     (oracle_ms,) = ms_per_token([oracle], longest)

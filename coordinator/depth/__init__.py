@@ -1,8 +1,11 @@
 """Depth policies: how many tokens (k) the draft proposes in each round, learned from what the rounds observe.
 
-policy.py (the protocol, fixed k, the heuristic), goodput.py (the default), estimators.py (what
-goodput learns with), spec.py (policies by name). The mathematics: docs/depth-policy.md.
+policy.py (the protocol, fixed k, the heuristic, E(k)), goodput.py (the default: the k of best expected
+tokens per second, and the stop rule), estimators.py (what goodput learns with), spec.py (policies by
+name). Each module's docstring carries its part of the mathematics; docs/depth-policy.md is the guide.
 """
+
+from __future__ import annotations
 
 from coordinator.depth.goodput import GoodputDepth, GoodputState
 from coordinator.depth.policy import DepthPolicy, FixedDepth, HeuristicDepth, expected_tokens, speedup_bound

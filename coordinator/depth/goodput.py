@@ -1,40 +1,54 @@
 """The goodput policy (the default): the k of best expected committed tokens per second.
 
     E(k)    = 1 + sum_{i=1..k} prod_{j=1..i} a_j        (a_j: acceptance at draft position j)
-    cost(k) = k * t_draft + t_verify(k) + rtt_oracle + t_loop + [k > 0] * rtt_draft
-    k*      = argmax_{k in 0..k_max} E(k) / cost(k)
+    cost(k) = t_verify(k) + rtt_oracle + t_loop + k * x_row + [k > 0] * (k * t_draft + rtt_draft)
+    k*      = argmax_{k in 0..k_max} E(k) / cost(k)        (ties: the smaller k)
 
 k = 0 is the oracle decoding alone (no draft call at all). t_loop is the session loop's own
-time per round (Python, stream writes), which every round pays whatever its k. The draft's
-per-token time and the round trips are exponential moving averages, t_verify(k) comes from
-the verify cost model, and a_j from discounted per-position counts (specd's estimators,
-coordinator/depth/estimators.py). A new session starts from its pair's learned state with at
-most `carry` tests per position, so a request whose text is easier or harder than the last
-one's is followed within a few rounds. While k = 0 is chosen, acceptance is not observed, so
-every `probe_every` rounds the policy probes with a small k to notice a draft that became useful.
+time per round (Python, stream writes), which every round pays whatever its k. x_row is what
+one more verified row costs the other sessions of the oracle's batched pass (each waits the
+row's time; 0 with the oracle to itself), so blocks shrink as the load grows and k reaches 0
+on a saturated oracle. t_draft, the round trips, t_loop and x_row are exponential moving
+averages (weight `smoothing` on the newest round); t_verify(k) comes from the verify cost model
+and a_j from discounted per-position counts (both in coordinator/depth/estimators.py, with their
+formulas). A new session starts from its pair's learned state with at most `carry` tests per
+position. While k = 0 is chosen, acceptance is not observed, so after `probe_every` rounds of
+the oracle alone the policy probes with `probe_k` (k_max under the stop rule) to notice a draft
+that became useful.
 
 Blocks copied by the session loop's prompt lookup (specd.core.lookup) cost no draft call, and
 their acceptance has nothing to do with the draft's: it is high where the text repeats its
 context and low elsewhere. They get acceptance estimates of their own, learned the same way
-from those rounds only, and `lookup_depth()` gives the k of best goodput for a copied block, or
-0 when the draft's best round is expected to do better.
+from those rounds only and starting from `lookup_prior`, and `lookup_depth()` gives the k of
+best goodput for a copied block (cost(k) without the draft terms), or 0 when the draft's
+round is expected to do better.
 
 With `confidence_stop` (the default) the block's length is decided token by token instead, by
 the draft (specd.core.stopping): a position's expected acceptance comes from the draft's
 confidence there, which separates easy text from hard far better than any per-position
-average. Whenever the model above picks k > 0, the policy asks for k_max tokens with a stop
-rule: keep a computed token while its chance of being reached and accepted is at least
-goodput x verify growth per token, and compute one more position while it is at least goodput x
-(t_draft + verify growth), goodput being the measured tokens per second of recent drafted
-rounds (Dinkelbach's method converges on the best ratio of tokens to seconds this way). It
-learns the calibration (acceptance per band of the draft's confidence) from every tested token,
-and the acceptance of looked-up tokens per length of the match behind them.
+average, so a confident stretch (code) gets long blocks and an unsure one (chat) short ones
+within the same request. Whenever the model above picks k > 0, the policy asks for k_max
+tokens with a stop rule. With G the goodput of recent drafted rounds (their discounted
+committed tokens over their discounted wall time; before any, the modelled goodput of the
+best k), g the verify growth per token (the slope of the verify cost model) and P the product
+of expected acceptances up to a position (the chance it is reached and accepted), the draft
+
+    keeps a computed token        while P >= G * (g + x_row)
+    computes one more position    while P >= G * (t_draft + g + x_row)
+
+A token below the line adds fewer expected tokens than the same time spent at rate G, so
+cutting there maximises tokens - G x seconds; with G re-measured as it improves this converges
+on the best ratio of tokens to seconds (Dinkelbach's method). The expected acceptance of a
+model-proposed token is the calibration of its confidence, and that of a looked-up token the
+acceptance learned for its match's length (a short match is right less often than a long one,
+so it ends a block sooner); both are calibration tables (estimators.CalibrationBands) learned
+from every tested token.
 
 With `tree_width` w > 1 (4 by default) greedy blocks may be draft trees (specd.core.tree): the
 draft also offers up to w - 1 alternatives per position, and the same stop rule keeps any token
-whose chance of being reached and accepted pays for its verified row. The policy learns the
-acceptance of alternatives by their probability the way it learns the calibration. Measured
-effects: docs/depth-policy.md.
+whose chance of being reached and accepted pays for its verified row, so alternatives appear
+where the draft is unsure and the oracle's extra rows are cheap. The policy learns the
+acceptance of alternatives by their probability the way it learns the calibration.
 """
 
 from __future__ import annotations
@@ -93,10 +107,16 @@ CALIBRATION_CAP = 200.0
 # any is tested: a longer match is right more often; the values are priors taken from the measurements
 # described in docs/depth-policy.md, and the policy learns the real ones.
 LOOKUP_LENGTH_PRIOR = (0.15, 0.45, 0.55, 0.65, 0.7, 0.8, 0.85, 0.9)
+# The most weight one depth has in the verify line: the depth chosen most often would otherwise pin the
+# line to itself, and a stale cold-start point at another depth would never lose its say.
 VERIFY_WEIGHT_CAP = 20
+# Runs after which a depth's own moving average is trusted over the line (one or two may be a cold start).
 VERIFY_TRUSTED_ROUNDS = 3
 # Until two depths have been timed, assume each extra verified token costs this share of a step.
 ASSUMED_VERIFY_GROWTH = 0.05
+# Until the draft has been timed, assume a draft step costs this share of a one-token verify: a draft is
+# chosen for being much smaller than its oracle.
+ASSUMED_DRAFT_SHARE = 0.1
 
 
 class GoodputDepth:
@@ -159,7 +179,9 @@ class GoodputDepth:
         self._count_lookup_lengths(round)
         if round.lookup_led:
             self._count(s.lookup_accepted_weight, s.lookup_tested_weight, round)
-            s.lookup_acceptance = self.rates.estimates(s.lookup_accepted_weight, s.lookup_tested_weight, self.lookup_prior)
+            s.lookup_acceptance = self.rates.estimates(
+                s.lookup_accepted_weight, s.lookup_tested_weight, self.lookup_prior
+            )
             return
         if not round.draft_asked:
             self._rounds_since_draft += 1
@@ -174,7 +196,8 @@ class GoodputDepth:
         for i in self._count(s.accepted_weight, s.tested_weight, round):
             s.observed[i] += 1
         s.acceptance = self.rates.estimates(s.accepted_weight, s.tested_weight, self.prior_acceptance)
-        fade = 1.0 - 1.0 / self.window
+        # The goodput of recent drafted rounds (the stop rule's G) fades as the acceptance counts do.
+        fade = self.rates.fade
         s.drafted_tokens = fade * s.drafted_tokens + round.accepted + 1
         s.drafted_seconds = fade * s.drafted_seconds + round.wall_seconds
         s.drafted_rounds = fade * s.drafted_rounds + 1
@@ -215,6 +238,7 @@ class GoodputDepth:
     # -- the model of a round's cost ----------------------------------------------------------
     @property
     def verify_cost(self) -> VerifyCostModel:
+        """The verify cost model over the state's own averages; built on each use, as restore() replaces them."""
         return VerifyCostModel(
             self.state.verify_seconds_by_k, self.state.verify_rounds_by_k, trusted_rounds=VERIFY_TRUSTED_ROUNDS,
             weight_cap=VERIFY_WEIGHT_CAP, assumed_growth=ASSUMED_VERIFY_GROWTH,
@@ -232,13 +256,17 @@ class GoodputDepth:
         as the load grows a row costs more and blocks shrink, down to k = 0 where the oracle is saturated."""
         return self.verify_growth() + self.state.row_externality_seconds
 
+    def draft_step_seconds(self) -> float:
+        """t_draft: the draft's measured time per computed position, or a share of a verify before it is timed."""
+        measured = self.state.draft_token_seconds
+        return measured if measured is not None else ASSUMED_DRAFT_SHARE * self.verify_seconds(0)
+
     def round_seconds(self, k: int, *, drafted: bool = True) -> float:
         """Predicted wall time of a round of depth k; drafted=False: a copied block (no draft call)."""
         s = self.state
         cost = self.verify_seconds(k) + s.rtt_oracle_seconds + s.loop_seconds + k * s.row_externality_seconds
         if k > 0 and drafted:
-            draft = s.draft_token_seconds if s.draft_token_seconds is not None else 0.1 * self.verify_seconds(0)
-            cost += k * draft + s.rtt_draft_seconds
+            cost += k * self.draft_step_seconds() + s.rtt_draft_seconds
         return cost
 
     def goodput(self, k: int) -> float:
@@ -300,7 +328,7 @@ class GoodputDepth:
         if not self.confidence_stop:
             return None
         s = self.state
-        draft = s.draft_token_seconds if s.draft_token_seconds is not None else 0.1 * self.verify_seconds(0)
+        draft = self.draft_step_seconds()
         goodput, growth = self.draft_goodput(), self.priced_growth()
         return StopRule(
             min_survival=min(1.0, max(0.0, goodput * growth)),

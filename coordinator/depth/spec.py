@@ -1,5 +1,10 @@
-"""Depth-policy specs as operators write them: 'goodput' (with options, 'goodput:k_max=6,smoothing=0.2'),
-'heuristic' or 'fixed:K'."""
+"""Depth-policy specs as operators write them (specctl, the admin API, the coordinator's settings):
+'goodput' with optional options ('goodput:k_max=6,smoothing=0.2'), 'heuristic' or 'fixed:K'.
+
+The caller passes the pair's maximum depth, which bounds every policy: fixed:K must lie in 0..k_max,
+and a goodput spec's own k_max=N (N >= 1) may lower it, never raise it (the policy gets min(N, k_max)),
+so one spec such as 'goodput:k_max=8' serves pairs of any depth.
+"""
 
 from __future__ import annotations
 
@@ -47,8 +52,9 @@ def _goodput_options(text: str) -> dict[str, Any]:
 
 
 def make_policy(spec: str, k_max: int, state: dict[str, Any] | None = None) -> DepthPolicy:
-    """Build a policy from its spec: 'goodput' (optionally 'goodput:smoothing=0.2,probe_every=8'),
-    'heuristic' or 'fixed:K'."""
+    """Build a policy from its spec: 'goodput' (optionally 'goodput:k_max=6,smoothing=0.2,probe_every=8'),
+    'heuristic' or 'fixed:K', for a pair whose maximum depth is `k_max`; `state` (a snapshot()) seeds
+    what it learns."""
     spec = spec.strip().lower()
     policy: Any
     if spec.startswith("fixed:"):

@@ -10,6 +10,7 @@ from specd.rpc.features import features_from_proto
 from specd.rpc.host import grpc_errors
 from specd.rpc.worker_servicer import WorkerServicerMixin, session_id_from
 from specd.runtime.drafter import Drafter
+from specd.runtime.engine import DraftEngine
 from specd.runtime.executor import ModelExecutor
 from specd.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 
@@ -19,7 +20,9 @@ SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
 class DraftServicer(WorkerServicerMixin, draft_pb2_grpc.DraftServiceServicer):
     role = common_pb2.WORKER_ROLE_DRAFT
     open_response = draft_pb2.OpenDraftSessionResponse
+    engine_type = DraftEngine
     worker: Drafter
+    engine: DraftEngine
 
     def __init__(self, drafter: Drafter, executor: ModelExecutor, config: DraftConfig):
         super().__init__(drafter, executor, config)
@@ -30,16 +33,17 @@ class DraftServicer(WorkerServicerMixin, draft_pb2_grpc.DraftServiceServicer):
     @grpc_errors
     async def Propose(self, request: draft_pb2.ProposeRequest, context: grpc.aio.ServicerContext) -> draft_pb2.Proposal:
         session_id = session_id_from(request)
-        proposal = await self.run_for_session(
+        proposal = await self.guard_session(
             session_id,
-            self.worker.propose,
-            session_id,
-            list(request.append_token_ids),
-            request.committed_length,
-            request.depth,
-            features_from_proto(request.features),
-            stop_rule_from_proto(request),
-            request.tree_width,
+            self.engine.propose(
+                session_id,
+                list(request.append_token_ids),
+                request.committed_length,
+                request.depth,
+                features_from_proto(request.features),
+                stop_rule_from_proto(request),
+                request.tree_width,
+            ),
         )
         self.metrics.forward.labels("propose").observe(proposal.seconds)
         return draft_pb2.Proposal(

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import grpc
 
 from oracle_service.config import OracleConfig
 from specd.rpc.features import features_to_proto
 from specd.rpc.host import grpc_errors
 from specd.rpc.worker_servicer import WorkerServicerMixin, session_id_from
-from specd.runtime.engine import Engine
+from specd.runtime.engine import OracleEngine
 from specd.runtime.executor import ModelExecutor
 from specd.runtime.verifier import Verifier
 from specd.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
@@ -21,28 +19,12 @@ SERVICE_NAME = oracle_pb2.DESCRIPTOR.services_by_name["OracleService"].full_name
 class OracleServicer(WorkerServicerMixin, oracle_pb2_grpc.OracleServiceServicer):
     role = common_pb2.WORKER_ROLE_ORACLE
     open_response = oracle_pb2.OpenOracleSessionResponse
+    engine_type = OracleEngine
     worker: Verifier
+    engine: OracleEngine
 
     def __init__(self, verifier: Verifier, executor: ModelExecutor, config: OracleConfig):
         super().__init__(verifier, executor, config)
-        self.engine = Engine(
-            verifier, executor, max_batch_rows=config.max_batch_rows, prefill_chunk_tokens=config.prefill_chunk_tokens,
-            batching=config.batching, on_step=self.metrics.record_step,
-        )
-        self.metrics.queued.set_function(lambda: self.engine.queued)
-
-    def load(self) -> common_pb2.WorkerLoad:
-        load = self.engine.load()
-        return common_pb2.WorkerLoad(
-            queued=load.queued, rows_per_step=load.rows_per_step, step_seconds=load.step_seconds,
-            busy_fraction=load.busy_fraction,
-        )
-
-    async def open_session(self, session_id: str, prompt: list[int], params: Any, options: dict[str, Any]) -> Any:
-        return await self.guard_session(session_id, self.engine.open(session_id, prompt, params, **options))
-
-    async def stop(self) -> None:
-        await self.engine.stop()
 
     @grpc_errors
     async def GetTokenizer(

@@ -10,11 +10,18 @@ mostly reading the weights: for the default feature draft 36 MB of float32 per s
 output head, one decoder layer and the layer that joins token and feature; measured share of a
 step: docs/design.md, "A draft's layers in int8"). `Int8Linear` keeps each weight as int8 with
 one scale per output row (a quarter of float32's bytes) and multiplies through torch's quantized
-CPU kernels (fbgemm on x86), quantizing each input block to 8 bits on the fly with a scale of its
+CPU kernels (fbgemm on x86), quantizing each input row to 8 bits on the fly with a scale of its
 own ("dynamic" quantization). The inputs use 7 of their 8 bits, so that the kernels' 16-bit pairwise
 sums cannot saturate on CPUs without VNNI.
 
-One scale per input block suits inputs of one kind (a normalised hidden state), not the feature
+The kernel itself picks one scale for a whole input block, which would make a row's result depend
+on the other rows of its block: a session's proposals would change with what else a batched draft
+step holds (specd.runtime.engine). So each row is first divided by its own largest magnitude, and a
+fixed row holding +1 and -1 joins the block, which pins the block's range to [-1, 1] whatever the
+other rows; the output rows are multiplied back. A row's result is then the same, bit for bit,
+alone or in any block.
+
+One scale per input row suits inputs of one kind (a normalised hidden state), not the feature
 draft's join of an embedding and a feature, whose scales differ widely: with that layer in int8
 acceptance fell (docs/design.md, "A draft's layers in int8"); models list such layers in
 `int8_exempt`.
@@ -52,12 +59,18 @@ class Int8Linear(nn.Module):
             quantized = torch.quantize_per_channel(
                 weight, scales, torch.zeros_like(scales, dtype=torch.long), axis=0, dtype=torch.qint8
             )
-            bias = None if linear.bias is None else linear.bias.detach().float()
-            self._packed = torch.ops.quantized.linear_prepack(quantized, bias)
+            self._packed = torch.ops.quantized.linear_prepack(quantized, None)
+        self.bias = None if linear.bias is None else linear.bias.detach().float()
+        self._range_row = torch.zeros(1, self.in_features)  # pins the block's range to [-1, 1]
+        self._range_row[0, 0], self._range_row[0, -1] = 1.0, -1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()
-        y = torch.ops.quantized.linear_dynamic(flat, self._packed, True)  # True: inputs in 7 bits
+        peak = flat.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+        block = torch.cat([flat / peak, self._range_row])
+        y = torch.ops.quantized.linear_dynamic(block, self._packed, True)[:-1] * peak  # True: inputs in 7 bits
+        if self.bias is not None:
+            y = y + self.bias
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:

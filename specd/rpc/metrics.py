@@ -111,8 +111,8 @@ class WorkerMetrics:
             ("source",), registry=r,
         )
         self.spec = SpecDecodeCounters(r, ()) if role == "oracle" else None
-        # Continuous batching (the oracle's engine, specd.runtime.engine).
-        self.queued = Gauge("specd_engine_queued", "Verify blocks and prompt opens waiting for or in a step.", registry=r)
+        # Continuous batching (the engine, specd.runtime.engine).
+        self.queued = Gauge("specd_engine_queued", "Jobs (verify blocks, draft blocks, prompt opens) waiting for or in a step.", registry=r)
         self.step_rows = Histogram(
             "specd_engine_rows_per_step", "Rows (tokens) in one forward pass, all sessions together.",
             buckets=ROW_BUCKETS, registry=r,
@@ -125,7 +125,7 @@ class WorkerMetrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.queue_seconds = Histogram(
-            "specd_engine_queue_seconds", "Time a verify block or an open waited before its first step.",
+            "specd_engine_queue_seconds", "Time a job waited before its first step.",
             buckets=LATENCY_BUCKETS, registry=r,
         )
 

@@ -62,6 +62,25 @@ class WorkerConfig(BaseSettings):
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="gRPC max message size.")
     cache_dir: str = Field("", description="Where de-quantized GGUF weights are cached ('' = ~/.cache/specd).")
 
+    max_batch_rows: int = Field(
+        256,
+        ge=1,
+        description="Continuous batching: rows (tokens) one forward pass may hold across all sessions. Decode work "
+        "first (verify blocks; a draft's next positions), then prompt chunks while room is left (a step with nothing "
+        "else takes one chunk anyway).",
+    )
+    prefill_chunk_tokens: int = Field(
+        64,
+        ge=1,
+        description="Prompts are prefilled in chunks of this many tokens, one chunk per session per step, so a long "
+        "prompt holds other sessions' rounds back by one chunk at most.",
+    )
+    batching: bool = Field(
+        True,
+        description="Continuous batching: each forward pass serves every session with work queued. false runs one "
+        "session's work per pass (for comparison).",
+    )
+
     def model_spec(self, *, int8: bool = False) -> ModelSpec:
         return ModelSpec(
             source=self.model, dtype=self.dtype, device=self.device, layers=self.layers,

@@ -1,17 +1,17 @@
 """gRPC side of a worker: the RPCs both workers share.
 
-Servicers translate protobuf to domain calls on a ModelWorker and back; every model call
-runs on the worker's single model thread. A call cancelled by its client (or by its
-deadline) while it opens or advances a session closes that session.
+Servicers translate protobuf to domain calls on a ModelWorker and back. Model work goes through
+the worker's engine (specd.runtime.engine), which batches every session's work on the worker's
+single model thread. A call cancelled by its client (or by its deadline) while it opens or
+advances a session closes that session.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import grpc
@@ -22,6 +22,7 @@ from specd.rpc.features import features_to_proto
 from specd.rpc.host import grpc_errors
 from specd.rpc.metrics import WorkerMetrics
 from specd.rpc.settings import WorkerConfig
+from specd.runtime.engine import Engine
 from specd.runtime.executor import ModelExecutor
 from specd.runtime.worker import ModelWorker
 from specd.v1 import common_pb2
@@ -48,6 +49,7 @@ class WorkerServicerMixin:
 
     role: int
     open_response: type
+    engine_type: type[Engine]
 
     def __init__(self, worker: ModelWorker, executor: ModelExecutor, config: WorkerConfig):
         self.worker = worker
@@ -55,10 +57,11 @@ class WorkerServicerMixin:
         self.config = config
         self.metrics = WorkerMetrics("draft" if self.role == common_pb2.WORKER_ROLE_DRAFT else "oracle")
         self.metrics.running.set_function(lambda: len(worker.sessions))
-
-    async def run_for_session(self, session_id: str, fn: Callable[..., T], *args: Any) -> T:
-        """Run model work on the model thread; if the call is cancelled meanwhile, free the session."""
-        return await self.guard_session(session_id, self.executor.run(fn, *args))
+        self.engine = self.engine_type(
+            worker, executor, max_batch_rows=config.max_batch_rows, prefill_chunk_tokens=config.prefill_chunk_tokens,
+            batching=config.batching, on_step=self.metrics.record_step,
+        )
+        self.metrics.queued.set_function(lambda: self.engine.queued)
 
     async def guard_session(self, session_id: str, work: Awaitable[T]) -> T:
         """Await work on a session; if the call is cancelled meanwhile, free the session."""
@@ -69,10 +72,8 @@ class WorkerServicerMixin:
             raise
 
     async def open_session(self, session_id: str, prompt: list[int], params: Any, options: dict[str, Any]) -> Any:
-        """Open and prefill a session (an OpenResult); the oracle queues it on its engine instead."""
-        return await self.run_for_session(
-            session_id, functools.partial(self.worker.open, **options), session_id, prompt, params
-        )
+        """Open and prefill a session (an OpenResult) through the engine."""
+        return await self.guard_session(session_id, self.engine.open(session_id, prompt, params, **options))
 
     @grpc_errors
     async def GetInfo(self, request: Any, context: grpc.aio.ServicerContext) -> common_pb2.ModelInfo:
@@ -94,8 +95,12 @@ class WorkerServicerMixin:
         )
 
     def load(self) -> common_pb2.WorkerLoad:
-        """ModelInfo.load: how busy the worker is (the oracle's engine reports it)."""
-        return common_pb2.WorkerLoad()
+        """ModelInfo.load: how busy the worker's engine is."""
+        load = self.engine.load()
+        return common_pb2.WorkerLoad(
+            queued=load.queued, rows_per_step=load.rows_per_step, step_seconds=load.step_seconds,
+            busy_fraction=load.busy_fraction,
+        )
 
     def feature_dim(self) -> int:
         """ModelInfo.feature_dim: what a draft reads (0: tokens alone); oracles override it."""
@@ -127,7 +132,8 @@ class WorkerServicerMixin:
         return common_pb2.CloseSessionResponse(existed=existed)
 
     async def stop(self) -> None:
-        """Release what the servicer holds beyond its sessions (the oracle's engine loop)."""
+        """Stop the engine loop; queued work is dropped."""
+        await self.engine.stop()
 
     async def evict_idle(self) -> None:
         evicted = await self.executor.run(self.worker.evict_idle)

@@ -14,7 +14,8 @@ bit for bit what they are in a pass of its own. This is how vLLM's flattened bat
 (varlen attention over per-request KV), in plain torch.
 
 Supported for llama-style decoders (embed_tokens, rotary_emb, layers, norm; `PACKED_MODEL_TYPES`);
-other models run one session per pass.
+other models run one session per pass. The feature draft (specd.models.feature_draft) packs its
+one layer the same way (specd.runtime.draft_pass), through `PackedPass`.
 """
 
 from __future__ import annotations
@@ -40,24 +41,61 @@ class Segment:
     tokens: list[int]
     positions: list[int]  # each row's absolute position (a tree's rows: by depth)
     tree_mask: torch.Tensor | None = None  # [n, n] bool: which of this pass's rows a row sees; None: causal
+    # [n, cached + n] bool: which cached positions and rows each row sees, in place of the above (a feature
+    # draft's tree, whose rows see only their ancestors among the speculative positions already cached)
+    attend: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
 
 
 @dataclass
-class _Pass:
+class PackedPass:
+    """The layout of one packed pass: each segment's rows in the sequence, its mask, and during the pass,
+    per layer, each segment's keys and values."""
+
     segments: list[Segment]
+    ids: torch.Tensor  # [1, N] every segment's tokens, in order
+    positions: torch.Tensor  # [1, N] their absolute positions
     bounds: list[tuple[int, int]] = field(default_factory=list)  # each segment's rows in the packed sequence
     masks: list[torch.Tensor | None] = field(default_factory=list)  # each segment's [1, 1, n, L] mask, per pass
     states: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)  # layer -> per segment
+
+    @classmethod
+    def of(cls, segments: list[Segment], device: torch.device) -> PackedPass:
+        ids = torch.tensor([[t for s in segments for t in s.tokens]], dtype=torch.long, device=device)
+        positions = torch.tensor([[p for s in segments for p in s.positions]], dtype=torch.long, device=device)
+        batch = cls(segments, ids, positions)
+        start = 0
+        for segment in segments:
+            if not len(segment):
+                raise ValueError("a segment needs at least one row")
+            batch.bounds.append((start, start + len(segment)))
+            batch.masks.append(_segment_mask(segment, segment.cache.get_seq_length(), device))
+            start += len(segment)
+        return batch
+
+    def layers(self, layers: Any, hidden: torch.Tensor, position_embeddings: Any) -> torch.Tensor:
+        """Run `hidden` [1, N, H] through decoder layers that use packed attention; each session's cache
+        then holds its rows."""
+        cache = _PackedCache(self)
+        for layer in layers:
+            hidden = layer(
+                hidden, attention_mask=None, position_embeddings=position_embeddings, position_ids=self.positions,
+                cache=cache, use_cache=True, specd_batch=self,
+            )
+        return hidden
+
+    def split(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Packed rows [N, ...] as each segment's."""
+        return [rows[a:b] for a, b in self.bounds]
 
 
 class _PackedCache:
     """Stands in for a transformers Cache during a packed pass: each segment's keys and values go into its
     session's own cache, and the attention function reads them back from there."""
 
-    def __init__(self, batch: _Pass):
+    def __init__(self, batch: PackedPass):
         self.batch = batch
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
@@ -74,6 +112,8 @@ class _PackedCache:
 
 def _segment_mask(segment: Segment, cached: int, device: torch.device) -> torch.Tensor | None:
     """[1, 1, n, cached + n] bool (True: may attend), or None for a single row (it sees the whole cache)."""
+    if segment.attend is not None:
+        return segment.attend.to(device)[None, None]
     n = len(segment)
     if n == 1 and segment.tree_mask is None:
         return None
@@ -93,7 +133,7 @@ def packed_attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention interface. In a packed pass: each segment's queries against its own cache,
     through the attention the model used before (its `_INNER` implementation); otherwise that attention alone."""
-    batch: _Pass | None = kwargs.pop("specd_batch", None)
+    batch: PackedPass | None = kwargs.pop("specd_batch", None)
     inner = ALL_ATTENTION_FUNCTIONS[getattr(module.config, _INNER)]
     if batch is None:
         return inner(module, query, key, value, attention_mask, **kwargs)
@@ -110,7 +150,8 @@ def packed_attention(
 
 
 def use_packed_attention(model: nn.Module) -> bool:
-    """Let `model` run packed passes; returns whether it can. Its unpacked forward is unchanged."""
+    """Let `model` run packed passes; returns whether it can. Its unpacked forward is unchanged. `model` is a
+    transformers model, or a plain module holding a model's layers and config (the feature draft)."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "model_type", "") not in PACKED_MODEL_TYPES:
         return False
@@ -125,7 +166,10 @@ def use_packed_attention(model: nn.Module) -> bool:
     AttentionInterface.register(PACKED_ATTENTION, packed_attention)
     AttentionMaskInterface.register(PACKED_ATTENTION, sdpa_mask)
     setattr(config, _INNER, current)
-    model.set_attn_implementation(PACKED_ATTENTION)
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(PACKED_ATTENTION)
+    else:
+        config._attn_implementation = PACKED_ATTENTION
     return True
 
 
@@ -136,24 +180,8 @@ def packed_forward(model: nn.Module, segments: list[Segment]) -> list[torch.Tens
     if getattr(model.config, "_attn_implementation", None) != PACKED_ATTENTION:
         raise ValueError("packed passes need use_packed_attention(model) first")
     decoder = model.get_decoder()
-    device = decoder.embed_tokens.weight.device
-    batch = _Pass(segments)
-    start = 0
-    for segment in segments:
-        if not len(segment):
-            raise ValueError("a segment needs at least one row")
-        batch.bounds.append((start, start + len(segment)))
-        batch.masks.append(_segment_mask(segment, segment.cache.get_seq_length(), device))
-        start += len(segment)
-    ids = torch.tensor([[t for s in segments for t in s.tokens]], dtype=torch.long, device=device)  # [1, N]
-    positions = torch.tensor([[p for s in segments for p in s.positions]], dtype=torch.long, device=device)
-    hidden = decoder.embed_tokens(ids)
-    position_embeddings = decoder.rotary_emb(hidden, position_ids=positions)
-    cache = _PackedCache(batch)
-    for layer in decoder.layers[: model.config.num_hidden_layers]:
-        hidden = layer(
-            hidden, attention_mask=None, position_embeddings=position_embeddings, position_ids=positions,
-            cache=cache, use_cache=True, specd_batch=batch,
-        )
-    hidden = decoder.norm(hidden)[0]  # [N, H]
-    return [hidden[a:b] for a, b in batch.bounds]
+    batch = PackedPass.of(segments, decoder.embed_tokens.weight.device)
+    hidden = decoder.embed_tokens(batch.ids)
+    position_embeddings = decoder.rotary_emb(hidden, position_ids=batch.positions)
+    hidden = batch.layers(decoder.layers[: model.config.num_hidden_layers], hidden, position_embeddings)
+    return batch.split(decoder.norm(hidden)[0])  # [n, H] each

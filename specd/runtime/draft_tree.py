@@ -23,6 +23,7 @@ from specd.core import tree
 from specd.core.lookup import NgramIndex
 from specd.core.stopping import StopRule
 from specd.core.tree import ROOT
+from specd.runtime.draft_pass import DraftWork
 from specd.runtime.feature_session import FeatureSession
 
 
@@ -78,8 +79,9 @@ class TreeBuilder:
         self.copied: dict[int, bool] = {}  # candidates that prompt lookup continues
         self.steps = 0  # forward passes
 
-    def build(self) -> DraftTree:
-        self._grow()
+    def build(self) -> DraftWork[DraftTree]:
+        """The tree, grown in a forward pass per level (specd.runtime.draft_pass)."""
+        yield from self._grow()
         return self._select()
 
     # -- candidates ------------------------------------------------------------------------------
@@ -166,7 +168,7 @@ class TreeBuilder:
             level.append(i)
         return sorted(level, key=lambda i: -nodes[i].survival)[: self.width]
 
-    def _grow(self) -> None:
+    def _grow(self) -> DraftWork[None]:
         assert self.state.last is not None
         root_g, root_logits = self.state.last
         self._copy(ROOT)
@@ -180,7 +182,7 @@ class TreeBuilder:
             features = [root_g[0] if nodes[i].parent == ROOT else nodes[nodes[i].parent].g for i in expand]
             parents = [node.parent for node in nodes]
             sees = [[nodes[a].row for a in tree.ancestors(parents, nodes[i].parent)] for i in expand]
-            g, logits = self.state.tree_step(
+            g, logits = yield from self.state.tree_step_work(
                 torch.stack(features), [nodes[i].token for i in expand], [depth] * len(expand), sees
             )
             self.steps += 1

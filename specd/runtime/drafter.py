@@ -31,7 +31,6 @@ with the tokens prompt lookup copies, and keeps the tokens the stop rule says pa
 from __future__ import annotations
 
 import time
-from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import torch
@@ -42,8 +41,11 @@ from specd.core.lookup import NgramIndex
 from specd.core.sampling import SamplingParams, Stream, keyed_uniform, sample_from, warp_probs
 from specd.core.stopping import StopRule
 from specd.models.pretrained import LoadedModel
+from specd.runtime.batch import Segment
+from specd.runtime.draft_pass import DraftOutput, DraftPasses, DraftRows, DraftWork, run_alone
 from specd.runtime.draft_tree import TreeBuilder
 from specd.runtime.feature_session import FeatureSession
+from specd.runtime.kv import KVSession
 from specd.runtime.worker import ModelWorker, OpenResult, PositionFeatures, WorkerSession
 
 # Most alternatives a tree block may offer per position.
@@ -84,6 +86,7 @@ class Drafter(ModelWorker):
             torch.tensor(loaded.head_token_ids, dtype=torch.long) if loaded.head_token_ids is not None else None
         )
         self._head_size = len(loaded.head_token_ids) if loaded.head_token_ids is not None else loaded.vocab_size
+        self.passes = DraftPasses(loaded.model, feature_draft=bool(loaded.feature_dim))
 
     def _token_id(self, head_index: int) -> int:
         return head_index if self._head_ids is None else int(self._head_ids[head_index])
@@ -92,38 +95,77 @@ class Drafter(ModelWorker):
     def feature_dim(self) -> int:
         return self.loaded.feature_dim
 
+    def forward(self, passes: list[DraftRows]) -> list[DraftOutput]:
+        """One forward pass over the rows of one or more sessions (specd.runtime.draft_pass)."""
+        return self.passes.forward(passes)
+
     def open(
         self, session_id: str, prompt: list[int], params: SamplingParams, *,
         features: PositionFeatures | None = None,
     ) -> OpenResult:
-        """Standalone drafts prefill the prompt; feature drafts take the prompt's features."""
-        result = self._open_model(session_id, prompt, params, features)
+        return run_alone(self.open_work(session_id, prompt, params, features=features), self.forward)
+
+    def propose(
+        self, session_id: str, append: list[int], committed_length: int, k: int,
+        features: PositionFeatures | None = None, stop: StopRule | None = None, tree_width: int = 0,
+    ) -> DraftProposal:
+        return run_alone(
+            self.propose_work(session_id, append, committed_length, k, features, stop, tree_width), self.forward
+        )
+
+    def open_work(
+        self, session_id: str, prompt: list[int], params: SamplingParams, *,
+        features: PositionFeatures | None = None, chunk: int = 0,
+    ) -> DraftWork[OpenResult]:
+        """Open a session: standalone drafts prefill the prompt (from the prefix cache where it holds it), feature
+        drafts take the prompt's features; in passes of up to `chunk` prompt positions (0: one pass)."""
+        if self.feature_dim:
+            result = yield from self._open_features(session_id, prompt, params, features, chunk)
+        else:
+            result = yield from self._open_tokens(session_id, prompt, params, chunk)
         if self.lookup_ngram is not None:
             index = NgramIndex(*self.lookup_ngram)
             index.extend(prompt)
             self.sessions.get(session_id).lookup = index
         return result
 
-    def _open_model(
-        self, session_id: str, prompt: list[int], params: SamplingParams, features: PositionFeatures | None
-    ) -> OpenResult:
-        if not self.feature_dim:
-            return super().open(session_id, prompt, params)
+    def _open_tokens(
+        self, session_id: str, prompt: list[int], params: SamplingParams, chunk: int
+    ) -> DraftWork[OpenResult]:
+        prefill = self.begin_open(session_id, prompt, params)
+        try:
+            while not prefill.finished:
+                tokens, positions = prefill.next_chunk(chunk or len(prefill.prefix))
+                segment = Segment(prefill.kv.cache, tokens, positions)
+                yield DraftRows(segment, logits="none")
+                self.prefilled(prefill, segment, None)
+        except BaseException:
+            self.abandon_open(prefill)
+            raise
+        return self.finish_open(prefill)
+
+    def _open_features(
+        self, session_id: str, prompt: list[int], params: SamplingParams, features: PositionFeatures | None,
+        chunk: int,
+    ) -> DraftWork[OpenResult]:
         self.validate_open(session_id, prompt)
         started = time.perf_counter()
-        state = FeatureSession(self.loaded.model, self.loaded.device)
+        state = FeatureSession(self.loaded.model, self.loaded.device, self.passes)
         if features is not None:
             state.receive(features.start, features.rows)
         self._check_features(state, len(prompt))
-        state.catch_up(prompt)
-        session = WorkerSession(kv=state, params=params, committed=list(prompt))
-        self.sessions.add(session_id, session)
+        self._opening.add(session_id)
+        try:
+            yield from state.catch_up_work(prompt, chunk)
+        finally:
+            self._opening.discard(session_id)
+        self.sessions.add(session_id, WorkerSession(kv=state, params=params, committed=list(prompt)))
         return OpenResult(prefill_tokens=len(prompt), prefill_seconds=time.perf_counter() - started)
 
-    def propose(
+    def propose_work(
         self, session_id: str, append: list[int], committed_length: int, k: int,
         features: PositionFeatures | None = None, stop: StopRule | None = None, tree_width: int = 0,
-    ) -> DraftProposal:
+    ) -> DraftWork[DraftProposal]:
         """k tokens, or fewer when `stop` ends the block early. tree_width > 1: the block may be a
         tree (specd.core.tree) of at most k tokens with up to tree_width alternatives per position."""
         session = self.sessions.get(session_id)
@@ -147,11 +189,11 @@ class Drafter(ModelWorker):
             session.lookup.extend(append)
         started = time.perf_counter()
         if tree_width > 1 and isinstance(state, FeatureSession) and session.params.greedy:
-            state.catch_up(session.committed)
+            yield from state.catch_up_work(session.committed)
             if state.last is not None:
-                return self._propose_tree(state, session, k, stop, tree_width, started)
-        steps = self._feature_steps(state, session.committed) if isinstance(state, FeatureSession) else (
-            self._token_steps(session)
+                return (yield from self._propose_tree(state, session, k, stop, tree_width, started))
+        model = _FeatureSteps(self, state, session.committed) if isinstance(state, FeatureSession) else (
+            _TokenSteps(session)
         )
         tokens: list[int] = []
         distributions: list[SparseDistribution] = []
@@ -179,9 +221,10 @@ class Drafter(ModelWorker):
                 if not session.params.greedy:
                     distributions.append(SparseDistribution([token], [1.0]))
             else:
-                logits = next(steps) if logits is None else logits
+                if logits is None:
+                    logits = yield from model.first()
                 for fed in tokens[len(tokens) - unfed :]:
-                    logits = steps.send(fed)
+                    logits = yield from model.feed(fed)
                 unfed = 0
                 model_steps += 1
                 token, distribution, confidence = self._choose(logits[: self._head_size], session.params, position + i)
@@ -204,9 +247,9 @@ class Drafter(ModelWorker):
     def _propose_tree(
         self, state: FeatureSession, session: WorkerSession, k: int, stop: StopRule | None, width: int,
         started: float,
-    ) -> DraftProposal:
+    ) -> DraftWork[DraftProposal]:
         """The best tree of at most k tokens (specd.runtime.draft_tree)."""
-        grown = TreeBuilder(
+        grown = yield from TreeBuilder(
             state, session.committed, session.lookup, k, stop, width, self._head_size, self._token_id
         ).build()
         return DraftProposal(
@@ -236,24 +279,6 @@ class Drafter(ModelWorker):
         return token, SparseDistribution(ids.tolist(), q.tolist()), float(q[0])
 
     @staticmethod
-    def _token_steps(session: WorkerSession) -> Generator[torch.Tensor, int, None]:
-        """A standalone draft's logits: first after feeding what the cache lacks, then after each sent token."""
-        feed = session.kv.sync(session.committed)
-        while True:
-            token = yield session.kv.forward(feed)[-1]
-            feed = [token]
-
-    def _feature_steps(self, state: FeatureSession, committed: list[int]) -> Generator[torch.Tensor, int, None]:
-        """A feature draft's logits: first from the last real position, then each from its own feature."""
-        state.catch_up(committed)
-        if state.last is None:  # a one-token prompt: no feature exists yet, so start from a zero feature
-            state.last = state.step(torch.zeros(1, self.feature_dim, device=self.loaded.device), committed[-1])
-        g, logits = state.last
-        while True:
-            token = yield logits
-            g, logits = state.step(g, token)
-
-    @staticmethod
     def _check_features(state: FeatureSession, committed_length: int) -> None:
         """Every committed position but the last must have its feature (the oracle returns them all)."""
         if state.received != committed_length - 1:
@@ -261,3 +286,46 @@ class Drafter(ModelWorker):
                 f"a feature draft needs the oracle's features for positions 0..{committed_length - 2}, "
                 f"it holds {state.received}; open the oracle session with return_features and pass them on"
             )
+
+
+class _TokenSteps:
+    """A standalone draft's logits along a block: first after feeding what its cache lacks, then after each token."""
+
+    def __init__(self, session: WorkerSession):
+        assert isinstance(session.kv, KVSession)
+        self.session, self.kv = session, session.kv
+
+    def first(self) -> DraftWork[torch.Tensor]:
+        return (yield from self._feed(self.kv.sync(self.session.committed)))
+
+    def feed(self, token: int) -> DraftWork[torch.Tensor]:
+        return (yield from self._feed([token]))
+
+    def _feed(self, tokens: list[int]) -> DraftWork[torch.Tensor]:
+        start = self.kv.cached_length
+        out = yield DraftRows(Segment(self.kv.cache, tokens, list(range(start, start + len(tokens)))))
+        self.kv.record_fed(tokens)
+        assert out.logits is not None
+        return out.logits[-1]
+
+
+class _FeatureSteps:
+    """A feature draft's logits along a block: first from the last real position, then each from its own feature."""
+
+    def __init__(self, drafter: Drafter, state: FeatureSession, committed: list[int]):
+        self.drafter, self.state, self.committed = drafter, state, committed
+        self.g: torch.Tensor | None = None
+
+    def first(self) -> DraftWork[torch.Tensor]:
+        state = self.state
+        yield from state.catch_up_work(self.committed)
+        if state.last is None:  # a one-token prompt: no feature exists yet, so start from a zero feature
+            zero = torch.zeros(1, self.drafter.feature_dim, device=self.drafter.loaded.device)
+            state.last = yield from state.step_work(zero, self.committed[-1])
+        self.g, logits = state.last
+        return logits
+
+    def feed(self, token: int) -> DraftWork[torch.Tensor]:
+        assert self.g is not None
+        self.g, logits = yield from self.state.step_work(self.g, token)
+        return logits

@@ -1,15 +1,26 @@
-"""The oracle's engine loop: continuous batching of verification and prefill.
+"""A worker's engine loop: continuous batching of every session's model work.
 
-Every Verify and every session open is queued here. Each step the loop takes what is queued, up
-to a budget of rows, and runs it as one forward pass on the model thread (specd.runtime.batch):
-every queued verify block (chains, draft trees, k = 0 steps), then prompt chunks while the
-budget lasts, each in the order it arrived. A prompt is prefilled in chunks of
-`prefill_chunk_tokens`, so a long prompt holds another session's round back by one chunk at most
-(vLLM's chunked prefill). A request that arrives while the loop is idle runs at once: there is
-no batching window. Work that arrives during a step joins the next one.
+A job is one session's work on the worker: the oracle's verification of a block or its prefill
+of a prompt, a draft's proposal of a block or its open. It is written as a generator that yields
+the rows of each forward pass it needs and receives what the pass computed for them; the worker
+supplies the function that runs one pass over the rows of several sessions (specd.runtime.batch,
+specd.runtime.draft_pass). Each step the loop takes every queued job's next rows, up to a budget,
+runs them as one forward pass on the model thread and sends each job its part:
 
-The step's decisions are each session's own: the verifier decides on a session's rows exactly as
-it would alone (specd.runtime.verifier), and chunk boundaries depend on the prompt alone, so
+- decode work first (verify blocks, chains and trees, k = 0 steps; a draft's next positions),
+  then prefill work (prompt chunks) while rows are left, each in the order it arrived. A prompt
+  is prefilled in chunks of `prefill_chunk_tokens`, so a long prompt holds another session's
+  round back by one chunk at most (vLLM's chunked prefill). A step with no other rows takes a
+  job's rows whatever their number.
+- one job per session per step: a session's next job waits for the step after its last one.
+- a job that needs several passes (a draft's block of k tokens, a long prompt) stays in the
+  step after step, and leaves when it ends (a draft's block: when its stop rule ends it).
+
+A request that arrives while the loop is idle runs at once: there is no batching window. Work
+that arrives during a step joins the next one. A job that fails its checks fails alone.
+
+The step's decisions are each session's own: a session's rows are computed as they would be
+alone, and decided on by the same code; chunk boundaries depend on the prompt alone. So
 batching changes no session's output.
 """
 
@@ -20,16 +31,19 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Sized
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from specd.core.errors import SpecdError
 from specd.core.sampling import SamplingParams
+from specd.core.stopping import StopRule
 from specd.runtime.batch import Segment
+from specd.runtime.draft_pass import DraftOutput, DraftRows
+from specd.runtime.drafter import Drafter, DraftProposal
 from specd.runtime.executor import ModelExecutor
-from specd.runtime.verifier import Verifier, VerifyPlan, VerifyResult
-from specd.runtime.worker import OpenResult, Prefill
+from specd.runtime.verifier import Verifier, VerifyResult
+from specd.runtime.worker import OpenResult, PositionFeatures
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +54,6 @@ class StepStats:
 
     rows: int
     sessions: int
-    verifies: int
     prefill_rows: int
     seconds: float
     queue_seconds: list[float]  # per job that started in this step: how long it waited
@@ -101,23 +114,37 @@ class StepWindow:
             self._steps.popleft()
 
 
+R = TypeVar("R", bound=Sized)  # the rows of one session in a pass
+Out = TypeVar("Out")  # what the pass computed for them
+
+
 @dataclass
 class _Job:
-    kind: str  # "verify" or "open"
-    args: tuple
+    session_id: str
+    start: Callable[[], Generator]  # makes the job's work; called on the model thread at its first step
     future: asyncio.Future
+    prefill: bool  # prompt work, after decode work in a step
     queued: float = field(default_factory=time.perf_counter)
-    prefill: Prefill | None = None  # an open's state once it began
+    work: Generator | None = None
+    rows: Any = None  # the rows its next pass needs
     started: bool = False
     result: Any = None
     error: BaseException | None = None
     finished: bool = False
+    step_sessions: int = 1  # sessions in the pass that finished it
+    row_seconds: float = 0.0  # what one more row added to a pass then
+
+    def close(self) -> None:
+        """Stop the work where it is (a prefill gives up its reservation)."""
+        if self.work is not None:
+            self.work.close()
+        self.finished = True
 
 
-class Engine:
+class Engine(Generic[R, Out]):
     def __init__(
         self,
-        verifier: Verifier,
+        forward: Callable[[list[R]], list[Out]],
         executor: ModelExecutor,
         *,
         max_batch_rows: int = 256,
@@ -125,8 +152,9 @@ class Engine:
         batching: bool = True,
         on_step: Callable[[StepStats], None] | None = None,
     ):
-        """batching=False runs one job per step (the comparison without continuous batching)."""
-        self.verifier = verifier
+        """forward: one pass over the rows of several sessions. batching=False runs one job per step (the
+        comparison without continuous batching)."""
+        self.forward = forward
         self.executor = executor
         self.max_batch_rows = max_batch_rows
         self.prefill_chunk_tokens = prefill_chunk_tokens
@@ -144,36 +172,26 @@ class Engine:
     def load(self) -> Load:
         return self.window.load(self.queued)
 
-    async def verify(
-        self, session_id: str, draft_tokens: list[int], distributions: list[tuple[list[int], list[float]]],
-        committed_length: int, parents: list[int] | None = None,
-    ) -> VerifyResult:
-        return await self._submit("verify", (session_id, draft_tokens, distributions, committed_length, parents))
-
-    async def open(
-        self, session_id: str, prompt: list[int], params: SamplingParams, *, return_features: bool = False
-    ) -> OpenResult:
-        return await self._submit("open", (session_id, prompt, params, return_features))
-
-    async def _submit(self, kind: str, args: tuple) -> Any:
+    async def run(self, session_id: str, start: Callable[[], Generator], *, prefill: bool = False) -> _Job:
+        """Queue a session's work; returns its finished job (its result in .result)."""
         if self._task is None or self._task.done():
-            self._task = asyncio.ensure_future(self._run())
-        job = _Job(kind, args, asyncio.get_running_loop().create_future())
+            self._task = asyncio.ensure_future(self._loop())
+        job = _Job(session_id, start, asyncio.get_running_loop().create_future(), prefill)
         self._queue.append(job)
         self._wake.set()
-        return await job.future
+        await job.future
+        return job
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
         for job in self._queue:
-            if job.prefill is not None:
-                self.verifier.abandon_open(job.prefill)
+            await self.executor.run(job.close)
             if not job.future.done():
                 job.future.cancel()
         self._queue.clear()
 
-    async def _run(self) -> None:
+    async def _loop(self) -> None:
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -185,9 +203,8 @@ class Engine:
                     log.exception("engine step failed")
                     for job in jobs:
                         if job.started and not job.finished:
-                            job.error, job.finished = error, True
-                            if job.prefill is not None:
-                                self.verifier.abandon_open(job.prefill)
+                            job.close()
+                            job.error = error
                 for job in jobs:
                     if job.finished:
                         self._queue.remove(job)
@@ -195,86 +212,139 @@ class Engine:
                             if job.error is not None:
                                 job.future.set_exception(job.error)
                             else:
-                                job.future.set_result(job.result)
+                                job.future.set_result(job)
 
     # -- the step, on the model thread ------------------------------------------------------------
     def _step(self, jobs: list[_Job]) -> None:
-        """Lay out this step's rows, run them as one pass, and finish what they complete."""
+        """Take every eligible job's next rows while they fit, run them as one pass, and send each its part."""
         started = time.perf_counter()
-        plans: list[tuple[_Job, VerifyPlan]] = []
-        chunks: list[tuple[_Job, Segment]] = []
+        sessions: set[str] = set()
+        eligible = []
+        for job in jobs:  # a session's next job waits for the step after the one before it
+            if job.session_id not in sessions:
+                sessions.add(job.session_id)
+                eligible.append(job)
+        chosen: list[_Job] = []
         rows = 0
         waits: list[float] = []
-        sessions: set[str] = set()  # a session's next job waits for the step after this one's
-        for job in jobs:
-            if rows and not self.batching:
+        for job in sorted(eligible, key=lambda job: job.prefill):  # stable: arrival order within each kind
+            if chosen and not self.batching:
                 break
-            if job.args[0] in sessions:
-                continue
-            sessions.add(job.args[0])
             if job.future.cancelled():  # its caller is gone: drop it before it costs a row
-                if job.prefill is not None:
-                    self.verifier.abandon_open(job.prefill)
-                job.finished = True
-                continue
-            try:
-                if job.kind == "verify":
-                    if rows and rows + len(job.args[1]) + 1 > self.max_batch_rows:
-                        continue
-                    plan = self.verifier.plan_verify(*job.args)
-                    plans.append((job, plan))
-                    rows += len(plan.segment)
-                else:
-                    segment = self._next_chunk(job, rows)
-                    if segment is None:
-                        continue
-                    chunks.append((job, segment))
-                    rows += len(segment)
-            except SpecdError as error:  # a caller's mistake fails its own job only
-                job.error, job.finished = error, True
+                job.close()
                 continue
             if not job.started:
                 job.started = True
                 waits.append(started - job.queued)
-        segments = [plan.segment for _, plan in plans] + [segment for _, segment in chunks]
-        if not segments:
+                job.work = job.start()
+                if not self._advance(job, None):
+                    continue
+            if rows and rows + len(job.rows) > self.max_batch_rows:
+                continue
+            chosen.append(job)
+            rows += len(job.rows)
+        if not chosen:
             return
-        hidden = self.verifier.forward(segments)
+        outputs = self.forward([job.rows for job in chosen])
         row_seconds = self.window.row_seconds()
-        for (job, plan), rows_hidden in zip(plans, hidden):
-            try:
-                job.result = replace(
-                    self.verifier.finish_verify(plan, rows_hidden), step_sessions=len(segments), row_seconds=row_seconds
-                )
-            except SpecdError as error:
-                job.error = error
-            job.finished = True
-        for (job, segment), rows_hidden in zip(chunks, hidden[len(plans) :]):
-            assert job.prefill is not None
-            self.verifier.prefilled(job.prefill, segment, rows_hidden)
-            if job.prefill.finished:
-                job.result = self.verifier.finish_open(job.prefill)
-                job.finished = True
+        prefill_rows = sum(len(job.rows) for job in chosen if job.prefill)
+        for job, output in zip(chosen, outputs):
+            job.step_sessions, job.row_seconds = len(chosen), row_seconds
+            self._advance(job, output)
         stats = StepStats(
-            rows=sum(len(s) for s in segments), sessions=len(segments), verifies=len(plans),
-            prefill_rows=sum(len(s) for _, s in chunks), seconds=time.perf_counter() - started,
+            rows=rows, sessions=len(chosen), prefill_rows=prefill_rows, seconds=time.perf_counter() - started,
             queue_seconds=waits,
         )
         self.window.add(stats.rows, stats.seconds)
         if self.on_step is not None:
             self.on_step(stats)
 
-    def _next_chunk(self, job: _Job, rows: int) -> Segment | None:
-        """The open's next prompt chunk, if it fits the step (a step with no other rows takes one anyway);
-        an open whose prompt is all cached finishes here."""
-        if job.prefill is None:
-            session_id, prompt, params, return_features = job.args
-            job.prefill = self.verifier.begin_open(session_id, prompt, params, return_features=return_features)
-        prefill = job.prefill
-        if prefill.finished:
-            job.result, job.finished = self.verifier.finish_open(prefill), True
-            return None
-        tokens, positions = prefill.next_chunk(self.prefill_chunk_tokens)
-        if rows and rows + len(tokens) > self.max_batch_rows:
-            return None
-        return Segment(prefill.kv.cache, tokens, positions)
+    @staticmethod
+    def _advance(job: _Job, output: Any) -> bool:
+        """Send the job its pass's output (None: start it); returns whether it needs another pass."""
+        assert job.work is not None
+        try:
+            job.rows = job.work.send(output)
+            return True
+        except StopIteration as done:
+            job.result = done.value
+        except SpecdError as error:  # a caller's mistake fails its own job only
+            job.error = error
+        except Exception as error:
+            log.exception("session %s failed", job.session_id)
+            job.error = error
+        job.finished = True
+        return False
+
+
+class OracleEngine(Engine[Segment, Any]):
+    """The oracle's jobs: verify a block in one pass; open a session, its prompt chunk by chunk."""
+
+    def __init__(self, verifier: Verifier, executor: ModelExecutor, **settings: Any):
+        super().__init__(verifier.forward, executor, **settings)
+        self.verifier = verifier
+
+    async def verify(
+        self, session_id: str, draft_tokens: list[int], distributions: list[tuple[list[int], list[float]]],
+        committed_length: int, parents: list[int] | None = None,
+    ) -> VerifyResult:
+        job = await self.run(
+            session_id, lambda: self._verify(session_id, draft_tokens, distributions, committed_length, parents)
+        )
+        return replace(job.result, step_sessions=job.step_sessions, row_seconds=job.row_seconds)
+
+    async def open(
+        self, session_id: str, prompt: list[int], params: SamplingParams, *, return_features: bool = False
+    ) -> OpenResult:
+        job = await self.run(
+            session_id, lambda: self._open(session_id, prompt, params, return_features), prefill=True
+        )
+        return job.result
+
+    def _verify(self, *args: Any) -> Generator[Segment, Any, VerifyResult]:
+        plan = self.verifier.plan_verify(*args)
+        hidden = yield plan.segment
+        return self.verifier.finish_verify(plan, hidden)
+
+    def _open(
+        self, session_id: str, prompt: list[int], params: SamplingParams, return_features: bool
+    ) -> Generator[Segment, Any, OpenResult]:
+        verifier = self.verifier
+        prefill = verifier.begin_open(session_id, prompt, params, return_features=return_features)
+        try:
+            while not prefill.finished:
+                tokens, positions = prefill.next_chunk(self.prefill_chunk_tokens)
+                segment = Segment(prefill.kv.cache, tokens, positions)
+                verifier.prefilled(prefill, segment, (yield segment))
+        except BaseException:
+            verifier.abandon_open(prefill)
+            raise
+        return verifier.finish_open(prefill)
+
+
+class DraftEngine(Engine[DraftRows, DraftOutput]):
+    """The draft's jobs: propose a block, a pass per position (or per tree level); open a session."""
+
+    def __init__(self, drafter: Drafter, executor: ModelExecutor, **settings: Any):
+        super().__init__(drafter.forward, executor, **settings)
+        self.drafter = drafter
+
+    async def propose(
+        self, session_id: str, append: list[int], committed_length: int, k: int,
+        features: PositionFeatures | None = None, stop: StopRule | None = None, tree_width: int = 0,
+    ) -> DraftProposal:
+        job = await self.run(
+            session_id,
+            lambda: self.drafter.propose_work(session_id, append, committed_length, k, features, stop, tree_width),
+        )
+        return job.result
+
+    async def open(
+        self, session_id: str, prompt: list[int], params: SamplingParams, *, features: PositionFeatures | None = None
+    ) -> OpenResult:
+        job = await self.run(
+            session_id,
+            lambda: self.drafter.open_work(session_id, prompt, params, features=features, chunk=self.prefill_chunk_tokens),
+            prefill=True,
+        )
+        return job.result

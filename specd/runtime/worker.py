@@ -143,10 +143,11 @@ class ModelWorker:
             features=features, cached_tokens=prefill.cached,
         )
 
-    def prefilled(self, prefill: Prefill, segment: Segment, hidden: torch.Tensor) -> None:
+    def prefilled(self, prefill: Prefill, segment: Segment, hidden: torch.Tensor | None) -> None:
         """A chunk of the prompt went through a pass (specd.runtime.engine): its rows are in the cache."""
         prefill.kv.record_fed(segment.tokens)
         if prefill.return_features:
+            assert hidden is not None
             prefill.parts.append(hidden)
         prefill.done += len(segment)
 

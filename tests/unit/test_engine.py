@@ -163,3 +163,25 @@ async def test_without_batching_each_step_serves_one_session(tiny_dir, batching)
     await asyncio.gather(*(engine.verify(sid, [4], [], 3) for sid in ("a", "b", "c")))
     assert [s.sessions for s in steps] == [1, 1, 1]
     await engine.stop()
+
+
+def test_the_step_window_keeps_the_least_squares_slope_and_load_as_steps_come_and_go(monkeypatch):
+    from specd.runtime import engine as engine_module
+
+    now = [0.0]
+    monkeypatch.setattr(engine_module.time, "monotonic", lambda: now[0])
+    window = engine_module.StepWindow(seconds=5.0)
+    assert window.row_seconds() == 0.0 and window.load(3).rows_per_step == 0.0
+    steps = [(rows, 0.02 + 0.001 * rows + 0.0001 * (i % 3)) for i, rows in enumerate([1, 4, 9, 4, 16, 1, 8, 2])]
+    for i, (rows, seconds) in enumerate(steps):
+        now[0] = float(i)
+        window.add(rows, seconds)
+    recent = steps[-6:]  # steps 2..7 are within 5 s of t = 7
+    mean_r = sum(r for r, _ in recent) / 6
+    mean_s = sum(s for _, s in recent) / 6
+    slope = sum((r - mean_r) * (s - mean_s) for r, s in recent) / sum((r - mean_r) ** 2 for r, _ in recent)
+    assert window.row_seconds() == pytest.approx(slope, rel=1e-9)
+    load = window.load(2)
+    assert load.queued == 2 and load.rows_per_step == pytest.approx(mean_r) and load.step_seconds == pytest.approx(mean_s)
+    now[0] = 100.0
+    assert window.load(0).rows_per_step == 0.0 and window.row_seconds() == 0.0

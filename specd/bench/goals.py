@@ -8,6 +8,7 @@ from specd.bench.results import (
     CONCURRENT_ORACLE_ALONE,
     HF_ASSISTED,
     STATIC_BATCH,
+    UNBATCHED,
     BenchResults,
     GoalCheck,
 )
@@ -20,16 +21,19 @@ FAR_ORACLE_SHARE = 0.95  # adaptive over the oracle alone at that injected round
 
 # Concurrency: adaptive at PEER_CLIENTS clients at least matches transformers' static batch of that size; at every
 # level adaptive keeps UNDER_LOAD_SHARE of the oracle alone; the oracle alone at PEER_CLIENTS clients reaches
-# SCALING x its own one-client throughput.
+# SCALING x its own one-client throughput; one client is served at least ONE_CLIENT_SHARE as fast as on workers with
+# continuous batching off (the same run's noise allowance).
 PEER_CLIENTS = 16
 UNDER_LOAD_SHARE = 0.95
 SCALING = 4.0
+ONE_CLIENT_SHARE = 0.95
 
 
 def check_goals(results: BenchResults) -> list[GoalCheck]:
     return [
         _speedup(results), _beats_transformers(results), _best_fixed(results), _far_oracle(results),
         _matches_static_batch(results), _never_hurts_under_load(results), _oracle_scales(results),
+        _one_client_not_slower(results),
     ]
 
 
@@ -123,3 +127,16 @@ def _oracle_scales(results: BenchResults) -> GoalCheck:
         return _not_measured(goal)
     ratio = many / one
     return GoalCheck(goal, f"{ratio:.2f}x ({many:.1f} vs {one:.1f} tok/s)", ratio, ratio >= SCALING)
+
+
+def _one_client_not_slower(results: BenchResults) -> GoalCheck:
+    goal = f"one client, adaptive with batching >= {ONE_CLIENT_SHARE:.2f}x adaptive on workers without it"
+    batched = _concurrency_tokens(results, CONCURRENT_ADAPTIVE, 1)
+    unbatched = _concurrency_tokens(results, CONCURRENT_ADAPTIVE + UNBATCHED, 1)
+    if batched is None or unbatched is None:
+        return _not_measured(goal)
+    share = batched / unbatched
+    alone = _concurrency_tokens(results, CONCURRENT_ORACLE_ALONE, 1)
+    alone_off = _concurrency_tokens(results, CONCURRENT_ORACLE_ALONE + UNBATCHED, 1)
+    also = f"; oracle alone {alone / alone_off:.2f}x" if alone and alone_off else ""
+    return GoalCheck(goal, f"{share:.2f}x ({batched:.1f} vs {unbatched:.1f} tok/s{also})", share, share >= ONE_CLIENT_SHARE)

@@ -20,6 +20,7 @@ HF_ASSISTED = "transformers-assisted"
 # The concurrency section's rows.
 CONCURRENT_ADAPTIVE = "adaptive"
 CONCURRENT_ORACLE_ALONE = "oracle alone"
+UNBATCHED = ", no batching"  # suffix of a policy run on workers with continuous batching off
 STATIC_BATCH = "transformers static batch"
 
 

@@ -154,7 +154,7 @@ def planned_requests(options: BenchOptions, prompts: PromptSet, with_transformer
     if "rtt" in options.sections:
         total += rtt_requests(options.delays_ms, len(prompts.first_of_each(options.rtt_prompts_per_category)))
     if "concurrency" in options.sections:
-        total += concurrency_requests(options.clients, options.requests_for)
+        total += concurrency_requests(options.clients, options.requests_for, unbatched=1 in options.clients)
     return total
 
 
@@ -204,6 +204,8 @@ async def run_bench(options: BenchOptions) -> BenchResults:
     settings = StackSettings(
         options.oracle, options.draft, options.draft_layers, options.threads, options.max_depth,
         model_only_draft=with_transformers,  # the speed sections compare adaptive with and without prompt lookup
+        # One client on workers with continuous batching off: what one client got before the engines (goal d).
+        unbatched_pair="concurrency" in options.sections and 1 in options.clients,
     )
     async with BenchStack(settings) as stack:
         results.section_seconds["start"] = time.perf_counter() - started

@@ -42,6 +42,7 @@ from specd.bench.results import (
     HF_PLAIN,
     ORACLE_ALONE,
     STATIC_BATCH,
+    UNBATCHED,
     BestFixed,
     ConcurrencyPoint,
     ConcurrencyResult,
@@ -371,8 +372,9 @@ async def rtt_section(ctx: BenchContext, delays_ms: list[float], per_category: i
 CONCURRENCY_POLICIES = ((CONCURRENT_ADAPTIVE, None), (CONCURRENT_ORACLE_ALONE, 0))
 
 
-def concurrency_requests(levels: list[int], requests_for: Callable[[int], int]) -> int:
-    return warmup_requests(False, False) + sum(len(CONCURRENCY_POLICIES) * requests_for(n) + 1 for n in levels)
+def concurrency_requests(levels: list[int], requests_for: Callable[[int], int], unbatched: bool = False) -> int:
+    one_client = len(CONCURRENCY_POLICIES) * requests_for(1) + warmup_requests(False, False) if unbatched else 0
+    return warmup_requests(False, False) + sum(len(CONCURRENCY_POLICIES) * requests_for(n) + 1 for n in levels) + one_client
 
 
 async def _stream(client: AsyncSpecdClient, ctx: BenchContext, prompt: BenchPrompt, depth: int | None) -> StreamRecord:
@@ -409,7 +411,23 @@ async def concurrency_section(ctx: BenchContext, levels: list[int], requests_for
                 points.append(ConcurrencyPoint(STATIC_BATCH, clients, await _static_batch(ctx, clients)))
     finally:
         await ctx.stack.close_coordinator(running)
+    if 1 in levels and ctx.stack.unbatched is not None:
+        points += await _one_client_unbatched(ctx, requests_for(1))
     return ConcurrencyResult(warmup=warmup, points=points)
+
+
+async def _one_client_unbatched(ctx: BenchContext, requests: int) -> list[ConcurrencyPoint]:
+    """One client on a pair of workers with continuous batching off: what one client got before the engines."""
+    running = await ctx.stack.coordinator("concurrency-unbatched", batching=False)
+    try:
+        async with AsyncSpecdClient(running.address) as client:
+            await warm_up(client, ctx, 0.0, kernels=False)
+        return [
+            ConcurrencyPoint(policy + UNBATCHED, 1, await _level(running, ctx, 1, requests, depth, policy + UNBATCHED))
+            for policy, depth in CONCURRENCY_POLICIES
+        ]
+    finally:
+        await ctx.stack.close_coordinator(running)
 
 
 async def _static_batch(ctx: BenchContext, clients: int) -> StreamSummary:

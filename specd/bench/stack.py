@@ -31,6 +31,7 @@ class StackSettings:
     torch_threads: int
     max_depth: int = 8
     model_only_draft: bool = False  # also a draft worker without prompt lookup, for comparison
+    unbatched_pair: bool = False  # also an oracle and a draft with continuous batching off, for comparison
 
 
 class BenchStack:
@@ -40,6 +41,8 @@ class BenchStack:
         self.oracle: WorkerProcess | None = None
         self.draft: WorkerProcess | None = None
         self.model_only_draft: WorkerProcess | None = None
+        self.unbatched: tuple[WorkerProcess, WorkerProcess] | None = None
+        self._extra: list[WorkerProcess] = []  # the unbatched pair, or what of it started
         self._coordinators: list[RunningCoordinator] = []
         self._started_ray = False
 
@@ -56,6 +59,13 @@ class BenchStack:
         ]
         if s.model_only_draft:
             spawns.append(asyncio.create_task(asyncio.to_thread(spawn, "draft", {**draft, "lookup_min_ngram": 0})))
+        unbatched = []
+        if s.unbatched_pair:
+            off = {"batching": "false"}
+            unbatched = [
+                asyncio.create_task(asyncio.to_thread(spawn, "oracle", {"model": s.oracle, "layers": 0, **common, **off})),
+                asyncio.create_task(asyncio.to_thread(spawn, "draft", {**draft, **off})),
+            ]
         try:
             if not ray.is_initialized():
                 # address="local": a Ray of our own even when another cluster runs on this machine.
@@ -71,25 +81,34 @@ class BenchStack:
                 )
                 self._started_ray = True
         finally:
-            results = await asyncio.gather(*spawns, return_exceptions=True)
+            results = await asyncio.gather(*spawns, *unbatched, return_exceptions=True)
             workers = [r if isinstance(r, WorkerProcess) else None for r in results]
             self.oracle, self.draft = workers[0], workers[1]
-            self.model_only_draft = workers[2] if len(workers) > 2 else None
+            self.model_only_draft = workers[2] if s.model_only_draft else None
+            pair = workers[len(spawns) :]
+            self._extra = [w for w in pair if w is not None]
+            if len(pair) == 2 and pair[0] is not None and pair[1] is not None:
+                self.unbatched = (pair[0], pair[1])
         for result in results:
             if isinstance(result, BaseException):
                 raise result
 
     async def coordinator(
-        self, label: str, *, oracle_delay_ms: float = 0.0, lookup: bool = True, policy: str = "goodput"
+        self, label: str, *, oracle_delay_ms: float = 0.0, lookup: bool = True, policy: str = "goodput",
+        batching: bool = True,
     ) -> RunningCoordinator:
         """A fresh coordinator (own control plane, fresh state of depth policy `policy`) over the oracle
-        and a draft (lookup=False: prompt lookup off in the coordinator, and the draft worker without it)."""
-        draft = self.draft if lookup else self.model_only_draft
-        assert self.oracle is not None and draft is not None, "start() first (with model_only_draft for lookup=False)"
+        and a draft (lookup=False: prompt lookup off in the coordinator, and the draft worker without it;
+        batching=False: the pair of workers with continuous batching off)."""
+        oracle, draft = self.oracle, self.draft if lookup else self.model_only_draft
+        if not batching:
+            assert self.unbatched is not None, "start() first, with unbatched_pair"
+            oracle, draft = self.unbatched
+        assert oracle is not None and draft is not None, "start() first (with model_only_draft for lookup=False)"
         config = CoordinatorConfig(
             port=0,
             metrics_port=-1,
-            oracles=[self.oracle.address],
+            oracles=[oracle.address],
             drafts=[draft.address],
             depth_policy=policy,
             max_depth=self.settings.max_depth,
@@ -120,7 +139,7 @@ class BenchStack:
         await asyncio.sleep(0.5)
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
-        for worker in (self.model_only_draft, self.draft, self.oracle):
+        for worker in (*self._extra, self.model_only_draft, self.draft, self.oracle):
             if worker is not None:
                 worker.stop()
 

@@ -221,7 +221,8 @@ def test_quick_run_writes_every_section(quick_run: Path):
 
     points = results["concurrency"]["points"]
     assert sorted((p["policy"], p["clients"]) for p in points) == sorted(
-        (policy, n) for policy in ("adaptive", "oracle alone", "transformers static batch") for n in CLIENTS
+        [(policy, n) for policy in ("adaptive", "oracle alone", "transformers static batch") for n in CLIENTS]
+        + [("adaptive, no batching", 1), ("oracle alone, no batching", 1)]  # goal (d)'s comparison
     )
     for point in points:
         s = point["summary"]
@@ -235,9 +236,9 @@ def test_quick_run_writes_every_section(quick_run: Path):
         assert s["ttft_p99_ms"] >= s["ttft_p50_ms"] and s["itl_p99_ms"] >= s["itl_p50_ms"]
 
     goals = results["goals"]
-    assert len(goals) == 7
+    assert len(goals) == 8
     measured = [g for g in goals if g["passed"] is not None]
-    assert len(measured) == 5  # the quick run stops at 8 clients: the goals at 16 are not measured
+    assert len(measured) == 6  # the quick run stops at 8 clients: the goals at 16 are not measured
     for goal in measured:
         assert isinstance(goal["passed"], bool) and finite(goal["value"]) and goal["measured"]
 

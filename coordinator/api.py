@@ -14,7 +14,7 @@ import grpc
 from coordinator.control_plane.client import PlaneClient
 from coordinator.service import Coordinator
 from coordinator.session.generation import Delta, GenerationRequest
-from coordinator.session.loop import Finish
+from coordinator.session.loop import DEFAULT_MIGRATION_LIMIT, Finish
 from specd.core.errors import InvalidArgument, SpecdError
 from specd.rpc.host import abort_with_error, grpc_errors
 from specd.v1 import admin_pb2, admin_pb2_grpc, common_pb2, generation_pb2, generation_pb2_grpc
@@ -49,6 +49,7 @@ def request_from_proto(message: generation_pb2.GenerateRequest, context: grpc.ai
         max_tokens=message.max_tokens,
         stop=list(message.stop),
         stop_at_eos=message.stop_at_eos if message.HasField("stop_at_eos") else True,
+        migration_limit=message.migration_limit if message.HasField("migration_limit") else DEFAULT_MIGRATION_LIMIT,
         deadline=time.monotonic() + remaining if remaining is not None else None,
         request_id=message.request_id or uuid.uuid4().hex,
     )

@@ -32,12 +32,13 @@ from coordinator.session.loop import SpeculativeSession
 from coordinator.session.stats import RoundObservation
 from specd.core import validation
 from specd.core.compat import check_pair
-from specd.core.errors import ResourceExhausted, Unavailable
+from specd.core.errors import ResourceExhausted, SpecdError, Unavailable
 from specd.rpc.metrics import CoordinatorMetrics
 
 log = logging.getLogger(__name__)
 # Oracles a request tries after one refused it for want of room, before RESOURCE_EXHAUSTED.
 MAX_FULL_ORACLES = 3
+PAIR_INFO_TIMEOUT_SECONDS = 5.0
 
 
 class OracleFull(Exception):
@@ -78,7 +79,7 @@ class Coordinator:
                 draft = self._drafts[a.draft_address] = DraftClient(
                     a.draft_address, self.config.max_message_bytes, self.config.draft_delay_ms / 1000
                 )
-        oracle_info = await oracle.info()
+        oracle_info = await oracle.info(PAIR_INFO_TIMEOUT_SECONDS)
         if draft is not None and (a.draft_address, a.oracle_address) not in self._checked_pairs:
             check_pair(await draft.info(), oracle_info)  # never run a pair that would be lossy
             self._checked_pairs.add((a.draft_address, a.oracle_address))
@@ -149,20 +150,37 @@ class Coordinator:
         first = True
         opened = False
         assignment: Assignment | None = None
+        failed: list[str] = list(full)  # oracles this session must not go to (full, or failed it)
         try:  # the release below also covers an assignment made while this request was being cancelled
-            assignment = await self.plane.call("acquire", session_id, request.request_id, depth != 0, full)
+            chosen = await self._reassign(session_id, request, depth, failed)
+            assignment, pair = chosen if chosen is not None else (None, None)
             if assignment is None and full:
                 raise ResourceExhausted(
                     f"every usable oracle is full ({', '.join(full)} refused the session); retry later",
                     retry_after_seconds=self.admission.retry_after_seconds(),
                 )
-            if assignment is None:
+            if assignment is None or pair is None:
                 raise Unavailable("no healthy oracle worker is available; `specctl status` shows the workers")
-            pair = await self._pair(assignment)
             policy = self._policy(assignment, depth)
             hook = self._round_hook(assignment.pair_id, started)
+
+            async def reassign(address: str) -> tuple[OracleClient, DraftClient | None] | None:
+                """Another compatible oracle, and a draft, for the session whose oracle failed."""
+                nonlocal assignment
+                assert assignment is not None
+                failed.append(assignment.oracle_name)
+                self.plane.tell("release", session_id, {}, {})
+                assignment = None
+                assert pair is not None
+                moved = await self._reassign(session_id, request, depth, failed, pair.codec)
+                if moved is None:
+                    return None
+                assignment, new_pair = moved
+                self.metrics.migrations.inc()
+                return new_pair.oracle, new_pair.draft
+
             async for delta in stream_generation(
-                request, pair, policy, session_id, hook, lookup_ngram=self.config.lookup_ngram
+                request, pair, policy, session_id, hook, lookup_ngram=self.config.lookup_ngram, reassign=reassign
             ):
                 opened = True
                 if first and delta.token_ids:
@@ -180,5 +198,32 @@ class Coordinator:
                 raise OracleFull(assignment.oracle_name) from error
             raise
         finally:
-            state = policy.snapshot() if policy is not None and depth is None else {}
-            self.plane.tell("release", session_id, summary, state)
+            if assignment is not None:
+                state = policy.snapshot() if policy is not None and depth is None else {}
+                self.plane.tell("release", session_id, summary, state)
+
+    async def _reassign(
+        self, session_id: str, request: GenerationRequest, depth: int | None, failed: list[str],
+        codec: TextCodec | None = None,
+    ) -> tuple[Assignment, Pair] | None:
+        """An assignment for a session: a usable oracle not in `failed` (each one tried and found unreachable joins
+        it), a draft for it, and with `codec` (a session leaving a failed oracle) the same vocabulary; None when there
+        is none."""
+        while True:
+            assignment = await self.plane.call("acquire", session_id, request.request_id, depth != 0, failed)
+            if assignment is None:
+                return None
+            try:
+                pair = await self._pair(assignment)
+            except grpc.aio.AioRpcError as error:
+                log.warning("oracle %s cannot take session %s: %s", assignment.oracle_name, session_id, error.code().name)
+            except SpecdError as error:  # an incompatible pair: the client hears of it, unless the session is moving
+                if codec is None:
+                    self.plane.tell("release", session_id, {}, {})
+                    raise
+                log.warning("pair %s cannot take session %s: %s", assignment.pair_id, session_id, error)
+            else:
+                if codec is None or pair.codec is codec:  # the same vocabulary: the session's tokens mean the same there
+                    return assignment, pair
+            failed.append(assignment.oracle_name)
+            self.plane.tell("release", session_id, {}, {})

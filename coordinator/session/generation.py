@@ -7,6 +7,7 @@ layer needs no model files.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -16,7 +17,14 @@ from transformers import PreTrainedTokenizerFast
 
 from coordinator.depth import DepthPolicy
 from coordinator.session.clients import DraftClient, OracleClient
-from coordinator.session.loop import Finish, RoundHook, SessionRequest, SpeculativeSession
+from coordinator.session.loop import (
+    DEFAULT_MIGRATION_LIMIT,
+    Finish,
+    Reassign,
+    RoundHook,
+    SessionRequest,
+    SpeculativeSession,
+)
 from coordinator.session.stats import SpeculationStats
 from specd.core import validation
 from specd.core.errors import InvalidArgument, OutOfRange
@@ -52,6 +60,9 @@ class TextCodec:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+MAX_MIGRATION_LIMIT = 16
 
 
 @dataclass
@@ -93,6 +104,7 @@ class GenerationRequest:
     stop_at_eos: bool = True
     deadline: float | None = None  # time.monotonic() value
     request_id: str = ""
+    migration_limit: int = DEFAULT_MIGRATION_LIMIT  # moves to another oracle when the oracle fails
 
 
 @dataclass
@@ -118,6 +130,19 @@ def validate_request(request: GenerationRequest, max_tokens_limit: int) -> None:
         raise InvalidArgument("send the prompt as exactly one of text, chat messages or token ids")
     if any(not stop for stop in request.stop):
         raise InvalidArgument("stop strings must not be empty")
+    if not 0 <= request.migration_limit <= MAX_MIGRATION_LIMIT:
+        raise InvalidArgument(f"migration_limit must be in 0..{MAX_MIGRATION_LIMIT}, got {request.migration_limit}")
+
+
+def seeded(sampling: common_pb2.SamplingParams) -> common_pb2.SamplingParams:
+    """A sampled request without a seed gets one here, so that both workers, and any oracle the session moves
+    to, draw from the same keyed stream."""
+    if sampling.temperature == 0 or sampling.HasField("seed"):
+        return sampling
+    chosen = common_pb2.SamplingParams()
+    chosen.CopyFrom(sampling)
+    chosen.seed = random.getrandbits(63)
+    return chosen
 
 
 def prompt_ids(request: GenerationRequest, pair: Pair) -> list[int]:
@@ -194,13 +219,16 @@ async def stream_generation(
     session_id: str | None = None,
     on_round: RoundHook | None = None,
     lookup_ngram: tuple[int, int] | None = None,
+    reassign: Reassign | None = None,
 ) -> AsyncIterator[Delta]:
     """Run one request on a pair; yields deltas as rounds complete. Sessions are always closed.
-    lookup_ngram: (min n, max n) of the session loop's prompt lookup; None turns it off."""
+    lookup_ngram: (min n, max n) of the session loop's prompt lookup; None turns it off. reassign: where the
+    session goes when its oracle fails (None: nowhere)."""
     prompt = prompt_ids(request, pair)
     session_request = SessionRequest(
         prompt=prompt,
-        sampling=request.sampling,
+        sampling=seeded(request.sampling),
+        migration_limit=request.migration_limit,
         max_tokens=request.max_tokens,
         eos_token_ids=pair.eos_token_ids if request.stop_at_eos else frozenset(),
         max_context=pair.max_context,
@@ -210,7 +238,7 @@ async def stream_generation(
     )
     if session_id:
         session_request.session_id = session_id
-    session = SpeculativeSession(session_request, pair.draft, pair.oracle, policy, on_round)
+    session = SpeculativeSession(session_request, pair.draft, pair.oracle, policy, on_round, reassign)
     tracker = TextTracker(pair.codec, request.stop)
     started = time.perf_counter()
     try:

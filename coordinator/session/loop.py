@@ -22,6 +22,14 @@ For greedy sessions the policy may let the draft branch (DepthPolicy.tree_width)
 then a draft tree (specd.core.tree), which the oracle verifies in the same one pass, and the round
 commits the tokens on the path it accepted plus its own.
 
+When the oracle fails (its calls fail as UNAVAILABLE, NOT_FOUND or the like, or it stops answering
+within the call deadline, which follows its measured verify times), the session moves: `reassign`
+(the coordinator's) names another oracle and a draft, the session opens on both with the prompt
+and every committed token, and the round that failed runs again there with the same depth. The
+output does not change: greedy tokens are the oracle's own, and a seeded sampled session's draws
+are keyed by position. A draft that fails is dropped, whatever its error: the session goes on
+with the oracle alone from the committed tokens.
+
 Per-token traffic is these two RPCs; nothing here touches Ray.
 """
 
@@ -32,7 +40,8 @@ import enum
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
 import grpc
@@ -40,17 +49,29 @@ import grpc
 from coordinator.depth import DepthPolicy
 from coordinator.session.clients import DraftClient, OracleClient, join_features
 from coordinator.session.stats import RoundObservation, SpeculationStats
-from specd.core.errors import FailedPrecondition
+from specd.core.errors import FailedPrecondition, Unavailable
 from specd.core.lookup import NgramIndex
-from specd.v1 import common_pb2
+from specd.v1 import common_pb2, oracle_pb2
 
 log = logging.getLogger(__name__)
-# Statuses that mean the caller itself is wrong or out of time: never hidden by a fallback.
-_CALLER_ERRORS = (
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.OUT_OF_RANGE,
+# An oracle answering with one of these has failed, not the request: the session moves to another. NOT_FOUND: it
+# lost the session (it restarted); DEADLINE_EXCEEDED counts only before the request's own deadline.
+_ORACLE_FAILURES = (
+    grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.ABORTED,
 )
+DEFAULT_MIGRATION_LIMIT = 3
+# Call deadlines: a verify may take SLOW_FACTOR times the slowest of the oracle's recent verifies, and never less than
+# the floor; opening (a prefill) gets a floor of its own.
+VERIFY_DEADLINE_FLOOR_SECONDS = 5.0
+OPEN_DEADLINE_FLOOR_SECONDS = 30.0
+SLOW_FACTOR = 20.0
+CLOSE_TIMEOUT_SECONDS = 2.0
 
 
 class Finish(enum.Enum):
@@ -70,9 +91,12 @@ class SessionRequest:
     deadline: float | None = None  # time.monotonic() value after which the session gives up
     lookup_ngram: tuple[int, int] | None = None  # (min n, max n) of prompt lookup; None: off
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    migration_limit: int = DEFAULT_MIGRATION_LIMIT  # moves to another oracle after a failure
 
 
 RoundHook = Callable[["SpeculativeSession", RoundObservation, int], None]
+# Another oracle (and a draft, or None) for a session whose oracle at the given address failed; None when there is none.
+Reassign = Callable[[str], Awaitable["tuple[OracleClient, DraftClient | None] | None"]]
 
 
 class SpeculativeSession:
@@ -83,9 +107,11 @@ class SpeculativeSession:
         oracle: OracleClient,
         policy: DepthPolicy,
         on_round: RoundHook | None = None,
+        reassign: Reassign | None = None,
     ):
         self.request = request
         self.on_round = on_round
+        self.reassign = reassign
         self.draft = draft
         self.oracle = oracle
         self.policy = policy
@@ -93,6 +119,7 @@ class SpeculativeSession:
             draft_worker=draft.address if draft else "", oracle_worker=oracle.address
         )
         self.generated: list[int] = []
+        self.committed: list[int] = []  # every token committed after the prompt (generated, and any cut after it)
         self.finish: Finish | None = None
         self.current_k = 0
         self._committed_length = len(request.prompt)
@@ -101,7 +128,7 @@ class SpeculativeSession:
         self._feature_draft = False
         self._draft_open = False
         self._oracle_open = False
-        self.draft_error = ""
+        self._verify_walls: deque[float] = deque(maxlen=16)  # the oracle's recent verify times, for call deadlines
         self._lookup: NgramIndex | None = None
         if request.lookup_ngram is not None:
             self._lookup = NgramIndex(*request.lookup_ngram)
@@ -111,6 +138,10 @@ class SpeculativeSession:
     def session_id(self) -> str:
         return self.request.session_id
 
+    @property
+    def draft_error(self) -> str:
+        return self.stats.draft_error
+
     def _timeout(self) -> float | None:
         if self.request.deadline is None:
             return None
@@ -119,56 +150,138 @@ class SpeculativeSession:
             raise asyncio.TimeoutError("the request's deadline passed")
         return remaining
 
+    def _call_timeout(self, floor: float) -> float:
+        """A call's deadline: the request's, or sooner when the oracle takes far longer than it has been taking."""
+        limit = max(floor, SLOW_FACTOR * max(self._verify_walls, default=0.0))
+        remaining = self._timeout()
+        return limit if remaining is None else min(limit, remaining)
+
+    def _oracle_failed(self, error: BaseException) -> bool:
+        """Whether an error from the oracle means the oracle failed (the session should move), not the request."""
+        if not isinstance(error, grpc.aio.AioRpcError) or error.code() not in _ORACLE_FAILURES:
+            return False
+        if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self.request.deadline is not None:
+            return time.monotonic() < self.request.deadline  # its call deadline, not the request's
+        return True
+
     async def open(self) -> None:
         started = time.perf_counter()
         try:
-            await self._open()
+            await self._open_moving(first=True)
         finally:
             self.stats.open_seconds = time.perf_counter() - started
 
-    async def _open(self) -> None:
-        sid, prompt, sampling = self.session_id, self.request.prompt, self.request.sampling
+    async def _open_moving(self, first: bool) -> None:
+        """Open on the current pair; when the oracle fails, move to another and open there. RESOURCE_EXHAUSTED at the
+        first open goes to the caller (the coordinator picks another oracle before anything is generated)."""
+        while True:
+            try:
+                await self._open(self.request.prompt + self.committed)
+                return
+            except grpc.aio.AioRpcError as error:
+                full = error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not first
+                if not (full or self._oracle_failed(error)):
+                    raise
+                await self._move(error)
+
+    async def _move(self, error: grpc.aio.AioRpcError) -> None:
+        """Leave the failed oracle (and the draft) for the pair `reassign` names; raises UNAVAILABLE past the
+        request's migration limit or when there is no other oracle."""
+        failed = self.oracle.address
+        cause = f"the oracle {failed} failed ({error.code().name}: {error.details()})"
+        if self.reassign is None or self.stats.migrations >= self.request.migration_limit:
+            raise Unavailable(
+                f"{cause} after {self.stats.migrations} of at most {self.request.migration_limit} moves to another "
+                f"oracle; {len(self.generated)} tokens had been generated"
+            ) from error
+        await self._leave()
+        pair = await self.reassign(failed)
+        if pair is None:
+            raise Unavailable(
+                f"{cause} and no other healthy oracle can take the session; {len(self.generated)} tokens had been "
+                "generated"
+            ) from error
+        self.oracle, self.draft = pair
+        self.stats.migrations += 1
+        self.stats.oracle_worker = self.oracle.address
+        self.stats.draft_worker = self.draft.address if self.draft else ""
+        self._draft_pending, self._features_pending, self._feature_draft = [], [], False
+        self._verify_walls.clear()
+        log.warning(
+            "session %s moves to oracle %s after %d committed tokens: %s",
+            self.session_id, self.oracle.address, len(self.committed), cause,
+        )
+
+    async def _leave(self) -> None:
+        """Close both sessions without waiting on a failed oracle: its close runs in the background."""
+        if self._oracle_open:
+            asyncio.ensure_future(self._quiet_close(self.oracle, self.session_id))
+        if self._draft_open and self.draft is not None:
+            await self._quiet_close(self.draft, self.session_id)
+        self._oracle_open = self._draft_open = False
+
+    @staticmethod
+    async def _quiet_close(worker: OracleClient | DraftClient, session_id: str) -> None:
+        try:
+            await worker.close_session(session_id, CLOSE_TIMEOUT_SECONDS)
+        except grpc.aio.AioRpcError as error:
+            log.info("closing session %s on %s: %s", session_id, worker.address, error.code().name)
+
+    async def _open(self, prompt: list[int]) -> None:
+        """Open on both workers with `prompt` (after a move: the prompt and every committed token)."""
+        sid, sampling = self.session_id, self.request.sampling
         if self.draft is not None:
             try:
-                self._feature_draft = await self.draft.feature_dim(self._timeout()) > 0
+                self._feature_draft = await self.draft.feature_dim(self._call_timeout(VERIFY_DEADLINE_FLOOR_SECONDS)) > 0
             except grpc.aio.AioRpcError as error:
                 self._draft_lost(error)
                 self.draft = None
         if self._feature_draft:
             await self._open_in_turn(sid, prompt, sampling)
             return
-        opens = [self.oracle.open_session(sid, prompt, sampling, self._timeout())]
+        timeout = self._call_timeout(OPEN_DEADLINE_FLOOR_SECONDS)
+        opens = [self.oracle.open_session(sid, prompt, sampling, timeout)]
         if self.draft is not None:
-            opens.append(self.draft.open_session(sid, prompt, sampling, self._timeout()))
+            opens.append(self.draft.open_session(sid, prompt, sampling, timeout))
         results = await asyncio.gather(*opens, return_exceptions=True)
         self._oracle_open = not isinstance(results[0], BaseException)
         self._draft_open = self.draft is not None and not isinstance(results[-1], BaseException)
         if not self._oracle_open:
+            if self._draft_open:
+                await self._leave()
             raise results[0]
-        self.stats.cached_prompt_tokens = results[0].cached_tokens
+        self._opened(results[0])
         if self.draft is not None and not self._draft_open:
             self._draft_lost(results[-1])
+
+    def _opened(self, reply: oracle_pb2.OpenOracleSessionResponse) -> None:
+        if not self.stats.migrations:  # the prompt's own open
+            self.stats.cached_prompt_tokens = reply.cached_tokens
 
     async def _open_in_turn(self, sid: str, prompt: list[int], sampling: common_pb2.SamplingParams) -> None:
         """A feature draft needs the prompt's features, so it opens after the oracle has prefilled."""
         assert self.draft is not None
-        opened = await self.oracle.open_session(sid, prompt, sampling, self._timeout(), return_features=True)
+        timeout = self._call_timeout(OPEN_DEADLINE_FLOOR_SECONDS)
+        opened = await self.oracle.open_session(sid, prompt, sampling, timeout, return_features=True)
         self._oracle_open = True
-        self.stats.cached_prompt_tokens = opened.cached_tokens
+        self._opened(opened)
         try:
-            await self.draft.open_session(sid, prompt, sampling, self._timeout(), opened.features)
+            await self.draft.open_session(sid, prompt, sampling, self._call_timeout(OPEN_DEADLINE_FLOOR_SECONDS), opened.features)
         except grpc.aio.AioRpcError as error:
             self._draft_lost(error)
         else:
             self._draft_open = True
 
     def _draft_lost(self, error: BaseException) -> None:
-        """A draft failure never fails the request: the session goes on with the oracle alone."""
-        if not isinstance(error, grpc.aio.AioRpcError) or error.code() in _CALLER_ERRORS:
+        """A draft failure never fails the request, whatever its status (a desync included): the session goes on
+        with the oracle alone from the committed tokens. The draft session is closed in the background."""
+        if not isinstance(error, grpc.aio.AioRpcError):
             raise error
         log.warning("session %s continues without its draft: %s %s", self.session_id, error.code().name, error.details())
+        if self._draft_open and self.draft is not None:
+            asyncio.ensure_future(self._quiet_close(self.draft, self.session_id))
         self._draft_open = False
-        self.draft_error = f"{error.code().name}: {error.details()}"
+        self.stats.draft_error = f"{error.code().name}: {error.details()}"
 
     async def close(self) -> None:
         """Free the session on both workers; safe to call more than once, never raises."""
@@ -194,17 +307,31 @@ class SpeculativeSession:
         The stats' clocks (first token, total) include the time open() took."""
         started = last_round_end = time.perf_counter()
         opened = self.stats.open_seconds
+        again: tuple[int, list[int], list[int]] | None = None  # a round to run again after a move
         while self.finish is None:
             if self._committed_length + 1 > self.request.max_context:
                 self.finish = Finish.LENGTH
                 break
-            block, lengths = self._lookup_block()
-            if block:
-                k = len(block)
+            if again is not None:
+                k, block, lengths = again
+                k = k if block or self._draft_open else 0
             else:
-                k = min(self.policy.choose_k(), self._depth_limit()) if self._draft_open else 0
+                block, lengths = self._lookup_block()
+                if block:
+                    k = len(block)
+                else:
+                    k = min(self.policy.choose_k(), self._depth_limit()) if self._draft_open else 0
             self.current_k = k
-            tokens, obs = await self._round(k, block, lengths)
+            try:
+                tokens, obs = await self._round(k, block, lengths)
+            except grpc.aio.AioRpcError as error:
+                if not self._oracle_failed(error):
+                    raise
+                await self._move(error)
+                await self._open_moving(first=False)
+                again = (k, block, lengths)  # the same depth on the new oracle: the same draws
+                continue
+            again = None
             # Everything since the last round's RPCs ended that is not this round's RPCs: the
             # loop's own work, including handing the last tokens to the stream.
             now = time.perf_counter()
@@ -275,7 +402,8 @@ class SpeculativeSession:
             assert self.draft is not None
             try:
                 proposal = await self.draft.propose(
-                    self.session_id, self._draft_pending, self._committed_length, k, self._timeout(),
+                    self.session_id, self._draft_pending, self._committed_length, k,
+                    self._call_timeout(VERIFY_DEADLINE_FLOOR_SECONDS),
                     join_features(self._features_pending), self.policy.stop_rule(),
                     self.policy.tree_width() if self.request.sampling.temperature == 0 else 0,
                 )
@@ -293,10 +421,13 @@ class SpeculativeSession:
                 model_steps = proposal.model_steps
                 parents = proposal.parents
         verdict = await self.oracle.verify(
-            self.session_id, draft_tokens, distributions, self._committed_length, self._timeout(), parents
+            self.session_id, draft_tokens, distributions, self._committed_length,
+            self._call_timeout(VERIFY_DEADLINE_FLOOR_SECONDS), parents,
         )
+        self._verify_walls.append(verdict.wall_seconds)
         kept = [draft_tokens[i] for i in verdict.path] if parents else draft_tokens[: verdict.accepted]
         committed = kept + [verdict.next_token]
+        self.committed.extend(committed)
         self._committed_length += len(committed)
         if verdict.committed_length != self._committed_length:  # each side counts on its own: a free check
             raise FailedPrecondition(

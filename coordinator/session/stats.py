@@ -129,6 +129,8 @@ class SpeculationStats:
     oracle_worker: str = ""
     lookup_drafted: int = 0
     lookup_accepted: int = 0
+    migrations: int = 0  # times the session moved to another oracle
+    draft_error: str = ""  # why the session went on without its draft
 
     def record(self, obs: RoundObservation) -> None:
         self.rounds += 1
@@ -181,6 +183,8 @@ class SpeculationStats:
             lookup_accepted=self.lookup_accepted,
             open_seconds=self.open_seconds,
             cached_prompt_tokens=self.cached_prompt_tokens,
+            migrations=self.migrations,
+            draft_error=self.draft_error,
         )
 
     def summary(self) -> dict:
@@ -203,4 +207,5 @@ class SpeculationStats:
             "time_to_first_token_seconds": round(self.time_to_first_token_seconds, 4),
             "open_seconds": round(self.open_seconds, 4),
             "cached_prompt_tokens": self.cached_prompt_tokens,
+            "migrations": self.migrations,
         }

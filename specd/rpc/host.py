@@ -62,10 +62,29 @@ def grpc_errors(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitabl
     return wrapper
 
 
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [
+# Keepalive: a client pings a connection every KEEPALIVE_SECONDS and drops it when no answer comes within
+# KEEPALIVE_TIMEOUT_SECONDS, so a worker that stops answering without closing its connection (paused, or
+# behind a network partition) fails its calls within seconds instead of never.
+KEEPALIVE_SECONDS = 10
+KEEPALIVE_TIMEOUT_SECONDS = 5
+
+
+def channel_options(max_message_bytes: int, *, server: bool = False) -> list[tuple[str, int]]:
+    sizes = [
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
+    ]
+    if server:  # accept the clients' pings, also between calls
+        return sizes + [
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_SECONDS * 1000 // 2),
+            ("grpc.http2.max_ping_strikes", 0),
+        ]
+    return sizes + [
+        ("grpc.keepalive_time_ms", KEEPALIVE_SECONDS * 1000),
+        ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_SECONDS * 1000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
     ]
 
 
@@ -86,7 +105,7 @@ class ServiceHost:
         self.grace_seconds = grace_seconds
         self.security = security or Security.from_env()
         self.server = grpc.aio.server(
-            options=channel_options(max_message_bytes), interceptors=self.security.server_interceptors()
+            options=channel_options(max_message_bytes, server=True), interceptors=self.security.server_interceptors()
         )
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

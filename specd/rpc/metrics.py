@@ -91,6 +91,9 @@ class CoordinatorMetrics:
             "specd_request_success", "Finished requests by finish reason.", ("finished_reason",), registry=r
         )
         self.failures = Counter("specd_request_failure", "Failed requests by status code.", ("code",), registry=r)
+        self.migrations = Counter(
+            "specd_request_migrations", "Sessions moved to another oracle after theirs failed.", registry=r
+        )
         self.generation_tokens = Counter("specd_generation_tokens", "Output tokens.", registry=r)
         self.prompt_tokens = Counter("specd_prompt_tokens", "Prompt tokens.", registry=r)
 

@@ -36,6 +36,9 @@ class SessionTable(Generic[T]):
     def __contains__(self, session_id: str) -> bool:
         return session_id in self._entries
 
+    def ids(self) -> list[str]:
+        return list(self._entries)
+
     def reserve(self, session_id: str, pending: int = 0) -> None:
         """Fail early, before any model work, if the session cannot be added (`pending`: sessions being opened
         that will take room too)."""

@@ -29,10 +29,17 @@ FINISH = {
 }
 # Worker statuses that describe the request itself; anything else means a worker is unavailable.
 _PASS_THROUGH = {
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.OUT_OF_RANGE,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+# A worker refusing a call the coordinator built from a request it had already checked: the coordinator's fault,
+# not the client's.
+_WORKER_REFUSALS = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
 }
 
 
@@ -60,6 +67,11 @@ async def abort_with(context: grpc.aio.ServicerContext, error: BaseException) ->
     if isinstance(error, SpecdError):
         await abort_with_error(context, error)
     if isinstance(error, grpc.aio.AioRpcError):
+        if error.code() in _WORKER_REFUSALS:
+            log.error("a worker refused a call: %s %s", error.code().name, error.details())
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"a worker refused the coordinator's call: {error.code().name}: {error.details()}"
+            )
         code = error.code() if error.code() in _PASS_THROUGH else grpc.StatusCode.UNAVAILABLE
         await context.abort(code, f"worker call failed: {error.code().name}: {error.details()}")
     if isinstance(error, asyncio.TimeoutError):

@@ -30,6 +30,11 @@ class CoordinatorConfig(PromptLookupSettings):
     )
     health_interval_seconds: float = Field(2.0, gt=0, description="How often workers are health-checked.")
     report_interval_seconds: float = Field(0.5, gt=0, description="How often a session reports its progress.")
+    lease_seconds: float = Field(
+        60.0, gt=0,
+        description="A session's assignment stops counting against its workers when its progress reports stop for "
+        "this long (a coordinator that crashed, a session lost between its assignment and its release).",
+    )
     oracle_delay_ms: float = Field(
         0.0, ge=0, description="Added to every Verify call: rehearses a distant oracle (benchmarks, tests)."
     )

@@ -169,7 +169,7 @@ class Coordinator:
                 nonlocal assignment
                 assert assignment is not None
                 failed.append(assignment.oracle_name)
-                self.plane.tell("release", session_id, {}, {})
+                self.plane.tell("release", session_id, None, {})
                 assignment = None
                 assert pair is not None
                 moved = await self._reassign(session_id, request, depth, failed, pair.codec)
@@ -197,10 +197,9 @@ class Coordinator:
             if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and not opened and assignment is not None:
                 raise OracleFull(assignment.oracle_name) from error
             raise
-        finally:
-            if assignment is not None:
-                state = policy.snapshot() if policy is not None and depth is None else {}
-                self.plane.tell("release", session_id, summary, state)
+        finally:  # also when the request was cancelled during its acquire: releasing an unknown session is harmless
+            state = policy.snapshot() if policy is not None and depth is None else {}
+            self.plane.tell("release", session_id, summary, state)
 
     async def _reassign(
         self, session_id: str, request: GenerationRequest, depth: int | None, failed: list[str],
@@ -219,11 +218,11 @@ class Coordinator:
                 log.warning("oracle %s cannot take session %s: %s", assignment.oracle_name, session_id, error.code().name)
             except SpecdError as error:  # an incompatible pair: the client hears of it, unless the session is moving
                 if codec is None:
-                    self.plane.tell("release", session_id, {}, {})
+                    self.plane.tell("release", session_id, None, {})
                     raise
                 log.warning("pair %s cannot take session %s: %s", assignment.pair_id, session_id, error)
             else:
                 if codec is None or pair.codec is codec:  # the same vocabulary: the session's tokens mean the same there
                     return assignment, pair
             failed.append(assignment.oracle_name)
-            self.plane.tell("release", session_id, {}, {})
+            self.plane.tell("release", session_id, None, {})

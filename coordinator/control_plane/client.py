@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import ray
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 from coordinator.config import CoordinatorConfig
 from coordinator.control_plane.actor import ControlPlane
-from specd.core.errors import SpecdError
+from specd.core.errors import SpecdError, Unavailable
 
 
 class PlaneClient:
@@ -25,6 +25,8 @@ class PlaneClient:
             if isinstance(error.cause, SpecdError):
                 raise error.cause from None
             raise
+        except RayActorError as error:  # the actor died or is restarting
+            raise Unavailable(f"the control plane is unavailable ({type(error).__name__}); retry shortly") from None
 
     def tell(self, method: str, *args: Any) -> None:
         """Fire and forget (progress reports): the caller never waits on Ray."""
@@ -51,7 +53,8 @@ async def get_or_create_plane(config: CoordinatorConfig) -> PlaneClient:
     """Join the control-plane actor named in the config, or create it (restarted by Ray if it dies)."""
     actor_cls = ray.remote(num_cpus=0, max_restarts=-1)(ControlPlane)
     handle = actor_cls.options(name=config.plane_name, get_if_exists=True).remote(
-        config.depth_policy, config.max_depth, config.health_interval_seconds
+        config.depth_policy, config.max_depth, config.health_interval_seconds,
+        f"{config.ray_namespace}/{config.plane_name}", config.lease_seconds,
     )
     plane = PlaneClient(handle)
     await plane.call("start")

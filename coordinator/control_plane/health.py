@@ -7,9 +7,7 @@ machine) only after SLOW_CHECKS_TO_FAIL timed-out checks in a row.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,7 +16,6 @@ from coordinator.control_plane.registry import Worker
 from specd.rpc.security import Security
 from specd.v1 import common_pb2, draft_pb2_grpc, oracle_pb2_grpc
 
-log = logging.getLogger(__name__)
 SLOW_CHECKS_TO_FAIL = 3
 CHECK_TIMEOUT_SECONDS = 2.0
 
@@ -76,12 +73,3 @@ class HealthChecker:
 
     async def check_all(self, workers: list[Worker]) -> None:
         await asyncio.gather(*(self.check(w) for w in workers))
-
-    async def run(self, workers: Callable[[], list[Worker]], interval_seconds: float) -> None:
-        """Check every worker `workers()` returns, every interval, until cancelled."""
-        while True:
-            try:
-                await self.check_all(workers())
-            except Exception:  # one failed round must not end the loop
-                log.exception("health check round failed")
-            await asyncio.sleep(interval_seconds)

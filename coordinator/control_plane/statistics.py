@@ -60,6 +60,7 @@ class SessionRecord:
     oracle: str
     draft: str
     started: float = field(default_factory=time.time)
+    renewed: float = field(default_factory=time.monotonic)  # the lease: the last start or progress report
     depth: int = 0
     generated: int = 0
     drafted: int = 0
@@ -90,14 +91,22 @@ class Statistics:
         record = self.sessions.get(session_id)
         if record is not None:
             record.depth, record.generated, record.drafted, record.accepted = depth, generated, drafted, accepted
+            record.renewed = time.monotonic()
             self.pair(record.pair_id).depth_history.append((time.time(), depth))
 
-    def finished(self, session_id: str, summary: dict[str, Any]) -> SessionRecord | None:
-        """The session's record, once, with its summary added to its pair's totals."""
+    def finished(self, session_id: str, summary: dict[str, Any] | None) -> SessionRecord | None:
+        """The session's record, once, with its summary (if any) added to its pair's totals."""
         record = self.sessions.pop(session_id, None)
-        if record is not None:
+        if record is not None and summary is not None:
             self.pair(record.pair_id).merge(summary)
         return record
+
+    def expired(self, before: float) -> list[SessionRecord]:
+        """Remove and return the sessions whose lease was last renewed before `before` (time.monotonic())."""
+        stale = [record for record in self.sessions.values() if record.renewed < before]
+        for record in stale:
+            del self.sessions[record.session_id]
+        return stale
 
     def live(self) -> list[dict[str, Any]]:
         now = time.time()

@@ -53,9 +53,12 @@ class TextCodec:
         for message in messages:
             if not message.get("role") or "content" not in message:
                 raise InvalidArgument("every chat message needs a role and content")
-        ids = self.tokenizer.apply_chat_template(
-            messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=True
-        )
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                messages, chat_template=self.chat_template, add_generation_prompt=True, tokenize=True
+            )
+        except Exception as error:  # the template's own checks (jinja's raise_exception) and its errors
+            raise InvalidArgument(f"the chat template refused these messages: {error}") from None
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
     def decode(self, ids: list[int]) -> str:
@@ -63,6 +66,9 @@ class TextCodec:
 
 
 MAX_MIGRATION_LIMIT = 16
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_CHAT_MESSAGES = 1024
 
 
 @dataclass
@@ -130,6 +136,12 @@ def validate_request(request: GenerationRequest, max_tokens_limit: int) -> None:
         raise InvalidArgument("send the prompt as exactly one of text, chat messages or token ids")
     if any(not stop for stop in request.stop):
         raise InvalidArgument("stop strings must not be empty")
+    if len(request.stop) > MAX_STOP_STRINGS:
+        raise OutOfRange(f"at most {MAX_STOP_STRINGS} stop strings, got {len(request.stop)}")
+    if any(len(stop) > MAX_STOP_CHARS for stop in request.stop):
+        raise OutOfRange(f"stop strings may be at most {MAX_STOP_CHARS} characters long")
+    if request.chat is not None and len(request.chat) > MAX_CHAT_MESSAGES:
+        raise OutOfRange(f"at most {MAX_CHAT_MESSAGES} chat messages, got {len(request.chat)}")
     if not 0 <= request.migration_limit <= MAX_MIGRATION_LIMIT:
         raise InvalidArgument(f"migration_limit must be in 0..{MAX_MIGRATION_LIMIT}, got {request.migration_limit}")
 

@@ -7,11 +7,18 @@ import math
 from specd.core.errors import InvalidArgument, OutOfRange
 from specd.core.sampling import SamplingParams
 
+# Below it, logits / temperature overflow float32; 0 is greedy.
+MIN_TEMPERATURE = 1e-3
+
 
 def sampling_params(temperature: float, top_k: int, top_p: float, seed: int) -> SamplingParams:
     """Validate raw sampling fields; top_p 0 means unset (1.0)."""
     if not math.isfinite(temperature) or temperature < 0:
         raise InvalidArgument(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if 0 < temperature < MIN_TEMPERATURE:  # logits / temperature would overflow to inf and NaN
+        raise InvalidArgument(
+            f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {temperature:g}; use 0 for greedy"
+        )
     if top_k < 0:
         raise InvalidArgument(f"top_k must be >= 0 (0 disables it), got {top_k}")
     if top_p == 0:

@@ -226,6 +226,11 @@ async def test_bad_requests_get_clear_statuses(coordinator, prompt_ids):
             (dict(token_ids=prompt_ids, max_tokens=4, temperature=1.0, top_p=2.0), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
             (dict(token_ids=prompt_ids, max_tokens=4, depth=99), grpc.StatusCode.OUT_OF_RANGE, "depth"),
             (dict(token_ids=prompt_ids, max_tokens=4, depth=-1), grpc.StatusCode.INVALID_ARGUMENT, "depth"),
+            (dict(token_ids=prompt_ids, max_tokens=4, temperature=1e-40), grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+            (dict(token_ids=prompt_ids, max_tokens=4, stop=["x"] * 17), grpc.StatusCode.OUT_OF_RANGE, "stop strings"),
+            (dict(token_ids=prompt_ids, max_tokens=4, stop=["x" * 257]), grpc.StatusCode.OUT_OF_RANGE, "stop strings"),
+            (dict(messages=[{"role": "user", "content": "hi"}] * 1025, max_tokens=4), grpc.StatusCode.OUT_OF_RANGE,
+             "chat messages"),
         ]
         for kwargs, code, fragment in cases:
             with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -361,3 +366,34 @@ async def test_a_full_oracle_sends_the_session_to_another(ray_local, tiny_dir, o
         await holder.close()
         await running.stop()
         await full.stop()
+
+
+async def test_a_chat_template_that_raises_is_the_request_s_mistake():
+    from coordinator.session.generation import TextCodec
+    from specd.core.errors import InvalidArgument
+    from specd.models.tiny import build_tokenizer
+    from specd.v1 import oracle_pb2
+
+    tokenizer = build_tokenizer()
+    spec = oracle_pb2.TokenizerSpec(
+        tokenizer_json=tokenizer.backend_tokenizer.to_str(),
+        chat_template="{% for m in messages %}{% if m.role == 'tool' %}{{ raise_exception('no tools here') }}"
+        "{% endif %}{{ m.content }}{% endfor %}",
+    )
+    codec = TextCodec(spec)
+    assert codec.encode_chat([{"role": "user", "content": "hi"}])
+    with pytest.raises(InvalidArgument, match="no tools here"):
+        codec.encode_chat([{"role": "tool", "content": "hi"}])
+
+
+async def test_a_dead_control_plane_is_unavailable_not_internal(ray_local):
+    import ray
+
+    from coordinator.config import CoordinatorConfig
+    from coordinator.control_plane.client import get_or_create_plane
+    from specd.core.errors import Unavailable
+
+    plane = await get_or_create_plane(CoordinatorConfig(plane_name="plane-dead", health_interval_seconds=60.0))
+    ray.kill(plane.handle, no_restart=True)
+    with pytest.raises(Unavailable, match="control plane"):
+        await plane.call("status")

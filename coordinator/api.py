@@ -175,7 +175,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
 
     @grpc_errors
     async def Drain(self, request, context) -> admin_pb2.WorkerStatus:
-        return admin_pb2.WorkerStatus(**await self.plane.call("drain", request.worker, True))
+        return admin_pb2.WorkerStatus(**await self.plane.call("drain", request.worker, True, request.migrate))
 
     @grpc_errors
     async def Undrain(self, request, context) -> admin_pb2.WorkerStatus:

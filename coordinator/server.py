@@ -47,6 +47,7 @@ async def start_coordinator(config: CoordinatorConfig, plane: PlaneClient | None
     for address in config.drafts:
         await plane.call("register", common_pb2.WORKER_ROLE_DRAFT, address)
     coordinator = Coordinator(plane, config)
+    coordinator.start()
     host = ServiceHost(
         config.host, config.port, grace_seconds=config.grace_seconds, max_message_bytes=config.max_message_bytes
     )

@@ -7,6 +7,7 @@ most while it runs (fire-and-forget progress) and once at the end (release).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -61,8 +62,25 @@ class Coordinator:
         self.admission = Admission(
             config.max_concurrent_sessions, config.max_waiting, self.metrics.running, self.metrics.waiting
         )
+        self.moving: frozenset[str] = frozenset()  # workers drained with migration, as of the last poll
+        self._poll: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Poll the control plane for workers drained with migration (sessions check it between rounds)."""
+        if self._poll is None:
+            self._poll = asyncio.ensure_future(self._poll_moving())
+
+    async def _poll_moving(self) -> None:
+        while True:
+            try:
+                self.moving = frozenset(await self.plane.call("migrating"))
+            except Exception as error:  # the control plane restarting: keep the last answer
+                log.info("polling for drained workers: %s", error)
+            await asyncio.sleep(self.config.health_interval_seconds)
 
     async def close(self) -> None:
+        if self._poll is not None:
+            self._poll.cancel()
         for client in [*self._oracles.values(), *self._drafts.values()]:
             await client.close()
 
@@ -164,11 +182,12 @@ class Coordinator:
             policy = self._policy(assignment, depth)
             hook = self._round_hook(assignment.pair_id, started)
 
-            async def reassign(address: str) -> tuple[OracleClient, DraftClient | None] | None:
-                """Another compatible oracle, and a draft, for the session whose oracle failed."""
+            async def reassign(address: str, exclude: bool) -> tuple[OracleClient, DraftClient | None] | None:
+                """Another compatible pair for the session; `exclude`: not on its oracle (it failed, or is drained)."""
                 nonlocal assignment
                 assert assignment is not None
-                failed.append(assignment.oracle_name)
+                if exclude:
+                    failed.append(assignment.oracle_name)
                 self.plane.tell("release", session_id, None, {})
                 assignment = None
                 assert pair is not None
@@ -180,7 +199,8 @@ class Coordinator:
                 return new_pair.oracle, new_pair.draft
 
             async for delta in stream_generation(
-                request, pair, policy, session_id, hook, lookup_ngram=self.config.lookup_ngram, reassign=reassign
+                request, pair, policy, session_id, hook, lookup_ngram=self.config.lookup_ngram, reassign=reassign,
+                moving=lambda address: address in self.moving,
             ):
                 opened = True
                 if first and delta.token_ids:

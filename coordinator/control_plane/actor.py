@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 # A session's learned policy state seeds its pair's next sessions once it ran this many rounds.
 MIN_ROUNDS_TO_KEEP_STATE = 4
 # A worker's fields that describe how it was registered (the rest its health checks fill in).
-_REGISTERED_FIELDS = ("name", "role", "address", "launched_by", "node_id", "node_ip", "draining")
+_REGISTERED_FIELDS = ("name", "role", "address", "launched_by", "node_id", "node_ip", "draining", "migrating")
 
 
 class ControlPlane:
@@ -151,12 +151,19 @@ class ControlPlane:
         await self.health.forget(worker.address)
         return worker.to_dict()
 
-    async def drain(self, name: str, draining: bool = True) -> dict[str, Any]:
+    async def drain(self, name: str, draining: bool = True, migrate: bool = False) -> dict[str, Any]:
+        """Stop (or resume) new sessions on a worker; with `migrate`, its sessions in flight move away too."""
         await self._ready()
         worker = self.registry.get(name)
         worker.draining = draining
+        worker.migrating = draining and migrate
         self._save()
         return worker.to_dict()
+
+    async def migrating(self) -> list[str]:
+        """Addresses of the workers whose sessions should move away (coordinators poll this)."""
+        await self.start()
+        return [w.address for w in self.registry.all() if w.migrating]
 
     async def check_all(self) -> None:
         await self.health.check_all(self.registry.all())

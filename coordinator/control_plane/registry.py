@@ -32,6 +32,7 @@ class Worker:
     device: str = ""
     healthy: bool = False
     draining: bool = False
+    migrating: bool = False  # drained with migration: its sessions move away at their next round
     active_sessions: int = 0
     assigned: int = 0
     last_check: float = 0.0
@@ -63,6 +64,7 @@ class Worker:
             "node_ip": self.node_ip, "vocab_fingerprint": self.vocab_fingerprint,
             "seconds_since_check": time.monotonic() - self.last_check if self.last_check else -1.0,
             "error": self.error, "device": self.device, "launched_by": self.launched_by, "load": dict(self.load),
+            "migrating": self.migrating,
         }
 
 

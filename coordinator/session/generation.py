@@ -20,6 +20,7 @@ from coordinator.session.clients import DraftClient, OracleClient
 from coordinator.session.loop import (
     DEFAULT_MIGRATION_LIMIT,
     Finish,
+    Moving,
     Reassign,
     RoundHook,
     SessionRequest,
@@ -232,6 +233,7 @@ async def stream_generation(
     on_round: RoundHook | None = None,
     lookup_ngram: tuple[int, int] | None = None,
     reassign: Reassign | None = None,
+    moving: Moving | None = None,
 ) -> AsyncIterator[Delta]:
     """Run one request on a pair; yields deltas as rounds complete. Sessions are always closed.
     lookup_ngram: (min n, max n) of the session loop's prompt lookup; None turns it off. reassign: where the
@@ -250,7 +252,7 @@ async def stream_generation(
     )
     if session_id:
         session_request.session_id = session_id
-    session = SpeculativeSession(session_request, pair.draft, pair.oracle, policy, on_round, reassign)
+    session = SpeculativeSession(session_request, pair.draft, pair.oracle, policy, on_round, reassign, moving)
     tracker = TextTracker(pair.codec, request.stop)
     started = time.perf_counter()
     try:

@@ -95,8 +95,11 @@ class SessionRequest:
 
 
 RoundHook = Callable[["SpeculativeSession", RoundObservation, int], None]
-# Another oracle (and a draft, or None) for a session whose oracle at the given address failed; None when there is none.
-Reassign = Callable[[str], Awaitable["tuple[OracleClient, DraftClient | None] | None"]]
+# Another pair (an oracle, and a draft or None) for a session leaving the oracle at the given address, that oracle
+# excluded when the flag says so (it failed, or is drained); None when there is none.
+Reassign = Callable[[str, bool], Awaitable["tuple[OracleClient, DraftClient | None] | None"]]
+# Whether the worker at an address is being drained with migration.
+Moving = Callable[[str], bool]
 
 
 class SpeculativeSession:
@@ -108,10 +111,12 @@ class SpeculativeSession:
         policy: DepthPolicy,
         on_round: RoundHook | None = None,
         reassign: Reassign | None = None,
+        moving: Moving | None = None,
     ):
         self.request = request
         self.on_round = on_round
         self.reassign = reassign
+        self.moving = moving
         self.draft = draft
         self.oracle = oracle
         self.policy = policy
@@ -194,13 +199,32 @@ class SpeculativeSession:
                 f"{cause} after {self.stats.migrations} of at most {self.request.migration_limit} moves to another "
                 f"oracle; {len(self.generated)} tokens had been generated"
             ) from error
-        await self._leave()
-        pair = await self.reassign(failed)
+        await self._leave(wait_for_oracle=False)
+        pair = await self.reassign(failed, True)
         if pair is None:
             raise Unavailable(
                 f"{cause} and no other healthy oracle can take the session; {len(self.generated)} tokens had been "
                 "generated"
             ) from error
+        self._switch(pair, cause)
+
+    async def _leave_drained(self) -> None:
+        """Between rounds: leave workers an operator drains with migration (`specctl drain --migrate`) for the
+        pair `reassign` names, the oracle's session closed first. Stays where it is past the migration limit or
+        when no other pair can take it."""
+        if self.moving is None or self.reassign is None or self.stats.migrations >= self.request.migration_limit:
+            return
+        oracle_moves = self.moving(self.oracle.address)
+        if not oracle_moves and not (self._draft_open and self.draft is not None and self.moving(self.draft.address)):
+            return
+        pair = await self.reassign(self.oracle.address, oracle_moves)
+        if pair is None:
+            return
+        await self._leave(wait_for_oracle=True)
+        self._switch(pair, f"its {'oracle' if oracle_moves else 'draft'} is being drained")
+        await self._open_moving(first=False)
+
+    def _switch(self, pair: tuple[OracleClient, DraftClient | None], cause: str) -> None:
         self.oracle, self.draft = pair
         self.stats.migrations += 1
         self.stats.oracle_worker = self.oracle.address
@@ -212,10 +236,14 @@ class SpeculativeSession:
             self.session_id, self.oracle.address, len(self.committed), cause,
         )
 
-    async def _leave(self) -> None:
-        """Close both sessions without waiting on a failed oracle: its close runs in the background."""
+    async def _leave(self, wait_for_oracle: bool) -> None:
+        """Close both sessions; a failed oracle's close runs in the background (nobody waits on it)."""
         if self._oracle_open:
-            asyncio.ensure_future(self._quiet_close(self.oracle, self.session_id))
+            closing = self._quiet_close(self.oracle, self.session_id)
+            if wait_for_oracle:
+                await closing
+            else:
+                asyncio.ensure_future(closing)
         if self._draft_open and self.draft is not None:
             await self._quiet_close(self.draft, self.session_id)
         self._oracle_open = self._draft_open = False
@@ -248,7 +276,7 @@ class SpeculativeSession:
         self._draft_open = self.draft is not None and not isinstance(results[-1], BaseException)
         if not self._oracle_open:
             if self._draft_open:
-                await self._leave()
+                await self._leave(wait_for_oracle=False)
             raise results[0]
         self._opened(results[0])
         if self.draft is not None and not self._draft_open:
@@ -312,6 +340,8 @@ class SpeculativeSession:
             if self._committed_length + 1 > self.request.max_context:
                 self.finish = Finish.LENGTH
                 break
+            if again is None:
+                await self._leave_drained()
             if again is not None:
                 k, block, lengths = again
                 k = k if block or self._draft_open else 0

@@ -4,7 +4,7 @@
     specctl sessions                     sessions in flight with their k and acceptance
     specctl depth get [--pair P]         depth policy per pair
     specctl depth set POLICY [--pair P]  goodput | heuristic | fixed:K (no --pair: the default)
-    specctl drain WORKER | undrain WORKER
+    specctl drain WORKER [--migrate] | undrain WORKER   (--migrate: move its sessions away now)
     specctl stats                        acceptance per pair and per position, k over time
     specctl register draft|oracle ADDRESS [--name N]
     specctl deregister WORKER
@@ -71,7 +71,8 @@ def show_status(reply: admin_pb2.ClusterStatus) -> str:
     workers = [
         [
             w.name, "draft" if w.role == common_pb2.WORKER_ROLE_DRAFT else "oracle", w.address,
-            "healthy" if w.healthy else f"UNHEALTHY ({w.error})", "draining" if w.draining else "-",
+            "healthy" if w.healthy else f"UNHEALTHY ({w.error})",
+            ("migrating" if w.migrating else "draining") if w.draining else "-",
             f"{w.assigned_sessions}/{w.max_sessions}", show_load(w.load), w.model_id,
             f"{w.node_ip} {w.node_id[:8]}" if w.node_id else "-", w.launched_by,
         ]
@@ -138,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     put.add_argument("--pair", default="", help="one pair; without it, the default for all pairs")
     for name in ("drain", "undrain", "deregister"):
         commands.add_parser(name).add_argument("worker")
+    commands.choices["drain"].add_argument(
+        "--migrate", action="store_true",
+        help="also move the worker's sessions in flight to other workers at their next round (each reopens there "
+        "with its prompt and committed tokens) instead of letting them finish here",
+    )
     register = commands.add_parser("register")
     register.add_argument("role", choices=sorted(ROLES))
     register.add_argument("address")
@@ -164,8 +170,11 @@ def run(args: argparse.Namespace, stub: admin_pb2_grpc.AdminServiceStub) -> tupl
         return reply, show_policies(reply)
     if args.command in ("drain", "undrain"):
         method = stub.Drain if args.command == "drain" else stub.Undrain
-        reply = method(admin_pb2.DrainRequest(worker=args.worker), **options)
-        return reply, f"{reply.name}: {'draining (no new sessions)' if reply.draining else 'accepting sessions'}"
+        reply = method(admin_pb2.DrainRequest(worker=args.worker, migrate=getattr(args, "migrate", False)), **options)
+        state = "accepting sessions"
+        if reply.draining:
+            state = "draining, its sessions moving away" if reply.migrating else "draining (no new sessions)"
+        return reply, f"{reply.name}: {state}"
     if args.command == "deregister":
         reply = stub.DeregisterWorker(admin_pb2.DeregisterWorkerRequest(worker=args.worker), **options)
         return reply, f"deregistered {reply.name} ({reply.address})"

@@ -95,7 +95,7 @@ def test_drain_waits_for_the_pods_sessions_then_for_endpoint_removal(
     result, calls = run_script(default_objects, "drain.sh", tmp_path, replies, env)
     assert result.returncode == 0, result.stderr
     assert calls == [
-        ["specctl", "drain", POD],
+        ["specctl", "drain", POD, "--migrate"],
         ["specctl", "--json", "status"],
         ["sleep", "2"],
         ["specctl", "--json", "status"],
@@ -111,7 +111,7 @@ def test_drain_failure_still_waits_for_endpoint_removal(default_objects: list[Ma
     env = {"DRAIN_TIMEOUT_SECONDS": "60", "ENDPOINT_DELAY_SECONDS": "7"}
     result, calls = run_script(default_objects, "drain.sh", tmp_path, replies, env)
     assert result.returncode == 0
-    assert calls == [["specctl", "drain", POD], ["sleep", "7"]]
+    assert calls == [["specctl", "drain", POD, "--migrate"], ["sleep", "7"]]
     assert "grace period" in result.stderr
 
 
@@ -125,12 +125,20 @@ def test_drain_gives_up_at_its_timeout(default_objects: list[Manifest], tmp_path
     assert calls[-1] == ["sleep", "5"]
 
 
+def test_drain_without_migrate_lets_sessions_finish(default_objects: list[Manifest], tmp_path: Path) -> None:
+    replies = {"drain": [{"exit": 0}], "status": [{"stdout": status_json(0)}]}
+    env = {"DRAIN_TIMEOUT_SECONDS": "60", "ENDPOINT_DELAY_SECONDS": "5", "DRAIN_MIGRATE": "false"}
+    result, calls = run_script(default_objects, "drain.sh", tmp_path, replies, env)
+    assert result.returncode == 0
+    assert calls[0] == ["specctl", "drain", POD]
+
+
 def test_drain_stops_polling_when_the_coordinator_is_gone(default_objects: list[Manifest], tmp_path: Path) -> None:
     replies = {"drain": [{"exit": 0}], "status": [{"exit": 1}]}
     env = {"DRAIN_TIMEOUT_SECONDS": "60", "ENDPOINT_DELAY_SECONDS": "5"}
     result, calls = run_script(default_objects, "drain.sh", tmp_path, replies, env)
     assert result.returncode == 0
-    assert calls == [["specctl", "drain", POD], ["specctl", "--json", "status"], ["sleep", "5"]]
+    assert calls == [["specctl", "drain", POD, "--migrate"], ["specctl", "--json", "status"], ["sleep", "5"]]
 
 
 def test_register_retries_until_the_coordinator_answers_and_stops_on_sigterm(
@@ -156,7 +164,7 @@ def test_hooks_get_the_environment_they_read(default_objects: list[Manifest], ro
     pod = find(default_objects, "Deployment", f"{RELEASE}-specd-{role}")["spec"]["template"]["spec"]
     scripts = find(default_objects, "ConfigMap", f"{RELEASE}-specd-scripts")["data"]
     needs = {
-        role: ("drain.sh", {"POD_NAME", "SPECD_ADDRESS", "DRAIN_TIMEOUT_SECONDS", "ENDPOINT_DELAY_SECONDS"}),
+        role: ("drain.sh", {"POD_NAME", "SPECD_ADDRESS", "DRAIN_MIGRATE", "DRAIN_TIMEOUT_SECONDS", "ENDPOINT_DELAY_SECONDS"}),
         "register": ("register.sh", {"POD_NAME", "SPECD_ADDRESS", "WORKER_ROLE", "WORKER_ADDRESS", "REGISTER_INTERVAL_SECONDS"}),
     }
     for container in pod["containers"]:

@@ -217,3 +217,37 @@ async def test_a_draft_error_of_any_status_never_fails_the_request(ray_local, ti
         await intruder.close()
         await short.stop()
         await desynced.stop()
+
+
+async def test_drain_with_migrate_moves_sessions_in_flight(ray_local, tiny_dir, oracle, same_draft, prompt_ids):
+    """`specctl drain WORKER --migrate` mid-stream: the session leaves the drained oracle at its next round, reopens
+    on the other with its prompt and committed tokens, and writes the oracle's own greedy output."""
+    from specd.cli.specctl import build_parser
+    from specd.cluster.roles import start_local_worker
+    from tests.conftest import oracle_config
+
+    assert build_parser().parse_args(["drain", "oracle-a", "--migrate"]).migrate
+    second = await start_local_worker(oracle_config(tiny_dir))
+    running = await coordinator_over(
+        "plane-migrate", {"oracle-a": oracle.address, "oracle-b": second.address}, same_draft, oracle_delay_ms=20,
+        health_interval_seconds=0.2,
+    )
+    expected = greedy_reference(tiny_dir / "oracle", prompt_ids, 120)
+    try:
+        async with AsyncSpecdClient(running.address) as client:
+            chunks = []
+            async for chunk in client.stream(token_ids=prompt_ids, max_tokens=120, stop_at_eos=False, depth=2):
+                chunks.append(chunk)
+                if len(chunks) == 3:
+                    drained, other = ("oracle-a", second) if len(oracle.servicer.worker.sessions) else ("oracle-b", oracle)
+                    status = await running.plane.call("drain", drained, True, True)
+                    assert status["migrating"]
+        assert [t for c in chunks for t in c.token_ids] == expected
+        stats = chunks[-1].stats
+        assert stats.migrations == 1 and stats.oracle_worker == other.address
+        assert len(oracle.servicer.worker.sessions) == len(second.servicer.worker.sessions) == 0
+    finally:
+        for name in ("oracle-a", "oracle-b"):
+            await running.plane.call("drain", name, False)
+        await running.stop()
+        await second.stop()

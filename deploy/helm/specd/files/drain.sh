@@ -1,9 +1,11 @@
 #!/bin/sh
 # preStop hook of a specd worker, run before SIGTERM: the coordinator stops opening sessions
-# here, the sessions it has assigned here get up to DRAIN_TIMEOUT_SECONDS to finish, then
+# here and, with DRAIN_MIGRATE=true, moves the sessions in flight to other workers at their next
+# round; the sessions it has assigned here get up to DRAIN_TIMEOUT_SECONDS to move or finish, then
 # ENDPOINT_DELAY_SECONDS let the endpoint removal reach everyone. After SIGTERM the worker's
 # own grace period covers the calls still in flight.
-# Env: POD_NAME, SPECD_ADDRESS (the coordinator), DRAIN_TIMEOUT_SECONDS, ENDPOINT_DELAY_SECONDS.
+# Env: POD_NAME, SPECD_ADDRESS (the coordinator), DRAIN_MIGRATE, DRAIN_TIMEOUT_SECONDS,
+# ENDPOINT_DELAY_SECONDS.
 open_sessions() {
   specctl --json status | python3 -c '
 import json, os, sys
@@ -11,7 +13,11 @@ workers = json.load(sys.stdin)["workers"]
 print(sum(w["assigned_sessions"] for w in workers if w["name"] == os.environ["POD_NAME"]))'
 }
 # Blank lines would carry trailing spaces once indented into the ConfigMap.
-if specctl drain "$POD_NAME" >/dev/null; then
+migrate=""
+[ "${DRAIN_MIGRATE:-true}" = true ] && migrate="--migrate"
+# $migrate is empty or one word: unquoted on purpose.
+# shellcheck disable=SC2086
+if specctl drain "$POD_NAME" $migrate >/dev/null; then
   deadline=$(( $(date +%s) + ${DRAIN_TIMEOUT_SECONDS:-60} ))
   while [ "$(date +%s)" -lt "$deadline" ]; do
     open=$(open_sessions) || break

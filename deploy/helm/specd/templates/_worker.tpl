@@ -100,6 +100,8 @@ spec:
         - name: HF_HOME
           value: /var/cache/specd/huggingface
         {{- include "specd.workerIdentityEnv" (dict "root" $root "role" $role) | nindent 8 }}
+        - name: DRAIN_MIGRATE
+          value: {{ $w.drain.migrate | quote }}
         - name: DRAIN_TIMEOUT_SECONDS
           value: {{ $w.drain.timeoutSeconds | quote }}
         - name: ENDPOINT_DELAY_SECONDS

@@ -160,9 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from specd import bench
     from specd.cli import distill
+    from specd.cluster import chaos
 
     bench.register(commands)
     distill.register(commands)
+    chaos.register(commands)
 
     health = commands.add_parser("health", help="check a server's grpc.health.v1 status")
     health.add_argument("address")
@@ -176,7 +178,7 @@ def _uses_local_ray(argv: list[str]) -> bool:
     """Whether this command starts a Ray of its own on this machine (rather than joining one)."""
     import os
 
-    if argv[:1] == ["demo"]:
+    if argv[:1] in (["demo"], ["chaos"]):
         return True
     if argv[:1] == ["up"]:
         return "--address" not in argv and not any(a.startswith("--address=") for a in argv)

@@ -16,6 +16,11 @@ class CoordinatorConfig(PromptLookupSettings):
     host: str = Field("127.0.0.1", description="Address the client and admin APIs listen on.")
     port: int = Field(COORDINATOR_PORT, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
     metrics_port: int = Field(-1, ge=-1, le=65535, description="Prometheus port; 0 picks one, -1 disables.")
+    http_port: int = Field(
+        -1, ge=-1, le=65535,
+        description="Port of the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, "
+        "/health, /metrics) on the same host; 0 picks one, -1 disables.",
+    )
     oracles: list[str] = Field(default_factory=list, description="Oracle worker addresses to register at start.")
     drafts: list[str] = Field(default_factory=list, description="Draft worker addresses to register at start.")
     depth_policy: str = Field("goodput", description="Default depth policy: goodput, heuristic or fixed:K.")

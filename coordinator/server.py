@@ -14,9 +14,11 @@ from dataclasses import dataclass
 from coordinator.api import ADMIN_SERVICE, GENERATION_SERVICE, AdminServicer, GenerationServicer
 from coordinator.config import CoordinatorConfig
 from coordinator.control_plane.client import PlaneClient, connect_ray, get_or_create_plane
+from coordinator.http_api import HttpApi
 from coordinator.service import Coordinator
 from specd.rpc.host import ServiceHost
 from specd.rpc.metrics import serve_metrics
+from specd.rpc.security import Security
 from specd.v1 import admin_pb2_grpc, common_pb2, generation_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,7 @@ class RunningCoordinator:
     coordinator: Coordinator
     plane: PlaneClient
     metrics_port: int
+    http_port: int = -1  # the OpenAI-compatible HTTP API's, -1 when off
 
     @property
     def address(self) -> str:
@@ -58,4 +61,11 @@ async def start_coordinator(config: CoordinatorConfig, plane: PlaneClient | None
     metrics_port = -1
     if config.metrics_port >= 0:
         metrics_port = serve_metrics(coordinator.metrics.registry, config.metrics_port, config.host)
-    return RunningCoordinator(host=host, coordinator=coordinator, plane=plane, metrics_port=metrics_port)
+    http_port = -1
+    if config.http_port >= 0:
+        http = HttpApi(coordinator, plane, Security.from_env().token)
+        http_port = await http.start(config.host, config.http_port)
+        host.on_stop(http.stop)
+    return RunningCoordinator(
+        host=host, coordinator=coordinator, plane=plane, metrics_port=metrics_port, http_port=http_port
+    )

@@ -64,6 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", default=None, help=f"concurrency levels (default {FULL_CLIENTS}; --quick {QUICK_CLIENTS})")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: all cores; --quick 1)")
     parser.add_argument("--prompts", type=Path, default=None, help="prompt set (JSONL; default: the shipped one)")
+    parser.add_argument(
+        "--api", choices=("grpc", "http"), default="grpc",
+        help="how the concurrency section's clients reach specd: its gRPC API, or the OpenAI-compatible HTTP API "
+        "(/v1/completions with server-sent events, as vLLM's serving benchmark drives a server)",
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -125,6 +130,7 @@ def build_options(args: argparse.Namespace, workdir: Path | None = None):
         sampled_prompts_per_category=min(args.sampled_prompts_per_category, per_category),
         rtt_prompts_per_category=min(args.rtt_prompts_per_category, per_category),
         sections=sections,
+        api=args.api,
         seed=args.seed,
         temperature=args.temperature,
         delays_ms=_numbers(args.delays or (QUICK_DELAYS if quick else FULL_DELAYS), float),

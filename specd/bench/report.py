@@ -240,7 +240,8 @@ def _concurrency(results: BenchResults) -> list[str]:
     lines = [
         "## Concurrent clients (temperature 0, streaming)",
         "",
-        "Each client has its own channel and streams its requests one after another; requests per level: "
+        f"Each client has its own {'HTTP connection (the OpenAI-compatible API, server-sent events)' if results.setup.get('concurrency_api') == 'http' else 'gRPC channel'} "
+        "and streams its requests one after another; requests per level: "
         + ", ".join(f"{n} clients: {r}" for n, r in results.setup["concurrency_requests"].items())
         + f". Failed requests are counted apart and left out of the latencies. {conc.warmup}. The "
         "transformers static batch row is the plain library's `generate` over as many prompts at once, each writing "

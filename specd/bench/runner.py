@@ -64,6 +64,7 @@ class BenchOptions:
     prompts_path: Path = PROMPTS_PATH
     quick: bool = False
     note: str = ""  # why these sizes (written into results.md)
+    api: str = "grpc"  # how the concurrency section's clients reach the coordinator: grpc, or http (OpenAI's API)
     # transformers' assistant model: the draft itself, unless the draft reads the oracle's features
     # (transformers cannot run such a draft); then the best standalone draft. "": the draft.
     assistant: str = ""
@@ -193,6 +194,7 @@ async def run_bench(options: BenchOptions) -> BenchResults:
             "sampled_temperature": options.temperature,
             "delays_ms": options.delays_ms,
             "clients": options.clients,
+            "concurrency_api": options.api,
             "concurrency_requests": {str(n): options.requests_for(n) for n in options.clients},
             "torch_threads": options.threads,
             "max_depth": options.max_depth,
@@ -235,6 +237,7 @@ async def run_bench(options: BenchOptions) -> BenchResults:
                 progress=progress,
                 models=models,
                 oracle=oracle,
+                api=options.api,
             )
             sections = {
                 "speed": lambda: speed_section(ctx, 0.0, passes=options.passes),

@@ -20,11 +20,13 @@ import asyncio
 import contextlib
 import functools
 import itertools
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
+import httpx
 from tqdm import tqdm
 
 from coordinator.server import RunningCoordinator
@@ -115,6 +117,7 @@ class BenchContext:
     progress: tqdm
     models: ModelExecutor  # the one thread that loads and runs the transformers baselines
     oracle: LoadedModel | None = None  # the oracle in this process, for transformers' static batches
+    api: str = "grpc"  # the concurrency section's clients: the gRPC API, or the OpenAI-compatible HTTP API
 
     def step(self, what: str) -> None:
         self.progress.set_postfix_str(what, refresh=False)
@@ -395,10 +398,47 @@ async def _stream(client: AsyncSpecdClient, ctx: BenchContext, prompt: BenchProm
     return record
 
 
+async def _stream_http(
+    http: httpx.AsyncClient, url: str, ctx: BenchContext, prompt: BenchPrompt, depth: int | None
+) -> StreamRecord:
+    """The same request through the OpenAI-compatible HTTP API (server-sent events)."""
+    record = StreamRecord(prompt_id=prompt.id, sent=time.perf_counter())
+    body: dict = {
+        "prompt": ctx.prompt_ids[prompt.id], "max_tokens": ctx.max_tokens, "temperature": 0.0, "stream": True,
+        "return_token_ids": True,
+    }
+    if depth is not None:
+        body["speculation_depth"] = depth
+    try:
+        async with http.stream("POST", f"{url}/v1/completions", json=body, timeout=REQUEST_TIMEOUT_SECONDS) as reply:
+            if reply.status_code != 200:
+                record.error = f"HTTP {reply.status_code}: {(await reply.aread()).decode()[:200]}"
+            else:
+                async for line in reply.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line.removeprefix("data: "))
+                    if "error" in chunk:
+                        record.error = chunk["error"]["message"]
+                        continue
+                    now = time.perf_counter()
+                    choice = chunk["choices"][0] if chunk.get("choices") else {}
+                    if choice.get("token_ids"):
+                        record.arrivals.append((now, len(choice["token_ids"])))
+                    figures = chunk.get("metrics", {}).get("speculative_decoding")
+                    if figures:
+                        record.depths = list(figures["depth_per_round"])
+    except httpx.HTTPError as error:
+        record.error = f"{type(error).__name__}: {error}"
+    record.finished = time.perf_counter()
+    return record
+
+
 async def concurrency_section(ctx: BenchContext, levels: list[int], requests_for: Callable[[int], int]) -> ConcurrencyResult:
     """Each level: `clients` tasks share a queue of requests_for(clients) prompts (cycling through
-    the prompt set) and stream them one after another; temperature 0."""
-    running = await ctx.stack.coordinator("concurrency")
+    the prompt set) and stream them one after another; temperature 0. Through the gRPC API, or with
+    ctx.api == "http" through the OpenAI-compatible HTTP API."""
+    running = await ctx.stack.coordinator("concurrency", http=ctx.api == "http")
     points = []
     try:
         async with AsyncSpecdClient(running.address) as client:
@@ -418,7 +458,7 @@ async def concurrency_section(ctx: BenchContext, levels: list[int], requests_for
 
 async def _one_client_unbatched(ctx: BenchContext, requests: int) -> list[ConcurrencyPoint]:
     """One client on a pair of workers with continuous batching off: what one client got before the engines."""
-    running = await ctx.stack.coordinator("concurrency-unbatched", batching=False)
+    running = await ctx.stack.coordinator("concurrency-unbatched", batching=False, http=ctx.api == "http")
     try:
         async with AsyncSpecdClient(running.address) as client:
             await warm_up(client, ctx, 0.0, kernels=False)
@@ -450,6 +490,13 @@ async def _level(
     records: list[StreamRecord] = []
 
     async def one_client() -> None:
+        if ctx.api == "http":
+            url = f"http://127.0.0.1:{running.http_port}"
+            async with httpx.AsyncClient() as http:  # a connection of its own, like a separate user
+                for prompt in queue:
+                    records.append(await _stream_http(http, url, ctx, prompt, depth))
+                    ctx.step(f"{clients} clients, {policy}")
+            return
         async with AsyncSpecdClient(running.address) as client:  # a channel of its own, like a separate user
             for prompt in queue:  # the clients share the iterator: each request is taken once
                 records.append(await _stream(client, ctx, prompt, depth))

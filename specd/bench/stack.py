@@ -95,7 +95,7 @@ class BenchStack:
 
     async def coordinator(
         self, label: str, *, oracle_delay_ms: float = 0.0, lookup: bool = True, policy: str = "goodput",
-        batching: bool = True,
+        batching: bool = True, http: bool = False,
     ) -> RunningCoordinator:
         """A fresh coordinator (own control plane, fresh state of depth policy `policy`) over the oracle
         and a draft (lookup=False: prompt lookup off in the coordinator, and the draft worker without it;
@@ -108,6 +108,7 @@ class BenchStack:
         config = CoordinatorConfig(
             port=0,
             metrics_port=-1,
+            http_port=0 if http else -1,
             oracles=[oracle.address],
             drafts=[draft.address],
             depth_policy=policy,

@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.depth import FixedDepth
 from coordinator.session.generation import GenerationRequest, stream_generation
 from coordinator.session.pairing import connect_pair
 from specd.client import SpecdClient
 from specd.cluster.procs import spawn
-from specd.core.defaults import EMBEDDED_ORACLE
+from specd.core.defaults import COORDINATOR_PORT, EMBEDDED_ORACLE
 from specd.models.shipped import default_draft_source
+from specd.rpc.security import Security
 from specd.v1 import common_pb2
 
 LOCAL_DEFAULT_DEPTH = 4
@@ -96,8 +101,31 @@ def proto_stats(stats: Any) -> dict[str, Any]:
         "network_seconds": round(stats.network_seconds, 4), "total_seconds": round(stats.total_seconds, 4),
         "time_to_first_token_seconds": round(stats.time_to_first_token_seconds, 4),
         "open_seconds": round(stats.open_seconds, 4), "cached_prompt_tokens": stats.cached_prompt_tokens,
-        "draft_worker": stats.draft_worker, "oracle_worker": stats.oracle_worker,
+        "draft_worker": stats.draft_worker, "oracle_worker": stats.oracle_worker, "migrations": stats.migrations,
     }
+
+
+def find_coordinator(address: str | None) -> str | None:
+    """The coordinator to use: the one named (--address, else SPECD_ADDRESS), else the local default one if it
+    answers; None when there is none (the caller then starts workers of its own). Says which it chose."""
+    named = address or os.environ.get("SPECD_ADDRESS")
+    if named:
+        return named
+    local_default = f"127.0.0.1:{COORDINATOR_PORT}"
+    with Security.from_env().channel(local_default) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+        except grpc.RpcError:
+            reply = None
+    if reply is not None and reply.status == health_pb2.HealthCheckResponse.SERVING:
+        print(f"using the coordinator at {local_default}", file=sys.stderr, flush=True)
+        return local_default
+    print(
+        f"no coordinator answers at {local_default} (start one with `specd up`, or name one with --address or "
+        "SPECD_ADDRESS): starting an oracle and a draft for this request",
+        file=sys.stderr, flush=True,
+    )
+    return None
 
 
 def remote(args: argparse.Namespace, address: str) -> int:

@@ -30,8 +30,16 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type[BaseM
         kind = field.annotation if field.annotation in (int, float) else str
         parser.add_argument(
             f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
-            help=f"{field.description} (default: {field.default})",
+            help=f"{field.description} (default: {shown_default(field)})",
         )
+
+
+def shown_default(field: Any) -> str:
+    """A field's default as a person would type it (a list as comma-separated values; none: empty)."""
+    default = field.get_default(call_default_factory=True)
+    if isinstance(default, (list, tuple)):
+        return ",".join(map(str, default)) or "none"
+    return str(default)
 
 
 def config_from_args(config_cls: type[BaseModel], args: argparse.Namespace) -> Any:
@@ -104,7 +112,11 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, default=None, help="fixed speculation depth k (default: adaptive)")
     parser.add_argument("--raw", action="store_true", help="send the prompt as plain text, no chat template")
     parser.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, stats")
-    parser.add_argument("--address", default=None, help="a running coordinator (host:port)")
+    parser.add_argument(
+        "--address", default=None,
+        help="a running coordinator (host:port); default: SPECD_ADDRESS, or the coordinator at 127.0.0.1:50050 if "
+        "one answers there; otherwise an oracle and a draft are started for this one request",
+    )
     parser.add_argument("--oracle-model", default=None, help="local mode: the oracle's model source")
     parser.add_argument("--draft-model", default=None, help="local mode: the draft's model source")
     parser.add_argument("--draft-layers", type=int, default=None, help="local mode: keep the draft's first N layers")
@@ -113,8 +125,9 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_generate(args: argparse.Namespace) -> int:
     from specd.cli import generate as generate_cmd
 
-    if args.address:
-        return generate_cmd.remote(args, args.address)
+    address = generate_cmd.find_coordinator(args.address)
+    if address is not None:
+        return generate_cmd.remote(args, address)
     return asyncio.run(generate_cmd.local(args))
 
 

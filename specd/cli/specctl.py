@@ -148,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("role", choices=sorted(ROLES))
     register.add_argument("address")
     register.add_argument("--name", default="")
+    # The common flags also after the command (`specctl status --json`); SUPPRESS keeps a value given before it.
+    for command in [*commands.choices.values(), get, put]:
+        command.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+        command.add_argument("--address", default=argparse.SUPPRESS, help="coordinator host:port")
+        command.add_argument("--timeout", type=float, default=argparse.SUPPRESS)
     return parser
 
 

@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="coordinator listen address")
     parser.add_argument("--port", type=int, default=COORDINATOR_PORT)
     parser.add_argument("--metrics-port", type=int, default=-1)
+    parser.add_argument(
+        "--http-port", type=int, default=-1, help="serve the OpenAI-compatible HTTP API on this port (0: any; -1: off)"
+    )
     parser.add_argument("--oracle-model", default=EMBEDDED_ORACLE)
     parser.add_argument("--draft-model", default=None, help="default: the shipped default draft")
     parser.add_argument("--draft-layers", type=int, default=None)
@@ -78,7 +81,8 @@ async def bring_up(args: argparse.Namespace, stop: asyncio.Event) -> None:
         )
         launched = [oracle, draft]
         config = CoordinatorConfig(
-            host=args.host, port=args.port, metrics_port=args.metrics_port, depth_policy=args.depth_policy,
+            host=args.host, port=args.port, metrics_port=args.metrics_port, http_port=args.http_port,
+            depth_policy=args.depth_policy,
             max_depth=args.max_depth, ray_address=args.address,
         )
         plane = await get_or_create_plane(config)
@@ -91,6 +95,7 @@ async def bring_up(args: argparse.Namespace, stop: asyncio.Event) -> None:
         print(
             f"specd is up in {time.monotonic() - started:.0f}s: coordinator at {running.address}"
             + (f", metrics on :{running.metrics_port}" if running.metrics_port > 0 else "")
+            + (f", OpenAI-compatible HTTP API at http://{args.host}:{running.http_port}/v1" if running.http_port > 0 else "")
             + f"\n  specd generate --address {running.address} \"Hello\"\n  specctl --address {running.address} status",
             flush=True,
         )

@@ -13,6 +13,7 @@ COORDINATOR_PORT = 50050
 ORACLE_METRICS_PORT = 9401
 DRAFT_METRICS_PORT = 9402
 COORDINATOR_METRICS_PORT = 9400
+COORDINATOR_HTTP_PORT = 8000  # the OpenAI-compatible HTTP API in deployments (off unless asked for)
 
 
 def keep_local_ray_on_loopback() -> None:

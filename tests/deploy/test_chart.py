@@ -165,6 +165,7 @@ def test_coordinator_settings_parse_and_name_the_worker_services(
     settings = CoordinatorConfig()
     assert (settings.host, settings.port) == ("0.0.0.0", specd_config.COORDINATOR_PORT)
     assert settings.metrics_port == specd_config.COORDINATOR_METRICS_PORT
+    assert settings.http_port == specd_config.COORDINATOR_HTTP_PORT
     assert settings.ray_address == "auto"
     values = yaml.safe_load((CHART / "values.yaml").read_text())["coordinator"]
     assert (settings.depth_policy, settings.max_depth) == (values["depthPolicy"], values["maxDepth"])

@@ -30,7 +30,9 @@ WORKER_PORTS = {
     specd_config.ORACLE_METRICS_PORT,
     specd_config.DRAFT_METRICS_PORT,
 }
-COORDINATOR_PORTS = {specd_config.COORDINATOR_PORT, specd_config.COORDINATOR_METRICS_PORT}
+COORDINATOR_PORTS = {
+    specd_config.COORDINATOR_PORT, specd_config.COORDINATOR_METRICS_PORT, specd_config.COORDINATOR_HTTP_PORT,
+}
 RAY_HEAD_PORTS = {6379, 8265, 10001}  # GCS, dashboard, Ray client
 IMAGES = {
     "Dockerfile.worker-cpu": WORKER_PORTS,

@@ -67,6 +67,7 @@ def test_head_runs_the_coordinator_with_its_ports_and_probes(cluster: Manifest) 
         **RAY_PORTS,
         "grpc": specd_config.COORDINATOR_PORT,
         "specd-metrics": specd_config.COORDINATOR_METRICS_PORT,
+        "http": specd_config.COORDINATOR_HTTP_PORT,
     }
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert head[probe]["grpc"] == {"port": specd_config.COORDINATOR_PORT, "service": ""}

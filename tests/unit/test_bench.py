@@ -255,3 +255,25 @@ def test_quick_run_writes_the_report_and_plots(quick_run: Path):
     for name in ("tokens_per_second_vs_k.png", "ratio_vs_rtt.png", "latency_vs_concurrency.png"):
         data = (quick_run / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+
+
+@pytest.mark.slow
+def test_the_concurrency_section_through_the_http_api(tmp_path: Path):
+    """`--api http`: the clients stream from the OpenAI-compatible API; every request completes and is counted."""
+    out = tmp_path / "results"
+    done = subprocess.run(
+        [sys.executable, "-m", "specd.bench", "--quick", "--sections", "concurrency", "--clients", "1,4", "--api", "http",
+         "--out", str(out)],
+        cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True, text=True, timeout=280,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["setup"]["concurrency_api"] == "http"
+    points = results["concurrency"]["points"]
+    assert {p["policy"] for p in points} >= {"adaptive", "oracle alone", "adaptive, no batching"}
+    for point in points:
+        s = point["summary"]
+        assert s["failed"] == 0 and s["tokens"] > 0, point
+        if point["policy"] == "oracle alone":
+            assert s["k_mean"] == 0
+    assert "HTTP connection" in (out / "results.md").read_text()

@@ -17,6 +17,7 @@ from coordinator.session.generation import Delta, GenerationRequest
 from coordinator.session.loop import DEFAULT_MIGRATION_LIMIT, Finish
 from specd.core.errors import InvalidArgument, SpecdError
 from specd.rpc.host import abort_with_error, grpc_errors
+from specd.rpc.security import Credentials
 from specd.v1 import admin_pb2, admin_pb2_grpc, common_pb2, generation_pb2, generation_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,9 @@ _WORKER_REFUSALS = {
 }
 
 
-def request_from_proto(message: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> GenerationRequest:
+def request_from_proto(
+    message: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext, credentials: Credentials
+) -> GenerationRequest:
     kind = message.WhichOneof("prompt")
     if kind is None:
         raise InvalidArgument("the request has no prompt: set text, chat or token_ids")
@@ -57,6 +60,8 @@ def request_from_proto(message: generation_pb2.GenerateRequest, context: grpc.ai
         stop=list(message.stop),
         stop_at_eos=message.stop_at_eos if message.HasField("stop_at_eos") else True,
         migration_limit=message.migration_limit if message.HasField("migration_limit") else DEFAULT_MIGRATION_LIMIT,
+        tenant=credentials.tenant_of(context.invocation_metadata()),
+        cache_salt=message.cache_salt,
         deadline=time.monotonic() + remaining if remaining is not None else None,
         request_id=message.request_id or uuid.uuid4().hex,
     )
@@ -91,13 +96,14 @@ def stats_fields(delta: Delta) -> dict[str, Any]:
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
-    def __init__(self, coordinator: Coordinator):
+    def __init__(self, coordinator: Coordinator, credentials: Credentials | None = None):
         self.coordinator = coordinator
+        self.credentials = credentials or Credentials()
 
     async def Generate(self, message: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext):
         text, ids, final, request = [], [], None, None
         try:
-            request = request_from_proto(message, context)
+            request = request_from_proto(message, context, self.credentials)
             depth = message.depth if message.HasField("depth") else None
             async for delta in self.coordinator.generate(request, depth):
                 text.append(delta.text)
@@ -115,7 +121,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServiceServicer):
         self, message: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
         try:
-            request = request_from_proto(message, context)
+            request = request_from_proto(message, context, self.credentials)
             depth = message.depth if message.HasField("depth") else None
             async for delta in self.coordinator.generate(request, depth):
                 yield generation_pb2.GenerateStreamResponse(

@@ -8,7 +8,7 @@
 
 Requests take OpenAI's fields: `max_tokens` (chat: also `max_completion_tokens`), `temperature`,
 `top_p`, `stop`, `seed`, `n` (1 only), `stream` with `stream_options.include_usage`, and as vLLM
-takes them `top_k` and `return_token_ids` (each choice, and each streamed chunk, also carries its
+takes them `top_k`, `cache_salt` (the prefix cache's partition within the tenant) and `return_token_ids` (each choice, and each streamed chunk, also carries its
 token ids; a completion's prompt may also be a list of token ids). `speculation_depth` fixes the
 depth k as the gRPC API's `depth` does (0: the oracle alone; absent: the depth policy chooses). Replies carry `usage`, `finish_reason` and, as vLLM reports them, the request's
 speculation figures in `metrics.speculative_decoding`. Streams are server-sent events, one
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import logging
 import math
@@ -50,6 +49,7 @@ from coordinator.service import Coordinator
 from coordinator.session.generation import Delta, GenerationRequest
 from coordinator.session.loop import Finish
 from specd.core.errors import SpecdError
+from specd.rpc.security import CLIENT, DEFAULT_TENANT, Credentials, bearer
 from specd.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -151,10 +151,10 @@ class _Fields:
 
 
 class HttpApi:
-    def __init__(self, coordinator: Coordinator, plane: PlaneClient, token: str | None = None):
+    def __init__(self, coordinator: Coordinator, plane: PlaneClient, credentials: Credentials | None = None):
         self.coordinator = coordinator
         self.plane = plane
-        self._expected = f"Bearer {token}".encode() if token else None
+        self.credentials = credentials or Credentials()
         self._models: tuple[float, list[str]] = (0.0, [])
         self.app = Starlette(routes=[
             Route("/v1/models", self.models, methods=["GET"]),
@@ -189,12 +189,18 @@ class HttpApi:
                 await self._task
 
     # -- endpoints ----------------------------------------------------------------------------------
-    def _authorize(self, request: Request) -> None:
-        if self._expected is None:
-            return
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, self._expected):
+    def _authorize(self, request: Request) -> str:
+        """The caller's tenant; 401 without a token anyone issued, 403 with another role's."""
+        if not self.credentials.enabled:
+            return DEFAULT_TENANT
+        token = bearer([("authorization", request.headers.get("authorization", ""))])
+        found = self.credentials.identify(token) if token else None
+        if found is None:
             raise HttpError(401, "missing or wrong bearer token (Authorization: Bearer ...)", "authentication_error")
+        roles, tenant = found
+        if CLIENT not in roles:
+            raise HttpError(403, "this API needs the client credential", "permission_error")
+        return tenant
 
     async def _model_ids(self) -> list[str]:
         fetched, ids = self._models
@@ -244,7 +250,7 @@ class HttpApi:
 
     async def _serve(self, request: Request, chat: bool) -> Response:
         try:
-            self._authorize(request)
+            tenant = self._authorize(request)
             try:
                 body = await request.json()
             except ValueError:
@@ -252,6 +258,8 @@ class HttpApi:
             fields = _Fields(body)
             model = await self._check_model(fields)
             generation = self._generation(fields, chat)
+            generation.tenant = tenant
+            generation.cache_salt = fields.get("cache_salt", str, "")
             stream = fields.get("stream", bool, False)
             include_usage = bool(fields.get("stream_options", dict, {}).get("include_usage", False))
             token_ids = fields.get("return_token_ids", bool, False)

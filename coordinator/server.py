@@ -16,7 +16,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.control_plane.client import PlaneClient, connect_ray, get_or_create_plane
 from coordinator.http_api import HttpApi
 from coordinator.service import Coordinator
-from specd.rpc.host import ServiceHost
+from specd.rpc.host import ServiceHost, warn_if_open
 from specd.rpc.metrics import serve_metrics
 from specd.rpc.security import Security
 from specd.v1 import admin_pb2_grpc, common_pb2, generation_pb2_grpc
@@ -54,7 +54,7 @@ async def start_coordinator(config: CoordinatorConfig, plane: PlaneClient | None
     host = ServiceHost(
         config.host, config.port, grace_seconds=config.grace_seconds, max_message_bytes=config.max_message_bytes
     )
-    host.add(generation_pb2_grpc.add_GenerationServiceServicer_to_server, GenerationServicer(coordinator), GENERATION_SERVICE)
+    host.add(generation_pb2_grpc.add_GenerationServiceServicer_to_server, GenerationServicer(coordinator, Security.from_env().credentials), GENERATION_SERVICE)
     host.add(admin_pb2_grpc.add_AdminServiceServicer_to_server, AdminServicer(plane, config.ray_address), ADMIN_SERVICE)
     await host.start()
     host.on_stop(coordinator.close)
@@ -63,8 +63,10 @@ async def start_coordinator(config: CoordinatorConfig, plane: PlaneClient | None
         metrics_port = serve_metrics(coordinator.metrics.registry, config.metrics_port, config.host)
     http_port = -1
     if config.http_port >= 0:
-        http = HttpApi(coordinator, plane, Security.from_env().token)
+        security = Security.from_env()
+        http = HttpApi(coordinator, plane, security.credentials)
         http_port = await http.start(config.host, config.http_port)
+        warn_if_open(config.host, security, "HTTP")
         host.on_stop(http.stop)
     return RunningCoordinator(
         host=host, coordinator=coordinator, plane=plane, metrics_port=metrics_port, http_port=http_port

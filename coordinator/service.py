@@ -136,6 +136,7 @@ class Coordinator:
 
     async def generate(self, request: GenerationRequest, depth: int | None = None) -> AsyncIterator[Delta]:
         validate_request(request, self.config.max_tokens_limit)
+        log.info("request %s from tenant %s", request.request_id, request.tenant)
         if depth is not None:
             validation.depth(depth, self.config.max_depth)
         started = time.perf_counter()
@@ -209,6 +210,7 @@ class Coordinator:
                 if delta.finish is not None and delta.stats is not None:
                     summary = delta.stats.summary()
                     self.metrics.requests.labels(delta.finish.value).inc()
+                    self.metrics.tenant_requests.labels(request.tenant, delta.finish.value).inc()
                     self.metrics.generation_tokens.inc(delta.completion_tokens)
                     self.metrics.prompt_tokens.inc(delta.prompt_tokens)
                     self.metrics.e2e.observe(time.perf_counter() - started)

@@ -28,7 +28,7 @@ class DraftServicer(WorkerServicerMixin, draft_pb2_grpc.DraftServiceServicer):
         super().__init__(drafter, executor, config)
 
     def open_options(self, request: draft_pb2.OpenDraftSessionRequest) -> dict:
-        return {"features": features_from_proto(request.features)}
+        return {"features": features_from_proto(request.features), "cache_namespace": request.cache_namespace}
 
     @grpc_errors
     async def Propose(self, request: draft_pb2.ProposeRequest, context: grpc.aio.ServicerContext) -> draft_pb2.Proposal:

@@ -46,7 +46,7 @@ class OracleServicer(WorkerServicerMixin, oracle_pb2_grpc.OracleServiceServicer)
         return int(self.worker.loaded.model.config.hidden_size)
 
     def open_options(self, request: oracle_pb2.OpenOracleSessionRequest) -> dict:
-        return {"return_features": request.return_features}
+        return {"return_features": request.return_features, "cache_namespace": request.cache_namespace}
 
     @grpc_errors
     async def Verify(self, request: oracle_pb2.VerifyRequest, context: grpc.aio.ServicerContext) -> oracle_pb2.Verdict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import ray
@@ -10,6 +11,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from coordinator.config import CoordinatorConfig
 from coordinator.control_plane.actor import ControlPlane
 from specd.core.errors import SpecdError, Unavailable
+from specd.rpc.security import SECURITY_FILES
 
 
 class PlaneClient:
@@ -52,7 +54,11 @@ def connect_ray(address: str, namespace: str, resources: dict[str, float] | None
 async def get_or_create_plane(config: CoordinatorConfig) -> PlaneClient:
     """Join the control-plane actor named in the config, or create it (restarted by Ray if it dies)."""
     actor_cls = ray.remote(num_cpus=0, max_restarts=-1)(ControlPlane)
-    handle = actor_cls.options(name=config.plane_name, get_if_exists=True).remote(
+    # Its health checks call the workers with the worker credential: it reads the same files as this process
+    # (their paths, never the secrets, travel with the actor).
+    files = {name: os.environ[name] for name in SECURITY_FILES if os.environ.get(name)}
+    options = {"runtime_env": {"env_vars": files}} if files else {}
+    handle = actor_cls.options(name=config.plane_name, get_if_exists=True, **options).remote(
         config.depth_policy, config.max_depth, config.health_interval_seconds,
         f"{config.ray_namespace}/{config.plane_name}", config.lease_seconds,
     )

@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from coordinator.control_plane.registry import Worker
-from specd.rpc.security import Security
+from specd.rpc.security import WORKER, Security
 from specd.v1 import common_pb2, draft_pb2_grpc, oracle_pb2_grpc
 
 SLOW_CHECKS_TO_FAIL = 3
@@ -22,7 +22,7 @@ CHECK_TIMEOUT_SECONDS = 2.0
 
 class HealthChecker:
     def __init__(self, security: Security | None = None):
-        self._security = security or Security.from_env()
+        self._security = security or Security.from_env(WORKER)
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def _channel(self, address: str) -> grpc.aio.Channel:

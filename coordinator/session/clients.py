@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from specd.core.stopping import StopRule
 from specd.rpc.host import channel_options
-from specd.rpc.security import Security
+from specd.rpc.security import WORKER, Security
 from specd.v1 import common_pb2, draft_pb2, draft_pb2_grpc, oracle_pb2, oracle_pb2_grpc
 
 
@@ -56,7 +56,7 @@ def join_features(parts: list[common_pb2.Features]) -> common_pb2.Features | Non
 class WorkerClient:
     def __init__(self, address: str, max_message_bytes: int = 16 << 20, delay_seconds: float = 0.0):
         self.address = address
-        security = Security.from_env()
+        security = Security.from_env(WORKER)  # the coordinator calls workers with the worker credential
         self.channel = security.aio_channel(address, options=channel_options(max_message_bytes))
         self.metadata = security.call_metadata()
         # An added round trip per session call, to rehearse a distant worker (benchmarks, tests).
@@ -93,11 +93,12 @@ class DraftClient(WorkerClient):
 
     async def open_session(
         self, session_id: str, prompt: list[int], sampling: common_pb2.SamplingParams, timeout: float | None,
-        features: common_pb2.Features | None = None,
+        features: common_pb2.Features | None = None, cache_namespace: str = "",
     ) -> None:
         await self.stub.OpenSession(
             draft_pb2.OpenDraftSessionRequest(
-                session_id=session_id, prompt_token_ids=prompt, sampling=sampling, features=features
+                session_id=session_id, prompt_token_ids=prompt, sampling=sampling, features=features,
+                cache_namespace=cache_namespace,
             ),
             timeout=timeout,
             metadata=self.metadata,
@@ -147,13 +148,14 @@ class OracleClient(WorkerClient):
 
     async def open_session(
         self, session_id: str, prompt: list[int], sampling: common_pb2.SamplingParams, timeout: float | None,
-        return_features: bool = False,
+        return_features: bool = False, cache_namespace: str = "",
     ) -> oracle_pb2.OpenOracleSessionResponse:
         """Open and prefill. The reply says how much of the prompt came from the prefix cache and, with
         return_features, carries the prompt's features for a feature draft."""
         return await self.stub.OpenSession(
             oracle_pb2.OpenOracleSessionRequest(
-                session_id=session_id, prompt_token_ids=prompt, sampling=sampling, return_features=return_features
+                session_id=session_id, prompt_token_ids=prompt, sampling=sampling, return_features=return_features,
+                cache_namespace=cache_namespace,
             ),
             timeout=timeout,
             metadata=self.metadata,

@@ -7,6 +7,7 @@ layer needs no model files.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 from collections.abc import AsyncIterator
@@ -112,6 +113,8 @@ class GenerationRequest:
     deadline: float | None = None  # time.monotonic() value
     request_id: str = ""
     migration_limit: int = DEFAULT_MIGRATION_LIMIT  # moves to another oracle when the oracle fails
+    tenant: str = "default"  # who asked (the name of the client credential)
+    cache_salt: str = ""  # partitions the prefix cache within the tenant
 
 
 @dataclass
@@ -145,6 +148,12 @@ def validate_request(request: GenerationRequest, max_tokens_limit: int) -> None:
         raise OutOfRange(f"at most {MAX_CHAT_MESSAGES} chat messages, got {len(request.chat)}")
     if not 0 <= request.migration_limit <= MAX_MIGRATION_LIMIT:
         raise InvalidArgument(f"migration_limit must be in 0..{MAX_MIGRATION_LIMIT}, got {request.migration_limit}")
+
+
+def cache_namespace(tenant: str, salt: str) -> str:
+    """The workers' prefix-cache partition for a tenant and salt: a prompt can only reuse what its own tenant
+    (with the same salt) stored, so the cache reveals nothing of other tenants' prompts."""
+    return hashlib.blake2b(f"{tenant}\0{salt}".encode(), digest_size=16).hexdigest()
 
 
 def seeded(sampling: common_pb2.SamplingParams) -> common_pb2.SamplingParams:
@@ -243,6 +252,7 @@ async def stream_generation(
         prompt=prompt,
         sampling=seeded(request.sampling),
         migration_limit=request.migration_limit,
+        cache_namespace=cache_namespace(request.tenant, request.cache_salt),
         max_tokens=request.max_tokens,
         eos_token_ids=pair.eos_token_ids if request.stop_at_eos else frozenset(),
         max_context=pair.max_context,

@@ -92,6 +92,7 @@ class SessionRequest:
     lookup_ngram: tuple[int, int] | None = None  # (min n, max n) of prompt lookup; None: off
     session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     migration_limit: int = DEFAULT_MIGRATION_LIMIT  # moves to another oracle after a failure
+    cache_namespace: str = ""  # the workers' prefix-cache partition (the tenant's)
 
 
 RoundHook = Callable[["SpeculativeSession", RoundObservation, int], None]
@@ -268,9 +269,10 @@ class SpeculativeSession:
             await self._open_in_turn(sid, prompt, sampling)
             return
         timeout = self._call_timeout(OPEN_DEADLINE_FLOOR_SECONDS)
-        opens = [self.oracle.open_session(sid, prompt, sampling, timeout)]
+        ns = self.request.cache_namespace
+        opens = [self.oracle.open_session(sid, prompt, sampling, timeout, cache_namespace=ns)]
         if self.draft is not None:
-            opens.append(self.draft.open_session(sid, prompt, sampling, timeout))
+            opens.append(self.draft.open_session(sid, prompt, sampling, timeout, cache_namespace=ns))
         results = await asyncio.gather(*opens, return_exceptions=True)
         self._oracle_open = not isinstance(results[0], BaseException)
         self._draft_open = self.draft is not None and not isinstance(results[-1], BaseException)
@@ -290,11 +292,17 @@ class SpeculativeSession:
         """A feature draft needs the prompt's features, so it opens after the oracle has prefilled."""
         assert self.draft is not None
         timeout = self._call_timeout(OPEN_DEADLINE_FLOOR_SECONDS)
-        opened = await self.oracle.open_session(sid, prompt, sampling, timeout, return_features=True)
+        ns = self.request.cache_namespace
+        opened = await self.oracle.open_session(
+            sid, prompt, sampling, timeout, return_features=True, cache_namespace=ns
+        )
         self._oracle_open = True
         self._opened(opened)
         try:
-            await self.draft.open_session(sid, prompt, sampling, self._call_timeout(OPEN_DEADLINE_FLOOR_SECONDS), opened.features)
+            await self.draft.open_session(
+                sid, prompt, sampling, self._call_timeout(OPEN_DEADLINE_FLOOR_SECONDS), opened.features,
+                cache_namespace=ns,
+            )
         except grpc.aio.AioRpcError as error:
             self._draft_lost(error)
         else:

@@ -25,7 +25,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from specd.core.defaults import COORDINATOR_PORT
-from specd.rpc.security import Security
+from specd.rpc.security import ADMIN, Security
 from specd.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
 ROLES = {"draft": common_pb2.WORKER_ROLE_DRAFT, "oracle": common_pb2.WORKER_ROLE_ORACLE}
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace, stub: admin_pb2_grpc.AdminServiceStub) -> tuple[Message, str]:
-    options = {"timeout": args.timeout, "metadata": Security.from_env().call_metadata()}
+    options = {"timeout": args.timeout, "metadata": Security.from_env(ADMIN).call_metadata()}
     if args.command == "status":
         reply = stub.GetStatus(admin_pb2.GetStatusRequest(), **options)
         return reply, show_status(reply)
@@ -191,7 +191,7 @@ def run(args: argparse.Namespace, stub: admin_pb2_grpc.AdminServiceStub) -> tupl
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    with Security.from_env().channel(args.address) as channel:
+    with Security.from_env(ADMIN).channel(args.address) as channel:
         try:
             reply, text = run(args, admin_pb2_grpc.AdminServiceStub(channel))
         except grpc.RpcError as error:

@@ -88,6 +88,19 @@ def channel_options(max_message_bytes: int, *, server: bool = False) -> list[tup
     ]
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def warn_if_open(host: str, security: Security, what: str) -> None:
+    """A server that listens beyond loopback without credentials says so at start."""
+    if host not in LOOPBACK_HOSTS and not security.credentials.enabled:
+        log.warning(
+            "the %s server listens on %s without authentication: anyone who reaches it may use it; set "
+            "SPECD_AUTH_TOKEN_FILE, SPECD_ADMIN_TOKEN_FILE and SPECD_WORKER_TOKEN_FILE (specd/rpc/security.py)",
+            what, host,
+        )
+
+
 class ServiceHost:
     """Hosts servicers on a grpc.aio server with health, reflection and graceful shutdown."""
 
@@ -140,6 +153,7 @@ class ServiceHost:
         await self.server.start()
         await self.set_serving(True)
         log.info("serving %s on %s", ", ".join(self._service_names), self.address)
+        warn_if_open(self.host, self.security, "gRPC")
         return self.port
 
     async def set_serving(self, serving: bool) -> None:

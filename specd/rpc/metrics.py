@@ -91,6 +91,10 @@ class CoordinatorMetrics:
             "specd_request_success", "Finished requests by finish reason.", ("finished_reason",), registry=r
         )
         self.failures = Counter("specd_request_failure", "Failed requests by status code.", ("code",), registry=r)
+        self.tenant_requests = Counter(
+            "specd_tenant_requests", "Finished requests by tenant (the name of the client credential) and reason.",
+            ("tenant", "finished"), registry=r,
+        )
         self.migrations = Counter(
             "specd_request_migrations", "Sessions moved to another oracle after theirs failed.", registry=r
         )

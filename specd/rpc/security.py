@@ -1,15 +1,23 @@
 """Authentication and transport security for every specd server and client.
 
-Configured from the environment (mounted from Kubernetes Secrets by the Helm chart):
+Three credentials, one per role, from the environment (mounted from Kubernetes Secrets by the
+Helm chart):
 
-    SPECD_AUTH_TOKEN_FILE   a file holding a shared bearer token; servers then require
-                            `authorization: Bearer <token>` on every call except health checks
-                            and reflection, and clients send it.
+    SPECD_AUTH_TOKEN_FILE     client: the Generation API (gRPC and HTTP). One token per line; a
+                              line `name:token` names the tenant that uses it (logs, metrics, the
+                              prefix cache's partition); a bare token is the tenant "default".
+    SPECD_ADMIN_TOKEN_FILE    admin: the Admin API (`specctl` reads the same variable and sends it).
+    SPECD_WORKER_TOKEN_FILE   worker: the coordinator's calls to the workers; workers take nothing else.
+
+Servers require `authorization: Bearer <token>` of the role a service serves on every call except
+health checks and reflection: no token or an unknown one gets UNAUTHENTICATED, a token of another
+role PERMISSION_DENIED. A role whose variable is unset takes the client tokens (one shared token
+for everything, as before roles); all three unset means no authentication (loopback development).
+Clients send the token of the role they call as.
+
     SPECD_TLS_CERT_FILE     PEM certificate chain and key of this process; servers listen with TLS
     SPECD_TLS_KEY_FILE      and clients present them (mutual TLS).
     SPECD_TLS_CA_FILE       PEM CA that peers' certificates must chain to.
-
-Nothing set means plaintext without authentication (loopback development).
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from __future__ import annotations
 import hmac
 import os
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +33,20 @@ import grpc
 
 # Health checks (kubelet probes, load balancers) and reflection stay open.
 OPEN_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+CLIENT, ADMIN, WORKER = "client", "admin", "worker"
+# The role each service serves.
+SERVICE_ROLES = {
+    "/specd.v1.GenerationService/": CLIENT,
+    "/specd.v1.AdminService/": ADMIN,
+    "/specd.v1.OracleService/": WORKER,
+    "/specd.v1.DraftService/": WORKER,
+}
+DEFAULT_TENANT = "default"
+# The environment variables naming the files this module reads.
+SECURITY_FILES = (
+    "SPECD_AUTH_TOKEN_FILE", "SPECD_ADMIN_TOKEN_FILE", "SPECD_WORKER_TOKEN_FILE",
+    "SPECD_TLS_CERT_FILE", "SPECD_TLS_KEY_FILE", "SPECD_TLS_CA_FILE",
+)
 
 
 def _read(variable: str) -> bytes | None:
@@ -32,22 +54,98 @@ def _read(variable: str) -> bytes | None:
     return Path(path).read_bytes() if path else None
 
 
+def parse_client_tokens(text: str) -> dict[str, str]:
+    """token -> tenant, from a client token file: one `name:token` or bare token per line."""
+    tokens: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, token = line.partition(":")
+        tenant, token = (name.strip(), token.strip()) if sep else (DEFAULT_TENANT, line)
+        if not token or not tenant:
+            raise ValueError("a client token file holds one `name:token` (or bare token) per line")
+        tokens[token] = tenant
+    return tokens
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """The bearer tokens of the three roles; None for a role that takes the client tokens."""
+
+    clients: dict[str, str] = field(default_factory=dict)  # token -> tenant
+    admin: str | None = None
+    worker: str | None = None
+
+    @classmethod
+    def from_env(cls) -> Credentials:
+        clients, admin, worker = (_read(v) for v in ("SPECD_AUTH_TOKEN_FILE", "SPECD_ADMIN_TOKEN_FILE", "SPECD_WORKER_TOKEN_FILE"))
+        return cls(
+            clients=parse_client_tokens(clients.decode()) if clients else {},
+            admin=admin.decode().strip() or None if admin else None,
+            worker=worker.decode().strip() or None if worker else None,
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.clients or self.admin or self.worker)
+
+    def token_for(self, role: str) -> str | None:
+        """The token a client of this role sends."""
+        own = {ADMIN: self.admin, WORKER: self.worker}.get(role)
+        return own or next(iter(self.clients), None)
+
+    def identify(self, token: str) -> tuple[set[str], str] | None:
+        """The roles a token holds and its tenant; None for a token nobody issued."""
+        roles: set[str] = set()
+        tenant = ""
+        for known, name in self.clients.items():
+            if hmac.compare_digest(token.encode(), known.encode()):
+                roles.add(CLIENT)
+                tenant = name
+                roles |= {r for r, own in ((ADMIN, self.admin), (WORKER, self.worker)) if own is None}
+        for role, own in ((ADMIN, self.admin), (WORKER, self.worker)):
+            if own is not None and hmac.compare_digest(token.encode(), own.encode()):
+                roles.add(role)
+        return (roles, tenant or DEFAULT_TENANT) if roles else None
+
+    def tenant_of(self, metadata: Any) -> str:
+        """The tenant of a call's bearer token (DEFAULT_TENANT without authentication)."""
+        token = bearer(metadata)
+        found = self.identify(token) if token else None
+        return found[1] if found else DEFAULT_TENANT
+
+
+def bearer(metadata: Any) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization":
+            given = value.decode() if isinstance(value, bytes) else value
+            return given.removeprefix("Bearer ").strip() if given.startswith("Bearer ") else None
+    return None
+
+
 @dataclass(frozen=True)
 class Security:
-    token: str | None = None
+    credentials: Credentials = field(default_factory=Credentials)
     cert: bytes | None = None
     key: bytes | None = None
     ca: bytes | None = None
+    role: str = CLIENT  # the role this process calls as (what call_metadata sends)
 
     @classmethod
-    def from_env(cls) -> Security:
-        token = _read("SPECD_AUTH_TOKEN_FILE")
+    def from_env(cls, role: str = CLIENT) -> Security:
         return cls(
-            token=token.decode().strip() if token else None,
+            credentials=Credentials.from_env(),
             cert=_read("SPECD_TLS_CERT_FILE"),
             key=_read("SPECD_TLS_KEY_FILE"),
             ca=_read("SPECD_TLS_CA_FILE"),
+            role=role,
         )
+
+    @property
+    def token(self) -> str | None:
+        """The token this process sends."""
+        return self.credentials.token_for(self.role)
 
     @property
     def tls(self) -> bool:
@@ -55,7 +153,8 @@ class Security:
 
     def call_metadata(self) -> tuple[tuple[str, str], ...] | None:
         """Metadata every client call carries."""
-        return (("authorization", f"Bearer {self.token}"),) if self.token else None
+        token = self.token
+        return (("authorization", f"Bearer {token}"),) if token else None
 
     # -- servers -------------------------------------------------------------------------------
     def server_credentials(self) -> grpc.ServerCredentials | None:
@@ -67,7 +166,7 @@ class Security:
         )
 
     def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
-        return [TokenCheck(self.token)] if self.token else []
+        return [RoleCheck(self.credentials)] if self.credentials.enabled else []
 
     # -- clients -------------------------------------------------------------------------------
     def _channel_credentials(self) -> grpc.ChannelCredentials:
@@ -84,29 +183,37 @@ class Security:
         return grpc.insecure_channel(address, options=options)
 
 
-class TokenCheck(grpc.aio.ServerInterceptor):
-    """Refuses calls without the shared bearer token (UNAUTHENTICATED)."""
+class RoleCheck(grpc.aio.ServerInterceptor):
+    """Each call needs a bearer token of the role its service serves (SERVICE_ROLES)."""
 
-    def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
+    def __init__(self, credentials: Credentials):
+        self.credentials = credentials
 
-    def _authorized(self, metadata: Any) -> bool:
-        for key, value in metadata or ():
-            if key == "authorization":
-                given = value.encode() if isinstance(value, str) else value
-                return hmac.compare_digest(given, self._expected)
-        return False
+    def _refusal(self, details: grpc.HandlerCallDetails) -> tuple[grpc.StatusCode, str] | None:
+        method = details.method
+        if method.startswith(OPEN_METHOD_PREFIXES):
+            return None
+        needed = next((role for prefix, role in SERVICE_ROLES.items() if method.startswith(prefix)), None)
+        token = bearer(details.invocation_metadata)
+        found = self.credentials.identify(token) if token else None
+        if found is None:
+            return grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)"
+        if needed is not None and needed not in found[0]:
+            return grpc.StatusCode.PERMISSION_DENIED, f"this call needs the {needed} credential"
+        return None
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or details.method.startswith(OPEN_METHOD_PREFIXES) or self._authorized(details.invocation_metadata):
+        refusal = None if handler is None else self._refusal(details)
+        if refusal is None:
             return handler
+        code, message = refusal
 
         async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (authorization metadata)")
+            await context.abort(code, message)
 
         codecs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
         if handler.unary_unary:

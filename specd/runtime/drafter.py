@@ -115,14 +115,14 @@ class Drafter(ModelWorker):
 
     def open_work(
         self, session_id: str, prompt: list[int], params: SamplingParams, *,
-        features: PositionFeatures | None = None, chunk: int = 0,
+        features: PositionFeatures | None = None, chunk: int = 0, cache_namespace: str = "",
     ) -> DraftWork[OpenResult]:
         """Open a session: standalone drafts prefill the prompt (from the prefix cache where it holds it), feature
         drafts take the prompt's features; in passes of up to `chunk` prompt positions (0: one pass)."""
         if self.feature_dim:
             result = yield from self._open_features(session_id, prompt, params, features, chunk)
         else:
-            result = yield from self._open_tokens(session_id, prompt, params, chunk)
+            result = yield from self._open_tokens(session_id, prompt, params, chunk, cache_namespace)
         if self.lookup_ngram is not None:
             index = NgramIndex(*self.lookup_ngram)
             index.extend(prompt)
@@ -130,9 +130,9 @@ class Drafter(ModelWorker):
         return result
 
     def _open_tokens(
-        self, session_id: str, prompt: list[int], params: SamplingParams, chunk: int
+        self, session_id: str, prompt: list[int], params: SamplingParams, chunk: int, cache_namespace: str
     ) -> DraftWork[OpenResult]:
-        prefill = self.begin_open(session_id, prompt, params)
+        prefill = self.begin_open(session_id, prompt, params, cache_namespace=cache_namespace)
         try:
             while not prefill.finished:
                 tokens, positions = prefill.next_chunk(chunk or len(prefill.prefix))

@@ -317,10 +317,11 @@ class OracleEngine(Engine[Segment, Any]):
         return replace(job.result, step_sessions=job.step_sessions, row_seconds=job.row_seconds)
 
     async def open(
-        self, session_id: str, prompt: list[int], params: SamplingParams, *, return_features: bool = False
+        self, session_id: str, prompt: list[int], params: SamplingParams, *, return_features: bool = False,
+        cache_namespace: str = "",
     ) -> OpenResult:
         job = await self.run(
-            session_id, lambda: self._open(session_id, prompt, params, return_features), prefill=True
+            session_id, lambda: self._open(session_id, prompt, params, return_features, cache_namespace), prefill=True
         )
         return job.result
 
@@ -330,10 +331,12 @@ class OracleEngine(Engine[Segment, Any]):
         return self.verifier.finish_verify(plan, hidden)
 
     def _open(
-        self, session_id: str, prompt: list[int], params: SamplingParams, return_features: bool
+        self, session_id: str, prompt: list[int], params: SamplingParams, return_features: bool, cache_namespace: str
     ) -> Generator[Segment, Any, OpenResult]:
         verifier = self.verifier
-        prefill = verifier.begin_open(session_id, prompt, params, return_features=return_features)
+        prefill = verifier.begin_open(
+            session_id, prompt, params, return_features=return_features, cache_namespace=cache_namespace
+        )
         try:
             while not prefill.finished:
                 tokens, positions = prefill.next_chunk(self.prefill_chunk_tokens)
@@ -363,11 +366,15 @@ class DraftEngine(Engine[DraftRows, DraftOutput]):
         return job.result
 
     async def open(
-        self, session_id: str, prompt: list[int], params: SamplingParams, *, features: PositionFeatures | None = None
+        self, session_id: str, prompt: list[int], params: SamplingParams, *, features: PositionFeatures | None = None,
+        cache_namespace: str = "",
     ) -> OpenResult:
         job = await self.run(
             session_id,
-            lambda: self.drafter.open_work(session_id, prompt, params, features=features, chunk=self.prefill_chunk_tokens),
+            lambda: self.drafter.open_work(
+                session_id, prompt, params, features=features, chunk=self.prefill_chunk_tokens,
+                cache_namespace=cache_namespace,
+            ),
             prefill=True,
         )
         return job.result

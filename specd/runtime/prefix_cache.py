@@ -14,6 +14,11 @@ alone. The least recently used entries go first once the cache holds more than i
 positions. Copies in and out keep entries independent of the sessions' own caches, which grow,
 roll back and rewrite positions in place.
 
+Entries belong to a namespace, the coordinator's partition of the cache per tenant (and per request
+`cache_salt`): the block hashes start from it and a hit must match it, so a prompt finds only what
+its own tenant stored, and a reply's count of cached prompt positions says nothing about other
+tenants' prompts.
+
 Only prefills are stored, never the positions a session generated (those were computed in
 verification blocks). Where the model's layers give each row of a forward pass the same result
 whatever the other rows (specd/kernels/cpu_linear.py, "onednn", the default on x86), a prompt
@@ -41,6 +46,7 @@ class PrefixEntry:
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [..., len(tokens), head_dim]
     features: torch.Tensor | None = None  # [len(tokens), H] final hidden states, where the session had them
     hashes: list[bytes] = field(default_factory=list)  # the hash of each block boundary, first block first
+    namespace: str = ""  # the partition it belongs to (a tenant's): only prompts of the same one find it
 
 
 @dataclass(frozen=True)
@@ -49,10 +55,11 @@ class PrefixHit:
     length: int  # positions of the entry the prompt shares, a multiple of BLOCK
 
 
-def block_hashes(tokens: list[int] | tuple[int, ...], blocks: int) -> list[bytes]:
-    """The hash of each of the first `blocks` block boundaries: each chains the one before."""
+def block_hashes(tokens: list[int] | tuple[int, ...], blocks: int, namespace: str = "") -> list[bytes]:
+    """The hash of each of the first `blocks` block boundaries: each chains the one before, the first the
+    namespace, so partitions never share a hash."""
     hashes: list[bytes] = []
-    previous = b""
+    previous = namespace.encode()
     for b in range(blocks):
         chunk = tokens[b * BLOCK : (b + 1) * BLOCK]
         previous = hashlib.blake2b(previous + b"".join(t.to_bytes(4, "little") for t in chunk), digest_size=16).digest()
@@ -72,23 +79,26 @@ class PrefixCache:
     def enabled(self) -> bool:
         return self.capacity_tokens >= BLOCK
 
-    def lookup(self, tokens: list[int], *, features: bool = False) -> PrefixHit | None:
-        """The longest cached prefix of `tokens`, in whole blocks (with features: only entries that have them)."""
+    def lookup(self, tokens: list[int], *, features: bool = False, namespace: str = "") -> PrefixHit | None:
+        """The longest cached prefix of `tokens` stored in `namespace`, in whole blocks (with features: only entries
+        that have them)."""
         if not self.enabled:
             return None
-        found = self._find(tokens, block_hashes(tokens, len(tokens) // BLOCK), features)
+        found = self._find(tokens, block_hashes(tokens, len(tokens) // BLOCK, namespace), namespace, features)
         if found is None:
             return None
         entry_id, hit = found
         self.entries.move_to_end(entry_id)
         return hit
 
-    def _find(self, tokens: list[int], hashes: list[bytes], features: bool = False) -> tuple[int, PrefixHit] | None:
-        """The entry holding the longest prefix of `tokens` (`hashes`: theirs, one per whole block)."""
+    def _find(
+        self, tokens: list[int], hashes: list[bytes], namespace: str, features: bool = False
+    ) -> tuple[int, PrefixHit] | None:
+        """The entry of `namespace` holding the longest prefix of `tokens` (`hashes`: theirs, one per whole block)."""
         for blocks in range(len(hashes), 0, -1):
             entry_id = self.index.get(hashes[blocks - 1], -1)
             entry = self.entries.get(entry_id)
-            if entry is None or (features and entry.features is None):
+            if entry is None or entry.namespace != namespace or (features and entry.features is None):
                 continue
             length = blocks * BLOCK
             if list(entry.tokens[:length]) == tokens[:length]:
@@ -96,7 +106,8 @@ class PrefixCache:
         return None
 
     def store(
-        self, tokens: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]], features: torch.Tensor | None = None
+        self, tokens: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]], features: torch.Tensor | None = None,
+        *, namespace: str = "",
     ) -> bool:
         """Keep the whole blocks of `tokens` whose keys and values are `layers` (per layer, the positions of
         `tokens` at least; copied). Returns whether a new entry was made: not when an entry with features
@@ -104,8 +115,8 @@ class PrefixCache:
         length = min(len(tokens), self.capacity_tokens) // BLOCK * BLOCK
         if not self.enabled or length == 0:
             return False
-        hashes = block_hashes(tokens, length // BLOCK)
-        held = self._find(tokens[:length], hashes)
+        hashes = block_hashes(tokens, length // BLOCK, namespace)
+        held = self._find(tokens[:length], hashes, namespace)
         if held is not None:
             held_id, hit = held
             if hit.length == length and (features is None or hit.entry.features is not None):
@@ -117,6 +128,7 @@ class PrefixCache:
             layers=[(k[..., :length, :].clone(), v[..., :length, :].clone()) for k, v in layers],
             features=None if features is None else features[:length].clone(),
             hashes=hashes,
+            namespace=namespace,
         )
         entry_id, self._next_id = self._next_id, self._next_id + 1
         self.entries[entry_id] = entry

@@ -57,6 +57,7 @@ class Prefill:
     params: SamplingParams
     return_features: bool
     kv: KVSession
+    cache_namespace: str = ""  # the prefix cache's partition it reads and stores in
     cached: int = 0  # prompt positions taken from the prefix cache
     done: int = 0  # prompt positions in the cache so far
     parts: list[torch.Tensor] = field(default_factory=list)  # features of those positions, in order
@@ -105,14 +106,18 @@ class ModelWorker:
         self.sessions.reserve(session_id, pending=len(self._opening))
 
     def begin_open(
-        self, session_id: str, prompt: list[int], params: SamplingParams, *, return_features: bool = False
+        self, session_id: str, prompt: list[int], params: SamplingParams, *, return_features: bool = False,
+        cache_namespace: str = "",
     ) -> Prefill:
         """Start opening a session: its cache begins with the longest prefix of the prompt the prefix cache
         holds; the rest of the prompt (all but its last token, which the next forward pass feeds) is still to
         prefill."""
         self.validate_open(session_id, prompt)
-        prefill = Prefill(session_id, list(prompt), params, return_features, KVSession(self.loaded.model, self.loaded.device))
-        hit = self.prefix_cache.lookup(prefill.prefix, features=return_features)
+        prefill = Prefill(
+            session_id, list(prompt), params, return_features, KVSession(self.loaded.model, self.loaded.device),
+            cache_namespace,
+        )
+        hit = self.prefix_cache.lookup(prefill.prefix, features=return_features, namespace=cache_namespace)
         if hit is not None:
             cached = hit.length
             prefill.kv.load_prefix(
@@ -133,7 +138,10 @@ class ModelWorker:
             rows = torch.cat(prefill.parts) if prefill.parts else torch.zeros(0, self.loaded.model.config.hidden_size)
             features = PositionFeatures(0, rows)
         if prefill.done > prefill.cached:
-            self.prefix_cache.store(prefill.prefix, prefill.kv.layer_states(), None if features is None else features.rows)
+            self.prefix_cache.store(
+                prefill.prefix, prefill.kv.layer_states(), None if features is None else features.rows,
+                namespace=prefill.cache_namespace,
+            )
         session = WorkerSession(
             kv=prefill.kv, params=prefill.params, committed=list(prefill.prompt), return_features=prefill.return_features
         )
@@ -155,10 +163,13 @@ class ModelWorker:
         self._opening.discard(prefill.session_id)
 
     def open(
-        self, session_id: str, prompt: list[int], params: SamplingParams, *, return_features: bool = False
+        self, session_id: str, prompt: list[int], params: SamplingParams, *, return_features: bool = False,
+        cache_namespace: str = "",
     ) -> OpenResult:
         """Open a session and prefill its prompt in one pass."""
-        prefill = self.begin_open(session_id, prompt, params, return_features=return_features)
+        prefill = self.begin_open(
+            session_id, prompt, params, return_features=return_features, cache_namespace=cache_namespace
+        )
         try:
             rest = prefill.prefix[prefill.done :]
             if rest:

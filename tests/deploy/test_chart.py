@@ -21,7 +21,7 @@ from specd.cli.main import build_parser
 from specd.core import defaults as specd_config
 from tests.deploy.conftest import CHART, NAMESPACE, RELEASE, Manifest, find, render_chart, render_objects
 
-CORE_KINDS = {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "ServiceAccount"}
+CORE_KINDS = {"Deployment", "Service", "ConfigMap", "PodDisruptionBudget", "ServiceAccount", "NetworkPolicy"}
 PREFIX = f"{RELEASE}-specd"
 WORKERS = {
     "oracle": (OracleConfig, specd_config.ORACLE_PORT, specd_config.ORACLE_METRICS_PORT),
@@ -32,7 +32,12 @@ FULL_VALUES: dict[str, Any] = {
     "imagePullSecrets": ["registry-creds"],
     "secrets": {
         "huggingFace": {"existingSecret": "hf-token", "key": "token"},
-        "authToken": {"existingSecret": "specd-auth", "key": "bearer"},
+        "auth": {
+            "enabled": True,
+            "client": {"existingSecret": "team-tokens", "key": "tokens"},
+            "admin": {"existingSecret": "ops-token", "key": "token"},
+            "worker": {"existingSecret": "mesh-token", "key": "token"},
+        },
         "tls": {"existingSecret": "specd-tls"},
     },
     "oracle": {
@@ -81,7 +86,8 @@ def clear_specd_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_default_render_has_every_component(default_objects: list[Manifest]) -> None:
     kinds = Counter(o["kind"] for o in default_objects)
     assert kinds == Counter(
-        {"Deployment": 2, "Service": 3, "PodDisruptionBudget": 2, "ConfigMap": 2, "ServiceAccount": 1, "RayCluster": 1}
+        {"Deployment": 2, "Service": 3, "PodDisruptionBudget": 2, "ConfigMap": 2, "ServiceAccount": 1, "RayCluster": 1,
+         "NetworkPolicy": 1}
     )
     for role in WORKERS:
         for kind in ("Deployment", "Service", "PodDisruptionBudget"):
@@ -288,7 +294,7 @@ def test_render_refuses_settings_that_drop_requests(values: dict[str, Any], mess
         ({"image": {"worker": {"tag": "latest"}}}, "/image/worker/tag"),
         ({"coordinator": {"depthPolicy": "adaptive"}}, "/coordinator/depthPolicy"),
         ({"coordinator": {"drafts": ["no-port.example"]}}, "/coordinator/drafts/0"),
-        ({"secrets": {"authToken": {"existingSecret": "Not_A_Name", "key": "token"}}}, "/secrets/authToken"),
+        ({"secrets": {"auth": {"admin": {"existingSecret": "Not_A_Name", "key": "token"}}}}, "/secrets/auth/admin"),
         ({"ray": {"head": {"rayStartParams": {"num-cpus": 0}}}}, "/ray/head/rayStartParams/num-cpus"),
         ({"oracel": {"replicas": 2}}, "additional properties 'oracel'"),
     ],
@@ -310,16 +316,32 @@ def secret_references(objects: list[Manifest]) -> set[str]:
 
 
 def test_secrets_are_referenced_by_name_never_inlined(default_objects: list[Manifest]) -> None:
-    assert secret_references(default_objects) == set()
+    # Auth is on by default: the three role credentials, from Secrets the operator creates.
+    assert secret_references(default_objects) == {"specd-client-tokens", "specd-admin-token", "specd-worker-token"}
+    assert secret_references(render_objects({"secrets": {"auth": {"enabled": False}}})) == set()
     objects = render_objects(FULL_VALUES)
     assert "Secret" not in {o["kind"] for o in objects}
-    assert secret_references(objects) == {"hf-token", "specd-auth", "specd-tls", "registry-creds"}
+    assert secret_references(objects) == {"hf-token", "team-tokens", "ops-token", "mesh-token", "specd-tls", "registry-creds"}
     for template in pod_templates(objects):
         mounts = {m["mountPath"]: m for c in template["spec"]["containers"] for m in c.get("volumeMounts", [])}
-        assert mounts["/etc/specd/tls"]["readOnly"] and mounts["/etc/specd/auth"]["readOnly"]
+        assert mounts["/etc/specd/tls"]["readOnly"] and mounts["/etc/specd/auth/worker"]["readOnly"]
         env = literal_env(template["spec"]["containers"][0])
-        assert env["SPECD_AUTH_TOKEN_FILE"] == "/etc/specd/auth/bearer"
+        assert env["SPECD_WORKER_TOKEN_FILE"] == "/etc/specd/auth/worker/token"
         assert env["SPECD_TLS_CA_FILE"] == "/etc/specd/tls/ca.crt"
+
+
+def test_each_pod_holds_only_the_credentials_of_its_roles() -> None:
+    objects = render_objects(FULL_VALUES)
+    head = find(objects, "RayCluster", f"{PREFIX}")["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {k for k in literal_env(head) if k.endswith("TOKEN_FILE")} == {
+        "SPECD_AUTH_TOKEN_FILE", "SPECD_ADMIN_TOKEN_FILE", "SPECD_WORKER_TOKEN_FILE",
+    }
+    assert literal_env(head)["SPECD_AUTH_TOKEN_FILE"] == "/etc/specd/auth/client/tokens"
+    for role in WORKERS:
+        containers = {c["name"]: c for c in deployment(objects, role)["spec"]["template"]["spec"]["containers"]}
+        worker, sidecar = containers[role], containers["register"]
+        assert {k for k in literal_env(worker) if k.endswith("TOKEN_FILE")} == {"SPECD_WORKER_TOKEN_FILE", "SPECD_ADMIN_TOKEN_FILE"}
+        assert {k for k in literal_env(sidecar) if k.endswith("TOKEN_FILE")} == {"SPECD_ADMIN_TOKEN_FILE"}
 
 
 def test_drafts_and_oracles_scale_separately(default_objects: list[Manifest]) -> None:
@@ -338,3 +360,14 @@ def test_helm_lint_reports_no_warnings() -> None:
     report = helm.lint(CHART, strict=True)
     assert report["errors"] == []
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+def test_ray_s_own_ports_answer_only_the_release_s_pods(default_objects: list[Manifest]) -> None:
+    policy = find(default_objects, "NetworkPolicy", f"{PREFIX}-ray-head")["spec"]
+    ray_rule, open_rule = policy["ingress"]
+    assert {p["port"] for p in ray_rule["ports"]} == {6379, 8265, 10001}
+    assert ray_rule["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == RELEASE
+    assert {p["port"] for p in open_rule["ports"]} == {
+        specd_config.COORDINATOR_PORT, specd_config.COORDINATOR_METRICS_PORT, specd_config.COORDINATOR_HTTP_PORT,
+    }
+    assert "NetworkPolicy" not in {o["kind"] for o in render_objects({"ray": {"head": {"restrictRayPorts": False}}})}

@@ -14,6 +14,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.http_api import HttpApi
 from coordinator.server import start_coordinator
 from specd.client import AsyncSpecdClient
+from specd.rpc.security import Credentials
 
 PROMPT = "The quick brown fox"
 MESSAGES = [{"role": "user", "content": "Say something about foxes."}]
@@ -132,7 +133,7 @@ async def test_errors_have_openai_s_shape_and_status(served, oracle):
 
 
 async def test_a_wrong_or_missing_token_is_401(served):
-    api = HttpApi(served.coordinator, served.plane, token="s3cret")
+    api = HttpApi(served.coordinator, served.plane, Credentials(clients={"s3cret": "team-a"}, admin="adm"))
     port = await api.start("127.0.0.1", 0)
     try:
         url = f"http://127.0.0.1:{port}/v1"
@@ -141,6 +142,8 @@ async def test_a_wrong_or_missing_token_is_401(served):
             wrong = await http.get(f"{url}/models", headers={"Authorization": "Bearer nope"})
             assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
             assert (await http.get(f"{url}/models", headers={"Authorization": "Bearer s3cret"})).status_code == 200
+            admin = await http.post(f"{url}/completions", json={"prompt": PROMPT}, headers={"Authorization": "Bearer adm"})
+            assert admin.status_code == 403 and admin.json()["error"]["type"] == "permission_error"
         client = openai.AsyncOpenAI(base_url=url, api_key="s3cret")
         reply = await client.completions.create(model=await model_id(served), prompt=PROMPT, max_tokens=3, temperature=0)
         assert reply.usage.completion_tokens >= 1

@@ -92,19 +92,35 @@ capabilities:
 {{- end -}}
 
 {{/* Environment shared by every specd process: secret references, never secret values. */}}
+{{/*
+Secrets a container or pod needs. Called with (dict "root" $ "auth" (list ROLE...)): the roles whose
+tokens it holds (client: SPECD_AUTH_TOKEN_FILE, admin: SPECD_ADMIN_TOKEN_FILE, worker:
+SPECD_WORKER_TOKEN_FILE; specd/rpc/security.py), each mounted read-only under /etc/specd/auth/ROLE.
+*/}}
+{{- define "specd.authFiles" -}}
+{{- $files := dict "client" "SPECD_AUTH_TOKEN_FILE" "admin" "SPECD_ADMIN_TOKEN_FILE" "worker" "SPECD_WORKER_TOKEN_FILE" -}}
+{{- $auth := .root.Values.secrets.auth -}}
+{{- if $auth.enabled -}}
+{{- range .auth }}
+{{ . }}: {{ get $files . }}
+{{- end }}
+{{- end -}}
+{{- end -}}
+
 {{- define "specd.secretEnv" -}}
-{{- with .Values.secrets.huggingFace.existingSecret }}
+{{- $root := .root -}}
+{{- with $root.Values.secrets.huggingFace.existingSecret }}
 - name: HF_TOKEN
   valueFrom:
     secretKeyRef:
       name: {{ . }}
-      key: {{ $.Values.secrets.huggingFace.key }}
+      key: {{ $root.Values.secrets.huggingFace.key }}
 {{- end }}
-{{- if .Values.secrets.authToken.existingSecret }}
-- name: SPECD_AUTH_TOKEN_FILE
-  value: /etc/specd/auth/{{ .Values.secrets.authToken.key }}
+{{- range $role, $variable := include "specd.authFiles" . | fromYaml }}
+- name: {{ $variable }}
+  value: /etc/specd/auth/{{ $role }}/{{ (get $root.Values.secrets.auth $role).key }}
 {{- end }}
-{{- if .Values.secrets.tls.existingSecret }}
+{{- if $root.Values.secrets.tls.existingSecret }}
 - name: SPECD_TLS_CERT_FILE
   value: /etc/specd/tls/tls.crt
 - name: SPECD_TLS_KEY_FILE
@@ -115,12 +131,12 @@ capabilities:
 {{- end -}}
 
 {{- define "specd.secretVolumeMounts" -}}
-{{- if .Values.secrets.authToken.existingSecret }}
-- name: auth-token
-  mountPath: /etc/specd/auth
+{{- range $role, $variable := include "specd.authFiles" . | fromYaml }}
+- name: auth-{{ $role }}
+  mountPath: /etc/specd/auth/{{ $role }}
   readOnly: true
 {{- end }}
-{{- if .Values.secrets.tls.existingSecret }}
+{{- if .root.Values.secrets.tls.existingSecret }}
 - name: tls
   mountPath: /etc/specd/tls
   readOnly: true
@@ -128,16 +144,18 @@ capabilities:
 {{- end -}}
 
 {{- define "specd.secretVolumes" -}}
-{{- with .Values.secrets.authToken.existingSecret }}
-- name: auth-token
+{{- $root := .root -}}
+{{- range $role, $variable := include "specd.authFiles" . | fromYaml }}
+{{- $ref := get $root.Values.secrets.auth $role }}
+- name: auth-{{ $role }}
   secret:
-    secretName: {{ . }}
+    secretName: {{ $ref.existingSecret }}
     defaultMode: 0440
     items:
-    - key: {{ $.Values.secrets.authToken.key }}
-      path: {{ $.Values.secrets.authToken.key }}
+    - key: {{ $ref.key }}
+      path: {{ $ref.key }}
 {{- end }}
-{{- with .Values.secrets.tls.existingSecret }}
+{{- with $root.Values.secrets.tls.existingSecret }}
 - name: tls
   secret:
     secretName: {{ . }}

@@ -106,7 +106,7 @@ spec:
           value: {{ $w.drain.timeoutSeconds | quote }}
         - name: ENDPOINT_DELAY_SECONDS
           value: {{ $w.drain.endpointDelaySeconds | quote }}
-        {{- with include "specd.secretEnv" $root | trim }}
+        {{- with include "specd.secretEnv" (dict "root" $root "auth" (list "worker" "admin")) | trim }}
         {{- . | nindent 8 }}
         {{- end }}
         {{- with $w.extraEnv }}
@@ -153,7 +153,7 @@ spec:
         - name: scripts
           mountPath: /etc/specd/scripts
           readOnly: true
-        {{- with include "specd.secretVolumeMounts" $root | trim }}
+        {{- with include "specd.secretVolumeMounts" (dict "root" $root "auth" (list "worker" "admin")) | trim }}
         {{- . | nindent 8 }}
         {{- end }}
       {{- if $root.Values.registration.enabled }}
@@ -165,6 +165,9 @@ spec:
         {{- include "specd.workerIdentityEnv" (dict "root" $root "role" $role) | nindent 8 }}
         - name: REGISTER_INTERVAL_SECONDS
           value: {{ $root.Values.registration.intervalSeconds | quote }}
+        {{- with include "specd.secretEnv" (dict "root" $root "auth" (list "admin")) | trim }}
+        {{- . | nindent 8 }}
+        {{- end }}
         resources:
           {{- toYaml $root.Values.registration.resources | nindent 10 }}
         securityContext:
@@ -175,6 +178,9 @@ spec:
           readOnly: true
         - name: tmp
           mountPath: /tmp
+        {{- with include "specd.secretVolumeMounts" (dict "root" $root "auth" (list "admin")) | trim }}
+        {{- . | nindent 8 }}
+        {{- end }}
       {{- end }}
       volumes:
       - name: cache
@@ -192,7 +198,7 @@ spec:
         configMap:
           name: {{ include "specd.fullname" $root }}-scripts
           defaultMode: 0555
-      {{- with include "specd.secretVolumes" $root | trim }}
+      {{- with include "specd.secretVolumes" (dict "root" $root "auth" (list "worker" "admin")) | trim }}
       {{- . | nindent 6 }}
       {{- end }}
 ---

@@ -60,7 +60,7 @@ def request_from_proto(
         stop=list(message.stop),
         stop_at_eos=message.stop_at_eos if message.HasField("stop_at_eos") else True,
         migration_limit=message.migration_limit if message.HasField("migration_limit") else DEFAULT_MIGRATION_LIMIT,
-        tenant=credentials.tenant_of(context.invocation_metadata()),
+        tenant=credentials.tenant_of(context.invocation_metadata(), context.auth_context()),
         cache_salt=message.cache_salt,
         deadline=time.monotonic() + remaining if remaining is not None else None,
         request_id=message.request_id or uuid.uuid4().hex,

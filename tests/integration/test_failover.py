@@ -251,3 +251,35 @@ async def test_drain_with_migrate_moves_sessions_in_flight(ray_local, tiny_dir, 
             await running.plane.call("drain", name, False)
         await running.stop()
         await second.stop()
+
+
+async def test_a_feature_draft_follows_the_session_to_the_new_oracle(ray_local, tiny_dir, feature_draft, prompt_ids):
+    """A feature draft reads the oracle's features: after a move its session reopens with the new oracle's features
+    for the prompt and committed tokens, and keeps drafting (k > 0 after the move), the output exact."""
+    from specd.cluster.roles import start_local_worker
+    from tests.conftest import oracle_config
+
+    first = await start_local_worker(oracle_config(tiny_dir))
+    second = await start_local_worker(oracle_config(tiny_dir))
+    running = await coordinator_over(
+        "plane-feature-move", {"oracle-a": first.address, "oracle-b": second.address}, feature_draft,
+        oracle_delay_ms=10, lookup_min_ngram=0,
+    )
+    expected = greedy_reference(tiny_dir / "oracle", prompt_ids, 100)
+    try:
+        async with AsyncSpecdClient(running.address) as client:
+            chunks = []
+            async for chunk in client.stream(token_ids=prompt_ids, max_tokens=100, stop_at_eos=False, depth=2):
+                chunks.append(chunk)
+                if len(chunks) == 3:
+                    holding = first if len(first.servicer.worker.sessions) else second
+                    await holding.stop()
+        assert [t for c in chunks for t in c.token_ids] == expected
+        stats = chunks[-1].stats
+        assert stats.migrations == 1 and not stats.draft_error
+        depths = list(stats.depth_per_round)
+        assert depths.count(2) > 10 and 2 in depths[len(depths) // 2 :]  # still drafting from the new oracle's features
+    finally:
+        await running.stop()
+        await first.stop()
+        await second.stop()

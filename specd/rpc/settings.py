@@ -81,9 +81,9 @@ class WorkerConfig(BaseSettings):
         "session's work per pass (for comparison).",
     )
 
-    def model_spec(self, *, int8: bool = False) -> ModelSpec:
+    def model_spec(self, *, int8: bool = False, int4: bool = False) -> ModelSpec:
         return ModelSpec(
             source=self.model, dtype=self.dtype, device=self.device, layers=self.layers,
             max_context=self.max_context, cache_dir=self.cache_dir, torch_threads=self.torch_threads,
-            cpu_linear=self.cpu_linear, grouped_attention=self.grouped_attention, int8=int8,
+            cpu_linear=self.cpu_linear, grouped_attention=self.grouped_attention, int8=int8, int4=int4,
         )

@@ -8,6 +8,7 @@ import torch
 
 from specd.kernels.attention import use_grouped_attention
 from specd.kernels.cpu_linear import use_cpu_linear
+from specd.kernels.int4_linear import use_int4_linear
 from specd.kernels.int8_linear import use_int8_linear
 from specd.models.loader import load_model
 from specd.models.pretrained import LoadedModel
@@ -28,6 +29,8 @@ def load_worker_model(spec: ModelSpec) -> LoadedModel:
     )
     if spec.int8 and loaded.device.type == "cpu":
         use_int8_linear(loaded.model)
+    if spec.int4 and loaded.device.type == "cpu":
+        use_int4_linear(loaded.model)  # before the plan below, which then takes the layers left in float
     use_cpu_linear(loaded.model, spec.cpu_linear)
     if spec.grouped_attention:
         use_grouped_attention(loaded.model)

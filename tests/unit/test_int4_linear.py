@@ -1,0 +1,89 @@
+"""Int4 layers for Q4_1-block weights: recovered exactly from the de-quantized floats, close to the float layer,
+only where the weights lie on Q4_1 lattices; and speculation stays exact against an oracle run this way."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from oracle_service.config import OracleConfig
+from specd.core.sampling import SamplingParams
+from specd.kernels.int4_linear import GROUP, Int4Linear, int4_available, q4_blocks, use_int4_linear
+from specd.models.loader import load_model
+from specd.runtime.drafter import Drafter
+from specd.runtime.verifier import Verifier
+
+pytestmark = pytest.mark.skipif(not int4_available(), reason="this torch build has no int4 CPU kernels")
+LIMITS = {"max_sessions": 4, "session_ttl_seconds": 60.0, "max_depth": 8}
+
+
+def on_q4_lattice(weight: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """What de-quantizing Q4_1 blocks gives: each 32 weights of a row d·q + m, q in 0..15 (both ends used)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, cols = weight.shape
+    blocks = weight.reshape(rows, cols // GROUP, GROUP)
+    low = blocks.amin(-1, keepdim=True)
+    step = (blocks.amax(-1, keepdim=True) - low) / 15
+    q = torch.randint(0, 16, blocks.shape, generator=generator).float()
+    q[..., 0], q[..., 1] = 0, 15
+    return (q * step + low).reshape(rows, cols)
+
+
+def test_blocks_are_recovered_exactly_and_the_layer_stays_close():
+    torch.manual_seed(1)
+    linear = nn.Linear(128, 96, bias=True)
+    with torch.no_grad():
+        linear.weight.copy_(on_q4_lattice(linear.weight))
+    q, step, low = q4_blocks(linear.weight)
+    rebuilt = (q.reshape(96, 4, GROUP).float() * step[..., None] + low[..., None]).reshape(96, 128)
+    torch.testing.assert_close(rebuilt, linear.weight.detach(), rtol=0, atol=1e-6)
+    layer = Int4Linear(linear, (q, step, low))
+    x = torch.randn(5, 128)
+    with torch.no_grad():
+        expected, got = linear(x), layer(x)
+    assert float((got - expected).norm() / expected.norm()) < 0.02  # bfloat16 activations
+
+
+def test_only_layers_on_q4_lattices_are_swapped():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(48, 8))
+    with torch.no_grad():
+        model[0].weight.copy_(on_q4_lattice(model[0].weight))
+    assert q4_blocks(model[1].weight) is None and q4_blocks(model[2].weight) is None  # off-lattice; 48 % 32 != 0
+    assert use_int4_linear(model) == 1
+    assert isinstance(model[0], Int4Linear) and type(model[1]) is nn.Linear
+
+
+def test_the_oracle_setting_is_opt_in():
+    assert OracleConfig().quantize == "none"
+    with pytest.raises(ValidationError):
+        OracleConfig(quantize="int8")
+
+
+def test_speculation_is_exact_against_an_int4_oracle(tiny_dir):
+    """The oracle as run (int4 layers) decides every token: speculative output equals its own greedy output."""
+    oracle = load_model(str(tiny_dir / "oracle"))
+    with torch.no_grad():
+        for module in oracle.model.modules():
+            if type(module) is nn.Linear and module.in_features % GROUP == 0 and module.out_features < 256:
+                module.weight.copy_(on_q4_lattice(module.weight))
+    assert use_int4_linear(oracle.model) > 0
+    verifier = Verifier(oracle, **LIMITS)
+    drafter = Drafter(load_model(str(tiny_dir / "unrelated")), **LIMITS)
+    prompt, greedy = [5, 17, 42, 8, 99, 3], SamplingParams()
+
+    verifier.open("alone", prompt, greedy)
+    alone: list[int] = []
+    for _ in range(24):
+        alone += verifier.verify("alone", [], [], 0).verdict.committed([])
+
+    verifier.open("spec", prompt, greedy)
+    drafter.open("spec", prompt, greedy)
+    spec: list[int] = []
+    append: list[int] = []
+    while len(spec) < 24:
+        proposal = drafter.propose("spec", append, 0, 3)
+        append = verifier.verify("spec", proposal.tokens, [], 0).verdict.committed(proposal.tokens)
+        spec += append
+    assert spec[:24] == alone

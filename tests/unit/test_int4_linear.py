@@ -46,6 +46,21 @@ def test_blocks_are_recovered_exactly_and_the_layer_stays_close():
     assert float((got - expected).norm() / expected.norm()) < 0.02  # bfloat16 activations
 
 
+def test_a_row_is_the_same_alone_or_in_any_block():
+    """As for the oneDNN plan: a session's rows in a batched pass compute what they compute alone."""
+    torch.manual_seed(2)
+    linear = nn.Linear(576, 1536)
+    with torch.no_grad():
+        linear.weight.copy_(on_q4_lattice(linear.weight))
+    layer = Int4Linear(linear, q4_blocks(linear.weight))
+    x = torch.randn(9, 576)
+    with torch.no_grad():
+        together = layer(x)
+        alone = torch.cat([layer(x[i : i + 1]) for i in range(len(x))])
+        shuffled = layer(x.flip(0)).flip(0)
+    assert torch.equal(together, alone) and torch.equal(together, shuffled)
+
+
 def test_only_layers_on_q4_lattices_are_swapped():
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(48, 8))
     with torch.no_grad():

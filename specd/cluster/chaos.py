@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import numpy as np
 
 from specd.cluster.procs import WorkerProcess, spawn
 
@@ -140,11 +141,9 @@ def resident_mb(pid: int) -> float:
     return 0.0
 
 
-def p99(values: list[float]) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000
+def p99_ms(seconds: list[float]) -> float | None:
+    """The 99th percentile in ms (as numpy interpolates it, like the benchmark), or None for no values."""
+    return float(np.percentile(seconds, 99)) * 1000 if seconds else None
 
 
 class Chaos:
@@ -320,7 +319,7 @@ class Chaos:
         return ChaosReport(
             requests=len(self.outcomes), completed=len(self.outcomes) - len(failed),
             migrated=sum(o.migrations > 0 for o in self.outcomes), failed=len(failed), tokens_lost=lost,
-            tokens_wrong=wrong, p99_with_faults_ms=p99(faulted), p99_without_faults_ms=p99(calm),
+            tokens_wrong=wrong, p99_with_faults_ms=p99_ms(faulted), p99_without_faults_ms=p99_ms(calm),
             faults=self.faults, memory=memory, errors=sorted({o.error for o in failed}),
         )
 

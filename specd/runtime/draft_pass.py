@@ -91,9 +91,9 @@ class DraftPasses:
         """The same, a pass per session (models the packed pass does not cover)."""
         hidden: list[torch.Tensor] = []
         gs: list[torch.Tensor | None] = []
+        device = next(self.model.parameters()).device
         for rows in passes:
             segment = rows.segment
-            device = next(self.model.parameters()).device
             ids = torch.tensor([segment.tokens], dtype=torch.long, device=device)
             positions = torch.tensor([segment.positions], dtype=torch.long, device=device)
             if self.feature_draft:

@@ -13,7 +13,7 @@ from specd.v1.oracle_pb2_grpc import add_OracleServiceServicer_to_server
 
 def build_servicer(config: OracleConfig, executor: ModelExecutor) -> OracleServicer:
     verifier = Verifier(
-        load_worker_model(config.model_spec(int4=config.quantize == "int4")),
+        load_worker_model(config.model_spec()),
         max_sessions=config.max_sessions,
         session_ttl_seconds=config.session_ttl_seconds,
         max_depth=config.max_depth,

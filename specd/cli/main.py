@@ -172,10 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     from specd import bench
+    from specd.bench import quality
     from specd.cli import distill
     from specd.cluster import chaos
 
     bench.register(commands)
+    quality.register(commands)
     distill.register(commands)
     chaos.register(commands)
 

@@ -37,11 +37,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+
+Product = Callable[[torch.Tensor], torch.Tensor]  # [rows, in] -> [rows, out]: a layer's y = x W^T + b
 
 # Rows (tokens in a forward pass) for which the [out, in] layout is the faster one under MKL.
 STOCK_LAYOUT_ROWS = (2, 3)
@@ -132,34 +135,39 @@ class CpuLinear(nn.Module):
         )
 
 
+def onednn_product(weight: torch.Tensor, bias: torch.Tensor | None) -> Product:
+    """y = x W^T + b for [rows, in] float32 inputs through oneDNN's re-laid-out copy of `weight`."""
+    relaid = torch.ops.mkldnn._reorder_linear_weight(weight)
+    return lambda x: torch.ops.mkldnn._linear_pointwise(x, relaid, bias, "none", [], "")
+
+
 class FusedGroup:
-    """One oneDNN product for linear layers that read the same input, shared by their `GroupedLinear`s.
+    """One product for linear layers that read the same input, shared by their `GroupedLinear`s.
 
     The first member called with an input computes every member's output and keeps them until each
     member has read its own; a member called with another input (or twice with the same one)
     computes the product again. So the result is right whatever calls the members, in any order,
-    and the saving comes where a block calls them in turn on one tensor."""
+    and the saving comes where a block calls them in turn on one tensor. The product is oneDNN's
+    unless another kernel's is given (specd.kernels.weights)."""
 
-    def __init__(self, linears: list[CpuLinear]):
-        self.in_features = linears[0].in_features
-        self.sizes = [linear.out_features for linear in linears]
-        weight = torch.cat([linear.weight.detach() for linear in linears])  # [sum(out), in]
-        self._weight = torch.ops.mkldnn._reorder_linear_weight(weight)
-        self.bias = None
-        if any(linear.bias is not None for linear in linears):
-            self.bias = torch.cat([
-                linear.bias.detach() if linear.bias is not None else weight.new_zeros(linear.out_features)
-                for linear in linears
-            ])
+    def __init__(
+        self, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
+        product: Callable[[torch.Tensor, torch.Tensor | None], Product] = onednn_product,
+    ):
+        self.in_features = weights[0].shape[1]
+        self.sizes = [weight.shape[0] for weight in weights]
+        weight = torch.cat([w.detach() for w in weights])  # [sum(out), in]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([b.detach() if b is not None else weight.new_zeros(n) for b, n in zip(biases, self.sizes)])
+        self._product = product(weight, bias)
         self._pass = threading.local()  # the kept outputs, per thread: models may run on several
 
     def output(self, x: torch.Tensor, member: int) -> torch.Tensor:
         kept = self._pass
         if getattr(kept, "input", None) is not x or member not in kept.unread:
             rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-            y = torch.ops.mkldnn._linear_pointwise(
-                x.reshape(rows, self.in_features), self._weight, self.bias, "none", [], ""
-            )  # [rows, sum(out)]
+            y = self._product(x.reshape(rows, self.in_features))  # [rows, sum(out)]
             kept.input, kept.outputs, kept.unread = x, y.split(self.sizes, dim=-1), set(range(len(self.sizes)))
         out = kept.outputs[member]
         kept.unread.discard(member)
@@ -169,22 +177,29 @@ class FusedGroup:
 
 
 class GroupedLinear(nn.Module):
-    """A linear layer whose product comes from its FusedGroup; keeps its own weight for reading."""
+    """A linear layer whose product comes from its FusedGroup; keeps its own weight for reading when given
+    one (the float32 plan's layers do; a reduced-precision plan's layers keep none)."""
 
     plan = "onednn"
     packed_rows: tuple[int, ...] = ()
 
-    def __init__(self, layer: CpuLinear, group: FusedGroup, member: int):
+    def __init__(
+        self, in_features: int, out_features: int, group: FusedGroup, member: int,
+        weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, plan: str = "onednn",
+    ):
         super().__init__()
-        self.in_features, self.out_features = layer.in_features, layer.out_features
-        self.weight, self.bias = layer.weight, layer.bias
-        self.group, self.member = group, member
+        self.in_features, self.out_features = in_features, out_features
+        self.weight, self.bias = weight, bias
+        self.group, self.member, self.plan = group, member, plan
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.group.output(x, self.member)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, member {self.member} of a fused group"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, member {self.member} of a fused "
+            f"group, plan={self.plan}"
+        )
 
 
 def fuse_groups(model: nn.Module) -> int:
@@ -198,9 +213,11 @@ def fuse_groups(model: nn.Module) -> int:
                 continue
             if len({layer.in_features for layer in layers}) != 1:
                 continue
-            group = FusedGroup(layers)
+            group = FusedGroup([layer.weight for layer in layers], [layer.bias for layer in layers])
             for member, (name, layer) in enumerate(zip(names, layers)):
-                setattr(parent, name, GroupedLinear(layer, group, member))
+                setattr(parent, name, GroupedLinear(
+                    layer.in_features, layer.out_features, group, member, weight=layer.weight, bias=layer.bias,
+                ))
             made += 1
     return made
 

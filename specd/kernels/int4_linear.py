@@ -10,7 +10,7 @@ holds them exactly, with scale = d and zero = m + 8d, at an eighth of the bytes.
 multiplies through `_weight_int4pack_mm_for_cpu` with bfloat16 activations (its float32 path is
 a slow reference kernel), so the layer's arithmetic changes: about 3e-3 relative per layer. The
 oracle's output is then that of this arithmetic, and speculation stays lossless with respect to
-it; `use_int4_linear` is opt-in (`specd serve oracle --quantize int4`).
+it. It is one of the kernels of a worker's weights plan (specd.kernels.weights, `--weights int4`).
 
 Only layers whose weights are on such a lattice are swapped (a layer that never was Q4_1, like
 the default oracle's output head, stays as it is), so the weights themselves never change.
@@ -19,6 +19,7 @@ the default oracle's output head, stays as it is), so the weights themselves nev
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -53,43 +54,35 @@ def int4_available() -> bool:
     return hasattr(torch, "_weight_int4pack_mm_for_cpu") and hasattr(torch, "_convert_weight_to_int4pack_for_cpu")
 
 
+def int4_product(
+    blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor], bias: torch.Tensor | None
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """y = x W^T + b for [rows, in] float inputs, W given as Q4_1 blocks (`q4_blocks`), through torch's CPU int4
+    kernel: inputs in bfloat16, each block's scale and zero in bfloat16, outputs back in float32."""
+    q, step, low = blocks
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
+    # [K/32, N, 2]: per group, each output row's scale and zero (w = (q - 8) * scale + zero)
+    scales = torch.stack([step.t(), (low + 8 * step).t()], -1).contiguous().to(torch.bfloat16)
+    bias = None if bias is None else bias.detach().float()
+
+    def product(x: torch.Tensor) -> torch.Tensor:
+        y = torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, GROUP, scales).float()
+        return y if bias is None else y + bias
+
+    return product
+
+
 class Int4Linear(nn.Module):
     """nn.Linear over Q4_1 blocks, as torch's CPU int4 kernel takes them."""
 
     def __init__(self, linear: nn.Linear, blocks: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
         super().__init__()
-        q, step, low = blocks
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
-        # [K/32, N, 2]: per group, each output row's scale and zero (w = (q - 8) * scale + zero)
-        self._scales = torch.stack([step.t(), (low + 8 * step).t()], -1).contiguous().to(torch.bfloat16)
-        self.bias = None if linear.bias is None else linear.bias.detach().float()
+        self._product = int4_product(blocks, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch._weight_int4pack_mm_for_cpu(flat, self._packed, GROUP, self._scales).float()
-        if self.bias is not None:
-            y = y + self.bias
+        y = self._product(x.reshape(-1, self.in_features))
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, Q4_1 blocks of {GROUP}"
-
-
-def use_int4_linear(model: nn.Module) -> int:
-    """Swap each CPU float nn.Linear whose weights lie on Q4_1 lattices for Int4Linear; returns how many."""
-    if not int4_available():
-        log.warning("this torch build has no int4 CPU kernels; the layers stay in float")
-        return 0
-    swapped = saved = 0
-    for parent, name, linear in list(linear_layers(model)):
-        if linear.weight.device.type != "cpu" or not linear.weight.is_floating_point():
-            continue
-        blocks = q4_blocks(linear.weight)
-        if blocks is None:
-            continue
-        setattr(parent, name, Int4Linear(linear, blocks))
-        swapped += 1
-        saved += linear.weight.numel() * linear.weight.element_size() * 7 // 8
-    log.info("linear layers on Q4_1 blocks: %d swapped to int4, %.0f MB less weight to read per step", swapped, saved / 1e6)
-    return swapped

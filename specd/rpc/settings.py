@@ -41,6 +41,15 @@ class WorkerConfig(BaseSettings):
         "'auto' times 'onednn' and 'dual' on this machine at start-up (blocks of 1 to 32 rows through every layer) "
         "and keeps the faster, while its copy takes at most 3 GiB.",
     )
+    weights: Literal["auto", "float32", "float16", "int4"] = Field(
+        "auto",
+        description="On CPU, in what form the linear layers keep and multiply their weights (specd/kernels/weights.py, "
+        "docs/weights.md). 'float32' as loaded; 'float16' half the bytes, float32 arithmetic (fbgemm); 'int4' the "
+        "layers that came as Q4_1 blocks as those blocks (torch's int4 kernel, bfloat16 inputs), the rest float16; "
+        "'auto': for a model loaded from a GGUF file, each layer through the fastest of float32 and float16 on "
+        "blocks of 1 to 64 rows, timed at start-up; for other models float32. Speculation is exact against the "
+        "worker's own output under any of them; replicas of one oracle should share one setting.",
+    )
     grouped_attention: bool = Field(
         True,
         description="On CPU, attend from a block of several tokens (a verify block, a prompt after a cached "
@@ -81,9 +90,9 @@ class WorkerConfig(BaseSettings):
         "session's work per pass (for comparison).",
     )
 
-    def model_spec(self, *, int8: bool = False, int4: bool = False) -> ModelSpec:
+    def model_spec(self, *, int8: bool = False) -> ModelSpec:
         return ModelSpec(
             source=self.model, dtype=self.dtype, device=self.device, layers=self.layers,
             max_context=self.max_context, cache_dir=self.cache_dir, torch_threads=self.torch_threads,
-            cpu_linear=self.cpu_linear, grouped_attention=self.grouped_attention, int8=int8, int4=int4,
+            cpu_linear=self.cpu_linear, grouped_attention=self.grouped_attention, int8=int8, weights=self.weights,
         )

@@ -1,4 +1,4 @@
-"""A worker's model, loaded and set up for serving: its CPU linear layers, attention and threads."""
+"""A worker's model, loaded and set up for serving: its CPU weights and linear layers, attention and threads."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import torch
 
 from specd.kernels.attention import use_grouped_attention
 from specd.kernels.cpu_linear import use_cpu_linear
-from specd.kernels.int4_linear import use_int4_linear
 from specd.kernels.int8_linear import use_int8_linear
+from specd.kernels.weights import resolve_plan, use_weights
 from specd.models.loader import load_model
 from specd.models.pretrained import LoadedModel
+from specd.models.sources import resolve_source
 from specd.runtime.model_spec import ModelSpec
 
 
@@ -29,8 +30,10 @@ def load_worker_model(spec: ModelSpec) -> LoadedModel:
     )
     if spec.int8 and loaded.device.type == "cpu":
         use_int8_linear(loaded.model)
-    if spec.int4 and loaded.device.type == "cpu":
-        use_int4_linear(loaded.model)  # before the plan below, which then takes the layers left in float
+    if loaded.device.type == "cpu":
+        plan = resolve_plan(spec.weights, quantized_source=resolve_source(spec.source)[0] == "gguf")
+        if plan != "float32":
+            use_weights(loaded.model, plan)  # before the float32 plan below, which then takes the layers left
     use_cpu_linear(loaded.model, spec.cpu_linear)
     if spec.grouped_attention:
         use_grouped_attention(loaded.model)

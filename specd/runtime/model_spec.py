@@ -19,4 +19,4 @@ class ModelSpec:
     cpu_linear: str = "auto"
     grouped_attention: bool = True
     int8: bool = False  # a draft's large linear layers in int8 (never an oracle's: its arithmetic is what it writes)
-    int4: bool = False  # an oracle's Q4_1-block layers through int4 kernels (opt-in: specd.kernels.int4_linear)
+    weights: str = "auto"  # on CPU, the linear layers' weights plan (specd.kernels.weights)

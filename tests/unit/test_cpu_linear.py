@@ -66,8 +66,11 @@ def test_onednn_rows_do_not_depend_on_their_block():
 def test_a_fused_group_gives_each_member_its_own_product(biases):
     torch.manual_seed(1)
     linears = [nn.Linear(64, out, bias=bias) for out, bias in zip((96, 32, 32), biases)]
-    group = FusedGroup([CpuLinear(linear, "onednn") for linear in linears])
-    members = [GroupedLinear(CpuLinear(linear, "onednn"), group, i) for i, linear in enumerate(linears)]
+    group = FusedGroup([linear.weight for linear in linears], [linear.bias for linear in linears])
+    members = [
+        GroupedLinear(linear.in_features, linear.out_features, group, i, weight=linear.weight, bias=linear.bias)
+        for i, linear in enumerate(linears)
+    ]
     alone = [CpuLinear(linear, "onednn") for linear in linears]
     for rows in (1, 2, 5, 9, 33):
         x = torch.randn(1, rows, 64)
@@ -90,8 +93,11 @@ def test_a_fused_group_gives_each_member_its_own_product(biases):
 def test_a_fused_group_keeps_each_threads_pass_apart():
     torch.manual_seed(2)
     linears = [nn.Linear(32, 48, bias=False), nn.Linear(32, 16, bias=False)]
-    group = FusedGroup([CpuLinear(linear, "onednn") for linear in linears])
-    members = [GroupedLinear(CpuLinear(linear, "onednn"), group, i) for i, linear in enumerate(linears)]
+    group = FusedGroup([linear.weight for linear in linears], [linear.bias for linear in linears])
+    members = [
+        GroupedLinear(linear.in_features, linear.out_features, group, i, weight=linear.weight, bias=linear.bias)
+        for i, linear in enumerate(linears)
+    ]
     x, y = torch.randn(4, 32), torch.randn(4, 32)
     first = members[0](x)
     other = threading.Thread(target=lambda: [member(y) for member in members[:1]])  # leaves its pass half read

@@ -10,7 +10,8 @@ from torch import nn
 
 from oracle_service.config import OracleConfig
 from specd.core.sampling import SamplingParams
-from specd.kernels.int4_linear import GROUP, Int4Linear, int4_available, q4_blocks, use_int4_linear
+from specd.kernels.int4_linear import GROUP, Int4Linear, int4_available, q4_blocks
+from specd.kernels.weights import PlannedLinear, use_weights
 from specd.models.loader import load_model
 from specd.runtime.drafter import Drafter
 from specd.runtime.verifier import Verifier
@@ -66,14 +67,16 @@ def test_only_layers_on_q4_lattices_are_swapped():
     with torch.no_grad():
         model[0].weight.copy_(on_q4_lattice(model[0].weight))
     assert q4_blocks(model[1].weight) is None and q4_blocks(model[2].weight) is None  # off-lattice; 48 % 32 != 0
-    assert use_int4_linear(model) == 1
-    assert isinstance(model[0], Int4Linear) and type(model[1]) is nn.Linear
+    assert use_weights(model, "int4") == {"float32": 0, "float16": 2, "int4": 1}
+    assert all(isinstance(layer, PlannedLinear) for layer in model)
+    assert [layer.plan for layer in model] == ["int4", "float16", "float16"]
 
 
-def test_the_oracle_setting_is_opt_in():
-    assert OracleConfig().quantize == "none"
+def test_the_weights_setting():
+    assert OracleConfig().weights == "auto"
+    assert OracleConfig(weights="int4").model_spec().weights == "int4"
     with pytest.raises(ValidationError):
-        OracleConfig(quantize="int8")
+        OracleConfig(weights="int8")
 
 
 def test_speculation_is_exact_against_an_int4_oracle(tiny_dir):
@@ -83,7 +86,7 @@ def test_speculation_is_exact_against_an_int4_oracle(tiny_dir):
         for module in oracle.model.modules():
             if type(module) is nn.Linear and module.in_features % GROUP == 0 and module.out_features < 256:
                 module.weight.copy_(on_q4_lattice(module.weight))
-    assert use_int4_linear(oracle.model) > 0
+    assert use_weights(oracle.model, "int4")["int4"] > 0
     verifier = Verifier(oracle, **LIMITS)
     drafter = Drafter(load_model(str(tiny_dir / "unrelated")), **LIMITS)
     prompt, greedy = [5, 17, 42, 8, 99, 3], SamplingParams()

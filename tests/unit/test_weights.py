@@ -1,6 +1,7 @@
 """Weights plans (specd.kernels.weights): each kernel close to float32 within its tolerance for 1 to 64 rows, a
 row the same alone or in any block, the GGUF's own blocks recovered exactly, and speculation exact against a
-worker run under each plan (greedy, and the sampled distribution by chi-square)."""
+worker run under each plan on tiny models (greedy, and the sampled distribution by chi-square); the default
+oracle under its default plan: tests/integration/test_default_pair.py."""
 
 from __future__ import annotations
 

@@ -65,6 +65,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: all cores; --quick 1)")
     parser.add_argument("--prompts", type=Path, default=None, help="prompt set (JSONL; default: the shipped one)")
     parser.add_argument(
+        "--weights", choices=("auto", "float32", "float16", "int4"), default="auto",
+        help="the oracle worker's weights plan (specd serve oracle --weights; default auto)",
+    )
+    parser.add_argument(
+        "--llama-cpp", type=Path, default=None, metavar="PATH",
+        help="a llama-bench binary: adds llama.cpp on the oracle's GGUF file (same threads, prompt and output "
+        "lengths) to the one-client section, and its goals (docs/weights.md says how to build one)",
+    )
+    parser.add_argument(
         "--api", choices=("grpc", "http"), default="grpc",
         help="how the concurrency section's clients reach specd: its gRPC API, or the OpenAI-compatible HTTP API "
         "(/v1/completions with server-sent events, as vLLM's serving benchmark drives a server)",
@@ -112,6 +121,8 @@ def build_options(args: argparse.Namespace, workdir: Path | None = None):
             raise SystemExit("--draft reads the oracle's features, which transformers cannot run: give --assistant")
         assistant, assistant_layers = standalone_draft_source()
     quick = args.quick
+    if args.llama_cpp is not None and not args.llama_cpp.is_file():
+        raise SystemExit(f"--llama-cpp: no file at {args.llama_cpp}")
     if args.passes is not None and args.passes < 1:
         raise SystemExit(f"--passes must be at least 1, got {args.passes}")
     max_tokens = args.max_tokens or (QUICK_MAX_TOKENS if quick else FULL_MAX_TOKENS)
@@ -144,6 +155,8 @@ def build_options(args: argparse.Namespace, workdir: Path | None = None):
         note=note,
         assistant=assistant,
         assistant_layers=assistant_layers,
+        weights=args.weights,
+        llama_cpp=args.llama_cpp,
         **({"prompts_path": args.prompts} if args.prompts else {}),
     )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from specd.bench.measure import Cell
-from specd.bench.results import ORACLE_ALONE, BenchResults, SpeedResult
+from specd.bench.results import ADAPTIVE, ORACLE_ALONE, BenchResults, SpeedResult
 
 PLOTS = {
     "tokens_per_second_vs_k.png": "tokens per second against k, per category",
@@ -63,7 +63,9 @@ def render(results: BenchResults) -> str:
         f"transformers {m['transformers']}, Python {m['python']}",
         f"- load average (1/5/15 min) at start {_load(m.get('load_average_at_start'))}, "
         f"at end {_load(m.get('load_average_at_end'))} (other work on the machine shows up here)",
-        f"- oracle: {s['oracle']}; draft: {s['draft']}",
+        f"- oracle: {s['oracle']} (weights plan {s.get('oracle_weights', 'auto')}); draft: {s['draft']}",
+        "- workers' resident memory at the end: "
+        + (", ".join(f"{role} {mb:.0f} MB" for role, mb in results.memory_mb.items()) or "not read"),
         f"- {s['max_tokens']} output tokens at most per request (stops at EOS); prompts per category "
         f"({', '.join(s['categories'])}): {s['prompts_per_category']} at temperature 0, "
         f"{s['sampled_prompts_per_category']} at temperature {s['sampled_temperature']:g}, "
@@ -84,6 +86,7 @@ def render(results: BenchResults) -> str:
     )
     if results.speed:
         lines += _speed(results.speed, s)
+        lines += _llama_cpp(results)
         lines += _time_breakdown(results.speed)
     if results.sampled:
         lines += _speed(results.sampled, s)
@@ -95,6 +98,30 @@ def render(results: BenchResults) -> str:
     lines += [f"- [{name}]({name}): {what}" for name, what in PLOTS.items()]
     lines += ["", *_definitions(s)]
     return "\n".join(lines) + "\n"
+
+
+def _llama_cpp(results: BenchResults) -> list[str]:
+    llama = results.llama_cpp
+    if llama is None:
+        return []
+    lines = [
+        "## llama.cpp on the same GGUF file (one stream)",
+        "",
+        f"`{llama.binary}` (build {llama.build}), {llama.threads} threads: prompt of {llama.prompt_tokens} tokens "
+        f"(the measured prompts' mean) at {llama.prompt_tokens_per_second:.1f} tok/s, {llama.output_tokens} tokens "
+        f"generated at {llama.generation_tokens_per_second:.1f} tok/s; over a request's whole time, prompt "
+        f"included, as specd's rows count: {llama.tokens_per_second:.1f} tok/s.",
+        "",
+    ]
+    speed = results.speed
+    rows = []
+    for key in (ORACLE_ALONE, ADAPTIVE):
+        config = speed.config(key) if speed else None
+        if config is not None:
+            tps = config.overall.tokens_per_second
+            rows.append([config.label, f"{tps:.1f}", f"{tps / llama.tokens_per_second:.2f}x"])
+    rows.append(["llama.cpp (llama-bench)", f"{llama.tokens_per_second:.1f}", "1.00x"])
+    return lines + _table(["", "tok/s (all categories)", "vs llama.cpp"], rows) + [""]
 
 
 def _load(values: list[float] | None) -> str:

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from specd.bench.llama_cpp import LlamaCppResult
 from specd.bench.measure import Cell, RequestRecord, StreamSummary
 
 ORACLE_ALONE = "specd-k0"
@@ -116,6 +117,8 @@ class BenchResults:
     sampled: SpeedResult | None = None  # temperature > 0, seeded
     rtt: RttResult | None = None
     concurrency: ConcurrencyResult | None = None
+    llama_cpp: LlamaCppResult | None = None  # llama.cpp on the oracle's GGUF file, one stream (--llama-cpp)
+    memory_mb: dict[str, float] = field(default_factory=dict)  # each worker process's resident memory at the end
     goals: list[GoalCheck] = field(default_factory=list)
     duration_seconds: float = 0.0
     section_seconds: dict[str, float] = field(default_factory=dict)  # start (workers, Ray) and each section

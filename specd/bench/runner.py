@@ -21,6 +21,7 @@ from tqdm import tqdm
 from draft_service.config import DraftConfig
 from specd.bench.baselines import TransformersBaselines
 from specd.bench.goals import check_goals
+from specd.bench.llama_cpp import LlamaCppResult, gguf_file, run_llama_bench
 from specd.bench.prompts import PROMPTS_PATH, PromptSet, load_prompt_set
 from specd.bench.results import BenchResults
 from specd.bench.sections import (
@@ -69,6 +70,8 @@ class BenchOptions:
     # (transformers cannot run such a draft); then the best standalone draft. "": the draft.
     assistant: str = ""
     assistant_layers: int = 0
+    weights: str = "auto"  # the oracle worker's weights plan (specd.kernels.weights)
+    llama_cpp: Path | None = None  # a llama-bench binary: llama.cpp's row beside specd's (specd.bench.llama_cpp)
 
     def requests_for(self, clients: int) -> int:
         return max(self.min_requests_per_level, clients * self.requests_per_client)
@@ -169,6 +172,16 @@ def cancel_on_signals() -> None:
             loop.add_signal_handler(sig, task.cancel)
 
 
+def llama_cpp_row(options: BenchOptions, ctx: BenchContext) -> LlamaCppResult:
+    """llama.cpp on the oracle's GGUF file, while specd's workers are idle: the speed section's mean prompt
+    length and output tokens, the same threads."""
+    model = gguf_file(options.oracle)
+    if model is None:
+        raise SystemExit(f"--llama-cpp needs a GGUF oracle; {options.oracle!r} is not one")
+    lengths = [len(ctx.prompt_ids[p.id]) for p in ctx.prompts.measured]
+    return run_llama_bench(options.llama_cpp, model, options.threads, round(sum(lengths) / len(lengths)), options.max_tokens)
+
+
 async def run_bench(options: BenchOptions) -> BenchResults:
     started = time.perf_counter()
     cancel_on_signals()
@@ -199,12 +212,13 @@ async def run_bench(options: BenchOptions) -> BenchResults:
             "torch_threads": options.threads,
             "max_depth": options.max_depth,
             "passes": options.passes,
+            "oracle_weights": options.weights,
             "note": options.note,
         },
     )
     with_transformers = "speed" in options.sections or "sampled" in options.sections
     settings = StackSettings(
-        options.oracle, options.draft, options.draft_layers, options.threads, options.max_depth,
+        options.oracle, options.draft, options.draft_layers, options.threads, options.max_depth, options.weights,
         model_only_draft=with_transformers,  # the speed sections compare adaptive with and without prompt lookup
         # One client on workers with continuous batching off: what one client got before the engines (goal d).
         unbatched_pair="concurrency" in options.sections and 1 in options.clients,
@@ -253,6 +267,9 @@ async def run_bench(options: BenchOptions) -> BenchResults:
         if baselines is not None:
             await models.run(baselines.close)
         models.shutdown()
+        results.memory_mb = stack.resident_memory_mb()
+        if options.llama_cpp is not None and "speed" in options.sections:
+            results.llama_cpp = await asyncio.to_thread(llama_cpp_row, options, ctx)
     results.goals = check_goals(results)
     results.machine["load_average_at_end"] = list(os.getloadavg())
     results.duration_seconds = time.perf_counter() - started

@@ -13,6 +13,7 @@ import logging
 import os
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import ray
 
@@ -23,6 +24,17 @@ from specd.cluster.procs import WorkerProcess, spawn
 log = logging.getLogger(__name__)
 
 
+def resident_mb(pid: int) -> float | None:
+    """A process's resident memory, MB (Linux /proc), or None where it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 @dataclass(frozen=True)
 class StackSettings:
     oracle: str
@@ -30,6 +42,7 @@ class StackSettings:
     draft_layers: int
     torch_threads: int
     max_depth: int = 8
+    weights: str = "auto"  # the oracle's weights plan
     model_only_draft: bool = False  # also a draft worker without prompt lookup, for comparison
     unbatched_pair: bool = False  # also an oracle and a draft with continuous batching off, for comparison
 
@@ -52,9 +65,10 @@ class BenchStack:
         # No prefix cache: every configuration runs the same prompts, and each should prefill them as a
         # new prompt would be (the transformers baselines have no such cache).
         common = {"port": 0, "torch_threads": s.torch_threads, "prefix_cache_tokens": 0}
+        oracle = {"model": s.oracle, "layers": 0, "weights": s.weights, **common}
         draft = {"model": s.draft, "layers": s.draft_layers, **common}
         spawns = [
-            asyncio.create_task(asyncio.to_thread(spawn, "oracle", {"model": s.oracle, "layers": 0, **common})),
+            asyncio.create_task(asyncio.to_thread(spawn, "oracle", oracle)),
             asyncio.create_task(asyncio.to_thread(spawn, "draft", draft)),
         ]
         if s.model_only_draft:
@@ -63,7 +77,7 @@ class BenchStack:
         if s.unbatched_pair:
             off = {"batching": "false"}
             unbatched = [
-                asyncio.create_task(asyncio.to_thread(spawn, "oracle", {"model": s.oracle, "layers": 0, **common, **off})),
+                asyncio.create_task(asyncio.to_thread(spawn, "oracle", {**oracle, **off})),
                 asyncio.create_task(asyncio.to_thread(spawn, "draft", {**draft, **off})),
             ]
         try:
@@ -92,6 +106,13 @@ class BenchStack:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+
+    def resident_memory_mb(self) -> dict[str, float]:
+        """Each worker process's resident memory (VmRSS), MB."""
+        workers = {"oracle": self.oracle, "draft": self.draft, "draft (no prompt lookup)": self.model_only_draft}
+        if self.unbatched:
+            workers["oracle (batching off)"], workers["draft (batching off)"] = self.unbatched
+        return {role: rss for role, w in workers.items() if w is not None and (rss := resident_mb(w.process.pid))}
 
     async def coordinator(
         self, label: str, *, oracle_delay_ms: float = 0.0, lookup: bool = True, policy: str = "goodput",

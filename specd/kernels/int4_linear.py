@@ -24,8 +24,6 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from specd.kernels.cpu_linear import linear_layers
-
 log = logging.getLogger(__name__)
 
 GROUP = 32  # Q4_1's block

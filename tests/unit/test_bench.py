@@ -235,10 +235,12 @@ def test_quick_run_writes_every_section(quick_run: Path):
             assert finite(s[name]) and s[name] >= 0, name
         assert s["ttft_p99_ms"] >= s["ttft_p50_ms"] and s["itl_p99_ms"] >= s["itl_p50_ms"]
 
+    assert results["memory_mb"]["oracle"] > 0 and results["memory_mb"]["draft"] > 0
     goals = results["goals"]
-    assert len(goals) == 8
+    assert len(goals) == 11
     measured = [g for g in goals if g["passed"] is not None]
-    assert len(measured) == 6  # the quick run stops at 8 clients: the goals at 16 are not measured
+    # the quick run stops at 8 clients (the goals at 16 are not measured) and has no llama.cpp (its two goals)
+    assert len(measured) == 7
     for goal in measured:
         assert isinstance(goal["passed"], bool) and finite(goal["value"]) and goal["measured"]
 
@@ -277,3 +279,27 @@ def test_the_concurrency_section_through_the_http_api(tmp_path: Path):
         if point["policy"] == "oracle alone":
             assert s["k_mean"] == 0
     assert "HTTP connection" in (out / "results.md").read_text()
+
+
+def test_llama_bench_rows_become_a_whole_request_figure(tmp_path: Path):
+    """What `--llama-cpp` runs and reads: llama-bench's JSON (one row for the prompt, one for generation)."""
+    from specd.bench.llama_cpp import run_llama_bench
+
+    calls = tmp_path / "args.txt"
+    binary = tmp_path / "llama-bench"
+    rows = [
+        {"build_commit": "abc123", "build_number": 7, "n_prompt": 40, "n_gen": 0, "avg_ts": 400.0},
+        {"build_commit": "abc123", "build_number": 7, "n_prompt": 0, "n_gen": 48, "avg_ts": 120.0},
+    ]
+    binary.write_text(f"#!/bin/sh\necho \"$@\" > {calls}\ncat <<'EOF'\n{json.dumps(rows)}\nEOF\n")
+    binary.chmod(0o755)
+    result = run_llama_bench(binary, tmp_path / "model.gguf", threads=2, prompt_tokens=40, output_tokens=48)
+    assert calls.read_text().split() == [
+        "-m", str(tmp_path / "model.gguf"), "-t", "2", "-p", "40", "-n", "48", "-r", "3", "-o", "json",
+    ]
+    assert (result.prompt_tokens_per_second, result.generation_tokens_per_second) == (400.0, 120.0)
+    assert result.build == "abc123 (7)"
+    assert abs(result.tokens_per_second - 48 / (40 / 400 + 48 / 120)) < 1e-9
+    binary.write_text("#!/bin/sh\necho 'error: failed to load model' >&2\nexit 1\n")
+    with pytest.raises(RuntimeError, match="failed to load model"):
+        run_llama_bench(binary, tmp_path / "model.gguf", threads=2, prompt_tokens=40, output_tokens=48)

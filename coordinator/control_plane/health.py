@@ -65,6 +65,7 @@ class HealthChecker:
             worker.max_sessions = info.max_sessions
             worker.active_sessions = info.active_sessions
             worker.device = info.device
+            worker.resident_mb, worker.weights = info.resident_mb, info.weights
             worker.load = {
                 "queued": info.load.queued, "rows_per_step": info.load.rows_per_step,
                 "step_seconds": info.load.step_seconds, "busy_fraction": info.load.busy_fraction,

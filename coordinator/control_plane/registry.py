@@ -39,6 +39,8 @@ class Worker:
     error: str = ""
     failed_checks: int = 0  # consecutive health checks that timed out
     load: dict[str, float] = field(default_factory=dict)  # ModelInfo.load at the last check (WorkerLoad's fields)
+    resident_mb: float = 0.0
+    weights: str = ""
 
     @property
     def is_oracle(self) -> bool:
@@ -64,7 +66,7 @@ class Worker:
             "node_ip": self.node_ip, "vocab_fingerprint": self.vocab_fingerprint,
             "seconds_since_check": time.monotonic() - self.last_check if self.last_check else -1.0,
             "error": self.error, "device": self.device, "launched_by": self.launched_by, "load": dict(self.load),
-            "migrating": self.migrating,
+            "migrating": self.migrating, "resident_mb": self.resident_mb, "weights": self.weights,
         }
 
 

@@ -13,26 +13,15 @@ import logging
 import os
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import ray
 
 from coordinator.config import CoordinatorConfig
 from coordinator.server import RunningCoordinator, start_coordinator
 from specd.cluster.procs import WorkerProcess, spawn
+from specd.core.memory import resident_mb
 
 log = logging.getLogger(__name__)
-
-
-def resident_mb(pid: int) -> float | None:
-    """A process's resident memory, MB (Linux /proc), or None where it cannot be read."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 @dataclass(frozen=True)

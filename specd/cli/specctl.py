@@ -73,14 +73,18 @@ def show_status(reply: admin_pb2.ClusterStatus) -> str:
             w.name, "draft" if w.role == common_pb2.WORKER_ROLE_DRAFT else "oracle", w.address,
             "healthy" if w.healthy else f"UNHEALTHY ({w.error})",
             ("migrating" if w.migrating else "draining") if w.draining else "-",
-            f"{w.assigned_sessions}/{w.max_sessions}", show_load(w.load), w.model_id,
+            f"{w.assigned_sessions}/{w.max_sessions}", show_load(w.load),
+            f"{w.resident_mb:.0f} MB" if w.resident_mb else "-", w.weights or "-", w.model_id,
             f"{w.node_ip} {w.node_id[:8]}" if w.node_id else "-", w.launched_by,
         ]
         for w in reply.workers
     ]
     pairs = [[p.pair_id, p.draft or "(oracle alone)", p.oracle, p.depth_policy, "yes" if p.usable else "no"] for p in reply.pairs]
     return (
-        table(workers, ["WORKER", "ROLE", "ADDRESS", "HEALTH", "DRAIN", "SESSIONS", "LOAD", "MODEL", "NODE", "LAUNCHED"])
+        table(workers, [
+            "WORKER", "ROLE", "ADDRESS", "HEALTH", "DRAIN", "SESSIONS", "LOAD", "MEMORY", "WEIGHTS", "MODEL", "NODE",
+            "LAUNCHED",
+        ])
         + "\n\n"
         + table(pairs, ["PAIR", "DRAFT", "ORACLE", "DEPTH POLICY", "USABLE"])
         + f"\n\nactive sessions: {reply.active_sessions}   default depth policy: {reply.default_depth_policy}"

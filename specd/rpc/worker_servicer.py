@@ -18,6 +18,8 @@ import grpc
 
 from specd.core import validation
 from specd.core.errors import InvalidArgument
+from specd.core.memory import resident_mb
+from specd.kernels.weights import weights_kernels
 from specd.rpc.features import features_to_proto
 from specd.rpc.host import grpc_errors
 from specd.rpc.metrics import WorkerMetrics
@@ -62,6 +64,8 @@ class WorkerServicerMixin:
             batching=config.batching, on_step=self.metrics.record_step,
         )
         self.metrics.queued.set_function(lambda: self.engine.queued)
+        # ModelInfo.weights: its linear layers per weights kernel
+        self.weights = ", ".join(f"{k} {n}" for k, n in weights_kernels(worker.loaded.model).items() if n)
 
     async def guard_session(self, session_id: str, work: Awaitable[T]) -> T:
         """Await work on a session; if the call is cancelled meanwhile, free the session."""
@@ -92,6 +96,8 @@ class WorkerServicerMixin:
             max_sessions=self.worker.sessions.max_sessions,
             feature_dim=self.feature_dim(),
             load=self.load(),
+            resident_mb=resident_mb(),
+            weights=self.weights,
         )
 
     def load(self) -> common_pb2.WorkerLoad:

@@ -264,6 +264,12 @@ def use_weights(model: nn.Module, plan: str) -> dict[str, int]:
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if head_kernel == "float16" and type(embedding) is nn.Embedding and embedding.weight.device.type == "cpu":
         model.set_input_embeddings(HalfEmbedding(embedding))
+    # What is left (norms, small layers) may be views into the mapped weights file; copies of their own let the
+    # whole mapping go.
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type == "cpu":
+                tensor.data = tensor.data.clone()
     log.info(
         "weights plan %s: %s", plan,
         ", ".join(

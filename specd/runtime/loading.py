@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 from pathlib import Path
 
 import torch
@@ -37,4 +40,13 @@ def load_worker_model(spec: ModelSpec) -> LoadedModel:
     use_cpu_linear(loaded.model, spec.cpu_linear)
     if spec.grouped_attention:
         use_grouped_attention(loaded.model)
+    release_freed_memory()
     return loaded
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed while loading (de-quantized copies, layers swapped out) back to the system, where the
+    C library can (glibc's malloc_trim), so that a worker's resident memory is what it serves with."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -72,6 +72,48 @@ def grouped_sdpa(
     return out.reshape(batch, heads, rows, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
+def row_exact_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows_keys: list[int | torch.Tensor | None],
+    scaling: float | None,
+) -> torch.Tensor:
+    """Attention in which each query row's result is the same whatever other rows its pass holds.
+
+    query [1, H, n, D]; key and value [1, KV, L, D] (H = KV * G, query head h reading key/value head h // G);
+    rows_keys[j]: the keys row j sees: a count (the first m), an index tensor (a tree row's own), or None (all L).
+    Each row is one SDPA call on the key/value heads, its G query heads as G query rows, over exactly its own
+    keys: the very call a one-token step over a cache of those keys makes. torch's CPU attention gives a row of
+    a block other last bits than that row alone (it blocks its sums by the block's shape), so a verified token
+    would not get the logits of its one-token step. Returns [1, n, H, D].
+    """
+    _, heads, rows, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    folded = query.reshape(1, kv_heads, groups, rows, dim)
+    outputs = []
+    for j, keys in enumerate(rows_keys):
+        if keys is None:
+            k, v = key, value
+        elif isinstance(keys, int):
+            k, v = key[:, :, :keys], value[:, :, :keys]
+        else:
+            k, v = key.index_select(2, keys), value.index_select(2, keys)
+        outputs.append(nn.functional.scaled_dot_product_attention(folded[:, :, :, j], k, v, scale=scaling))
+    out = torch.stack(outputs, dim=3)  # [1, KV, G, n, Dv]
+    return out.reshape(1, heads, rows, value.shape[-1]).transpose(1, 2).contiguous()
+
+
+def rows_keys_of(mask: torch.Tensor | None, rows: int) -> list[int | torch.Tensor | None]:
+    """Per row, the keys a boolean mask [1, 1, n, L] lets it see, as `row_exact_attention` takes them: a count
+    where they are the first m, their indices otherwise; None for one row and no mask (all of them)."""
+    if mask is None:
+        return [None] * rows
+    out: list[int | torch.Tensor | None] = []
+    for row in mask[0, 0]:
+        seen = int(row.sum())
+        out.append(seen if bool(row[:seen].all()) else torch.nonzero(row).flatten())
+    return out
+
+
 def _register() -> None:
     """Make the name known to transformers (registering again replaces the entry with itself)."""
     from transformers import AttentionInterface

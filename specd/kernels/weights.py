@@ -10,17 +10,16 @@ block, a batch of sessions, a prompt chunk). The kernels:
   reads it: inputs, products and sums stay float32. A GGUF's Q4_1 and Q8_0 values keep 11
   significant bits (within 2^-12 of their size).
 - "int4": a layer whose weights lie on Q4_1 lattices (a Q4_1 GGUF's) as its 4-bit blocks, through
-  torch's CPU int4 kernel (specd.kernels.int4_linear; bfloat16 inputs and block scales). Its cost
-  grows with each row, so it wins only for passes of one to three rows.
-In each kernel a row's result does not depend on the other rows of its pass (tests/unit/test_weights.py).
-Attention does not quite hold that: torch's CPU attention gives a row of a verify block results that
-differ from the same row's one-token step in the last bits (measured: up to 1e-6 at the first layer
-of the default oracle). Under float32 and float16 inputs such a difference stays in the last bits and
-the output equals the worker's own output at k = 0 (tests/integration/test_default_pair.py). Under
-int4 each layer rounds its input to bfloat16 (8 significant bits), which turns those last bits into
-whole steps of bfloat16 now and then: on the default oracle, speculative output left the worker's
-own k = 0 output at token 28 of 32. So "int4" is there to measure (`specd quality`, `specd bench`),
-not for serving: a worker started with it says so.
+  torch's CPU int4 kernel (specd.kernels.int4_linear; bfloat16 inputs and block scales). It reads
+  an eighth of float32's bytes, but its cost grows with each row: from about 32 rows a pass
+  (large batches, prompt chunks) float16 is faster.
+In each kernel a row's result does not depend on the other rows of its pass (tests/unit/test_weights.py),
+and an oracle on CPU attends row by row (specd.kernels.attention.row_exact_attention), so a token gets
+the very logits of its one-token step in a verify block, a batch or a prompt chunk, and speculation is
+exact against the worker's own output at k = 0. That matters most under int4, which rounds each
+layer's input to bfloat16 (8 significant bits): with torch's block attention, whose last bits
+depend on the block, such rounding turned them into different tokens (on the default oracle the
+speculative output left the k = 0 output at token 28 of 32).
 
 Plans (`--weights`):
 - "float32", "float16": every linear layer through that kernel;
@@ -29,8 +28,8 @@ Plans (`--weights`):
   of sibling layers that read one input (q, k, v; gate, up), through the kernel of `AUTO_KERNELS`
   that costs least per row (per token) over blocks of 1 to 64 rows on this machine, each block size
   counting alike, timed at start-up on every layer in a sweep (so weights come from memory, as in a
-  forward pass); for other models, "float32". `AUTO_KERNELS` holds the kernels that keep
-  speculation exact and held the quality bar on the default oracle (docs/weights.md).
+  forward pass); for other models, "float32". `AUTO_KERNELS` holds the kernels that held the
+  quality bar on the default oracle (docs/weights.md).
 Under "float16" the output head's table also serves the input embedding in float16 (rows widened
 on lookup), so no float32 copy of the vocabulary stays.
 """
@@ -53,8 +52,8 @@ log = logging.getLogger(__name__)
 
 KERNELS = ("float32", "float16", "int4")
 WEIGHTS_PLANS = ("auto", *KERNELS)
-# The kernels "auto" chooses among: those that keep speculation exact and held the quality bar (docs/weights.md).
-AUTO_KERNELS = ("float32", "float16")
+# The kernels "auto" chooses among: those that held the quality bar on the default oracle (docs/weights.md).
+AUTO_KERNELS = ("float32", "float16", "int4")
 # Blocks "auto" times each kernel on: one stream's decode steps and verify blocks, batches, prompt chunks.
 TIMED_ROWS = (1, 2, 4, 8, 16, 32, 64)
 TIMING_REPEATS = 2
@@ -243,11 +242,6 @@ def use_weights(model: nn.Module, plan: str) -> dict[str, int]:
         raise RuntimeError("this torch build has no fbgemm fp16 kernel: use --weights float32")
     if "int4" in kernels and not int4_available():
         raise RuntimeError("this torch build has no int4 CPU kernels: use --weights float32 or float16")
-    if plan == "int4":
-        log.warning(
-            "weights int4: each layer rounds its input to bfloat16, and speculative output can part from this "
-            "worker's own output at k = 0 (specd/kernels/weights.py); for measuring, not for serving"
-        )
     counts = dict.fromkeys(KERNELS, 0)
     weights = dict.fromkeys(KERNELS, 0)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

@@ -46,8 +46,9 @@ class WorkerConfig(BaseSettings):
         description="On CPU, in what form the linear layers keep and multiply their weights (specd/kernels/weights.py, "
         "docs/weights.md). 'float32' as loaded; 'float16' half the bytes, float32 arithmetic (fbgemm); 'int4' the "
         "layers that came as Q4_1 blocks as those blocks (torch's int4 kernel, bfloat16 inputs), the rest float16; "
-        "'auto': for a model loaded from a GGUF file, each layer through the fastest of float32 and float16 on "
-        "blocks of 1 to 64 rows, timed at start-up; for other models float32. Speculation is exact against the "
+        "'auto': for a model loaded from a GGUF file, each layer through the kernel of float32, float16 and int4 "
+        "that costs least per token over blocks of 1 to 64 rows, timed at start-up; for other models float32. "
+        "Speculation is exact against the "
         "worker's own output under any of them; replicas of one oracle should share one setting.",
     )
     grouped_attention: bool = Field(

@@ -28,9 +28,12 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from specd.kernels.attention import row_exact_attention, rows_keys_of
+
 PACKED_ATTENTION = "specd_packed"
 PACKED_MODEL_TYPES = ("llama",)
 _INNER = "_specd_inner_attention"  # the config attribute keeping the attention the packed one wraps
+ROW_EXACT = "_specd_row_exact_attention"  # the config attribute: packed passes attend row by row
 
 
 @dataclass
@@ -59,6 +62,7 @@ class PackedPass:
     positions: torch.Tensor  # [1, N] their absolute positions
     bounds: list[tuple[int, int]] = field(default_factory=list)  # each segment's rows in the packed sequence
     masks: list[torch.Tensor | None] = field(default_factory=list)  # each segment's [1, 1, n, L] mask, per pass
+    rows_keys: list[list[Any]] = field(default_factory=list)  # each segment's rows' keys (row-exact attention)
     states: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)  # layer -> per segment
 
     @classmethod
@@ -137,6 +141,8 @@ def packed_attention(
     inner = ALL_ATTENTION_FUNCTIONS[getattr(module.config, _INNER)]
     if batch is None:
         return inner(module, query, key, value, attention_mask, **kwargs)
+    if getattr(module.config, ROW_EXACT, False):
+        return _row_exact(batch, module, query, kwargs.get("scaling")), None
     states = batch.states[module.layer_idx]
     if len(states) == 1:  # a pass of one session: its attention as it is
         (keys, values), = states
@@ -147,6 +153,21 @@ def packed_attention(
         out, _ = inner(module, query[:, :, start:end], keys, values, batch.masks[index], **kwargs)
         outputs.append(out)  # [1, n, heads, head_dim]
     return torch.cat(outputs, dim=1), None
+
+
+def _row_exact(batch: PackedPass, module: nn.Module, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    if not batch.rows_keys:
+        batch.rows_keys = [rows_keys_of(mask, len(segment)) for segment, mask in zip(batch.segments, batch.masks)]
+    outputs = []
+    for (keys, values), rows_keys, (start, end) in zip(batch.states[module.layer_idx], batch.rows_keys, batch.bounds):
+        outputs.append(row_exact_attention(query[:, :, start:end], keys, values, rows_keys, scaling))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+
+
+def use_row_exact_attention(model: nn.Module, on: bool = True) -> None:
+    """Packed passes of `model` attend row by row (specd.kernels.attention.row_exact_attention), so that a row's
+    result is bit for bit the same in a verify block, in a batch, in a prompt chunk and alone."""
+    setattr(model.config, ROW_EXACT, on)
 
 
 def use_packed_attention(model: nn.Module) -> bool:

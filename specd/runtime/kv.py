@@ -13,6 +13,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from specd.core import tree
+from specd.runtime.batch import ROW_EXACT, Segment, packed_forward
 
 # Room a layer's buffers keep beyond what they hold: at least this many positions, or a quarter more.
 SPARE_POSITIONS = 256
@@ -145,6 +146,11 @@ class KVSession:
         """Feed tokens whose next-token logits nobody reads (a prompt): the decoder alone, no output
         head, which on a large vocabulary is a sizeable part of a long prefill. Returns the final
         hidden states [n, H] when `features`, else None."""
+        if getattr(self.model.config, ROW_EXACT, False):  # as an engine's prompt chunks run, row for row
+            start = self.cached_length
+            (rows,) = packed_forward(self.model, [Segment(self.cache, token_ids, list(range(start, start + len(token_ids))))])
+            self._fed(token_ids)
+            return rows if features else None
         input_ids = self._input(token_ids)
         hidden = self.model.get_decoder()(
             input_ids=input_ids, cache=self.cache, use_cache=True

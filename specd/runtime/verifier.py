@@ -19,7 +19,7 @@ from specd.core.errors import InvalidArgument
 from specd.core.sampling import warp_probs
 from specd.core.verification import Verdict, sparse_to_dense, verify_greedy, verify_greedy_tree, verify_sampled
 from specd.models.pretrained import LoadedModel
-from specd.runtime.batch import Segment, packed_forward, use_packed_attention
+from specd.runtime.batch import Segment, packed_forward, use_packed_attention, use_row_exact_attention
 from specd.runtime.worker import ModelWorker, PositionFeatures, WorkerSession
 
 
@@ -53,8 +53,11 @@ class VerifyPlan:
 class Verifier(ModelWorker):
     def __init__(self, loaded: LoadedModel, **limits):
         super().__init__(loaded, **limits)
-        # Sessions share forward passes where the model allows it (specd.runtime.batch).
+        # Sessions share forward passes where the model allows it (specd.runtime.batch). On CPU those passes
+        # attend row by row, so that a verified token gets the very logits of its one-token step.
         self.packed = use_packed_attention(loaded.model)
+        if self.packed and loaded.device.type == "cpu":
+            use_row_exact_attention(loaded.model)
 
     def verify(
         self,

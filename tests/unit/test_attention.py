@@ -116,3 +116,35 @@ def test_a_feature_draft_computes_only_the_logits_asked_for():
     assert logits.shape == (1, 6, 384) and last.shape == (1, 1, 384) and none is None
     assert torch.equal(g_last, g) and torch.equal(g_none, g)
     torch.testing.assert_close(last[0, 0], logits[0, -1])
+
+
+def test_row_exact_attention_gives_each_row_its_one_token_result():
+    """A row of a causal block, of a tree, or of a prompt chunk gets bit for bit what a one-token step over a cache of
+    exactly the keys it sees gets (torch's block attention does not: its last bits depend on the block)."""
+    from specd.kernels.attention import row_exact_attention, rows_keys_of
+
+    torch.manual_seed(3)
+    kv_heads, groups, dim, cached, rows = 3, 3, 16, 11, 5
+    keys, values = torch.randn(1, kv_heads, cached + rows, dim), torch.randn(1, kv_heads, cached + rows, dim)
+    query = torch.randn(1, kv_heads * groups, rows, dim)
+    causal = torch.ones(rows, cached + rows, dtype=torch.bool)
+    causal[:, cached:] = torch.ones(rows, rows, dtype=torch.bool).tril()
+    tree = causal.clone()
+    tree[3, cached + 1] = tree[4, cached + 2] = False  # rows 3 and 4 skip a sibling: their keys are not a prefix
+    for mask in (causal, tree):
+        rows_keys = rows_keys_of(mask[None, None], rows)
+        assert rows_keys[0] == cached + 1 and isinstance(rows_keys[2], int)
+        block = row_exact_attention(query, keys, values, rows_keys, 0.25)
+        for j in range(rows):
+            seen = torch.nonzero(mask[j]).flatten()
+            alone = row_exact_attention(
+                query[:, :, j : j + 1].contiguous(), keys[:, :, seen].contiguous(), values[:, :, seen].contiguous(),
+                [None], 0.25,
+            )
+            assert torch.equal(block[:, j], alone[:, 0])
+            expected = torch.nn.functional.scaled_dot_product_attention(
+                query[:, :, j : j + 1], keys[:, :, seen].repeat_interleave(groups, 1),
+                values[:, :, seen].repeat_interleave(groups, 1), scale=0.25,
+            )
+            torch.testing.assert_close(block[:, j], expected[:, :, 0], rtol=1e-5, atol=1e-6)
+    assert rows_keys_of(None, 1) == [None]

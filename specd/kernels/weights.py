@@ -47,6 +47,7 @@ from torch import nn
 
 from specd.kernels.cpu_linear import FUSED_GROUPS, FusedGroup, GroupedLinear, Product, onednn_available, onednn_product
 from specd.kernels.int4_linear import int4_available, int4_product, q4_blocks
+from specd.kernels.int8_linear import Int8Linear
 
 log = logging.getLogger(__name__)
 
@@ -275,10 +276,12 @@ def use_weights(model: nn.Module, plan: str) -> dict[str, int]:
 
 def weights_kernels(model: nn.Module) -> dict[str, int]:
     """How many of the model's linear layers multiply through each kernel (for status and the benchmark)."""
-    counts = dict.fromkeys(KERNELS, 0)
+    counts = dict.fromkeys((*KERNELS, "int8"), 0)
     for module in model.modules():
         if isinstance(module, nn.Linear):
             counts["float32"] += 1
+        elif isinstance(module, Int8Linear):  # a draft's (specd.kernels.int8_linear)
+            counts["int8"] += 1
         elif hasattr(module, "in_features") and hasattr(module, "out_features") and hasattr(module, "plan"):
             counts[module.plan if module.plan in counts else "float32"] += 1
     return counts

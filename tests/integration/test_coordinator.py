@@ -180,9 +180,12 @@ async def specctl_checks(coordinator, prompt_ids):
     roles = sorted(w["role"] for w in status["workers"])
     assert roles == ["draft", "draft", "oracle"]
     assert all(w["healthy"] for w in status["workers"])
+    # each worker's resident memory and its linear layers per weights kernel
+    assert all(w["resident_mb"] > 0 and w["weights"] for w in status["workers"])
     assert len(status["pairs"]) == 3
     table = await run_specctl(coordinator.address, "status")
     assert "oracle-1" in table and "healthy" in table.lower()
+    assert "MEMORY" in table and "WEIGHTS" in table and " MB" in table
     pair = next(p["pair_id"] for p in status["pairs"] if p["draft"])
     await run_specctl(coordinator.address, "depth", "set", "fixed:3", "--pair", pair)
     policies = json.loads(await run_specctl(coordinator.address, "--json", "depth", "get", "--pair", pair))

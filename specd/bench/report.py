@@ -64,8 +64,8 @@ def render(results: BenchResults) -> str:
         f"- load average (1/5/15 min) at start {_load(m.get('load_average_at_start'))}, "
         f"at end {_load(m.get('load_average_at_end'))} (other work on the machine shows up here)",
         f"- oracle: {s['oracle']} (weights plan {s.get('oracle_weights', 'auto')}); draft: {s['draft']}",
-        "- workers' resident memory at the end: "
-        + (", ".join(f"{role} {mb:.0f} MB" for role, mb in results.memory_mb.items()) or "not read"),
+        "- workers' resident memory at the end, idle (peak during the run): "
+        + (", ".join(f"{role} {now:.0f} MB ({peak:.0f})" for role, (now, peak) in results.memory_mb.items()) or "not read"),
         f"- {s['max_tokens']} output tokens at most per request (stops at EOS); prompts per category "
         f"({', '.join(s['categories'])}): {s['prompts_per_category']} at temperature 0, "
         f"{s['sampled_prompts_per_category']} at temperature {s['sampled_temperature']:g}, "

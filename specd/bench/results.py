@@ -118,7 +118,8 @@ class BenchResults:
     rtt: RttResult | None = None
     concurrency: ConcurrencyResult | None = None
     llama_cpp: LlamaCppResult | None = None  # llama.cpp on the oracle's GGUF file, one stream (--llama-cpp)
-    memory_mb: dict[str, float] = field(default_factory=dict)  # each worker process's resident memory at the end
+    # each worker process's resident memory at the end, idle (its engine hands freed memory back), and at its peak
+    memory_mb: dict[str, tuple[float, float]] = field(default_factory=dict)
     goals: list[GoalCheck] = field(default_factory=list)
     duration_seconds: float = 0.0
     section_seconds: dict[str, float] = field(default_factory=dict)  # start (workers, Ray) and each section

@@ -37,6 +37,7 @@ from specd.bench.stack import BenchStack, StackSettings
 from specd.models.loader import load_model
 from specd.models.pretrained import LoadedModel
 from specd.models.sources import DRAFT_ARTIFACT_MANIFEST, resolve_source
+from specd.runtime.engine import IDLE_TRIM_SECONDS
 from specd.runtime.executor import ModelExecutor
 
 SECTIONS = ("speed", "sampled", "rtt", "concurrency")
@@ -267,6 +268,7 @@ async def run_bench(options: BenchOptions) -> BenchResults:
         if baselines is not None:
             await models.run(baselines.close)
         models.shutdown()
+        await asyncio.sleep(IDLE_TRIM_SECONDS + 1)  # the workers' engines hand back what their passes freed
         results.memory_mb = stack.resident_memory_mb()
         if options.llama_cpp is not None and "speed" in options.sections:
             results.llama_cpp = await asyncio.to_thread(llama_cpp_row, options, ctx)

@@ -96,12 +96,15 @@ class BenchStack:
             if isinstance(result, BaseException):
                 raise result
 
-    def resident_memory_mb(self) -> dict[str, float]:
-        """Each worker process's resident memory (VmRSS), MB."""
+    def resident_memory_mb(self) -> dict[str, tuple[float, float]]:
+        """Each worker process's resident memory now (VmRSS) and at its peak (VmHWM), MB."""
         workers = {"oracle": self.oracle, "draft": self.draft, "draft (no prompt lookup)": self.model_only_draft}
         if self.unbatched:
             workers["oracle (batching off)"], workers["draft (batching off)"] = self.unbatched
-        return {role: rss for role, w in workers.items() if w is not None and (rss := resident_mb(w.process.pid))}
+        return {
+            role: (rss, resident_mb(w.process.pid, peak=True))
+            for role, w in workers.items() if w is not None and (rss := resident_mb(w.process.pid))
+        }
 
     async def coordinator(
         self, label: str, *, oracle_delay_ms: float = 0.0, lookup: bool = True, policy: str = "goodput",

@@ -181,22 +181,23 @@ def time_kernels(units: list[Unit], kernels: list[str], rows: tuple[int, ...] = 
     """Per unit shape, each kernel's seconds per row (per token) for blocks of `rows` rows, summed over the block
     sizes, so that each load counts alike, from one stream's decode steps to a full batch: of each block, the
     fastest of TIMING_REPEATS tries, each try a sweep through every unit in model order (as a forward pass
-    reads them, so weights come from memory, not from a warm cache), the kernels taking turns. A kernel that
+    reads them, so weights come from memory, not from a warm cache), one kernel after the other. A kernel that
     cannot hold some unit of a shape (int4 off a Q4_1 lattice) is left out of that shape's figures."""
-    products = {kernel: [kernel_product(kernel, unit.weight, unit.bias) for unit in units] for kernel in kernels}
     inputs = {(n, r): torch.randn(r, n) for n in {unit.layers[0].in_features for unit in units} for r in rows}
     best: dict[tuple[str, int, int], float] = {}
     with torch.inference_mode():
-        for _ in range(TIMING_REPEATS):
-            for kernel in kernels:
+        for kernel in kernels:  # one kernel's copies at a time: the start-up peak holds one set beside the model
+            products = [kernel_product(kernel, unit.weight, unit.bias) for unit in units]
+            for _ in range(TIMING_REPEATS):
                 for r in rows:
-                    for i, (unit, product) in enumerate(zip(units, products[kernel])):
+                    for i, (unit, product) in enumerate(zip(units, products)):
                         if product is None:
                             continue
                         started = time.perf_counter()
                         product(inputs[(unit.layers[0].in_features, r)])
                         took = time.perf_counter() - started
                         best[(kernel, i, r)] = min(best.get((kernel, i, r), took), took)
+            del products
     totals: dict[tuple, dict[str, float]] = {}
     for i, unit in enumerate(units):
         shape = totals.setdefault(unit.shape(), dict.fromkeys(kernels, 0.0))

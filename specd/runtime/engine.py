@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 from specd.core.errors import SpecdError
+from specd.core.memory import release_freed_memory
 from specd.core.sampling import SamplingParams
 from specd.core.stopping import StopRule
 from specd.runtime.batch import Segment
@@ -45,6 +46,8 @@ from specd.runtime.executor import ModelExecutor
 from specd.runtime.verifier import Verifier, VerifyResult
 from specd.runtime.worker import OpenResult, PositionFeatures
 
+# After this long without work following some, the engine hands the memory its passes freed back to the system.
+IDLE_TRIM_SECONDS = 2.0
 log = logging.getLogger(__name__)
 
 
@@ -205,10 +208,20 @@ class Engine(Generic[R, Out]):
         self._queue.clear()
 
     async def _loop(self) -> None:
+        worked = False  # since the heap was last trimmed
         while True:
-            await self._wake.wait()
+            if worked:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), IDLE_TRIM_SECONDS)
+                except asyncio.TimeoutError:  # idle a while after work: hand back what the passes freed
+                    worked = False
+                    await self.executor.run(release_freed_memory)
+                    continue
+            else:
+                await self._wake.wait()
             self._wake.clear()
             while self._queue:
+                worked = True
                 self._arrived.clear()
                 jobs = list(self._queue)
                 try:

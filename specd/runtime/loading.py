@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 from pathlib import Path
 
 import torch
 
+from specd.core.memory import release_freed_memory
 from specd.kernels.attention import use_grouped_attention
 from specd.kernels.cpu_linear import use_cpu_linear
 from specd.kernels.int8_linear import use_int8_linear
@@ -43,10 +41,3 @@ def load_worker_model(spec: ModelSpec) -> LoadedModel:
     release_freed_memory()
     return loaded
 
-
-def release_freed_memory() -> None:
-    """Hand memory freed while loading (de-quantized copies, layers swapped out) back to the system, where the
-    C library can (glibc's malloc_trim), so that a worker's resident memory is what it serves with."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -235,7 +235,9 @@ def test_quick_run_writes_every_section(quick_run: Path):
             assert finite(s[name]) and s[name] >= 0, name
         assert s["ttft_p99_ms"] >= s["ttft_p50_ms"] and s["itl_p99_ms"] >= s["itl_p50_ms"]
 
-    assert results["memory_mb"]["oracle"] > 0 and results["memory_mb"]["draft"] > 0
+    for role in ("oracle", "draft"):
+        now, peak = results["memory_mb"][role]
+        assert 0 < now <= peak
     goals = results["goals"]
     assert len(goals) == 11
     measured = [g for g in goals if g["passed"] is not None]

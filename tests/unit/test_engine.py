@@ -185,3 +185,28 @@ def test_the_step_window_keeps_the_least_squares_slope_and_load_as_steps_come_an
     assert load.queued == 2 and load.rows_per_step == pytest.approx(mean_r) and load.step_seconds == pytest.approx(mean_s)
     now[0] = 100.0
     assert window.load(0).rows_per_step == 0.0 and window.row_seconds() == 0.0
+
+
+def test_the_lean_llama_layers_give_the_bits_of_transformers_own(tiny_dir, monkeypatch):
+    """With row-by-row attention an oracle's packed passes run `_llama_layers` in place of each layer's own forward:
+    a prompt, one-token steps and a verify block give the very same hidden states both ways."""
+    from specd.runtime import batch as packed
+    from specd.runtime.kv import SessionCache
+
+    loaded = load_worker_model(ModelSpec(str(tiny_dir / "oracle")))
+    assert packed.use_packed_attention(loaded.model)
+    packed.use_row_exact_attention(loaded.model)
+
+    def run() -> list[torch.Tensor]:
+        cache, out = SessionCache(), []
+        with torch.inference_mode():
+            out += packed.packed_forward(loaded.model, [packed.Segment(cache, list(range(1, 40)), list(range(39)))])
+            for step in range(3):
+                out += packed.packed_forward(loaded.model, [packed.Segment(cache, [50 + step], [39 + step])])
+            out += packed.packed_forward(loaded.model, [packed.Segment(cache, [7, 8, 9, 10], [42, 43, 44, 45])])
+        return out
+
+    lean = run()
+    own_forward = packed.PackedPass.layers
+    monkeypatch.setattr(packed.PackedPass, "layers", lambda self, *args, lean=False: own_forward(self, *args))
+    assert all(torch.equal(a, b) for a, b in zip(lean, run(), strict=True))

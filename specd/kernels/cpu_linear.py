@@ -141,26 +141,28 @@ def onednn_product(weight: torch.Tensor, bias: torch.Tensor | None) -> Product:
     return lambda x: torch.ops.mkldnn._linear_pointwise(x, relaid, bias, "none", [], "")
 
 
+def stacked(layers: list[nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weights of linear layers that read one input, one under the other ([sum(out), in]), and their biases
+    (zeros for a layer without; None when none has one): what one product for all of them multiplies by."""
+    weight = torch.cat([layer.weight.detach() for layer in layers]) if len(layers) > 1 else layers[0].weight.detach()
+    if all(layer.bias is None for layer in layers):
+        return weight, None
+    return weight, torch.cat([
+        layer.bias.detach() if layer.bias is not None else weight.new_zeros(layer.out_features) for layer in layers
+    ])
+
+
 class FusedGroup:
     """One product for linear layers that read the same input, shared by their `GroupedLinear`s.
 
     The first member called with an input computes every member's output and keeps them until each
     member has read its own; a member called with another input (or twice with the same one)
     computes the product again. So the result is right whatever calls the members, in any order,
-    and the saving comes where a block calls them in turn on one tensor. The product is oneDNN's
-    unless another kernel's is given (specd.kernels.weights)."""
+    and the saving comes where a block calls them in turn on one tensor. The product is any kernel's
+    over the members' `stacked` weights: oneDNN's here, others in specd.kernels.weights."""
 
-    def __init__(
-        self, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
-        product: Callable[[torch.Tensor, torch.Tensor | None], Product] = onednn_product,
-    ):
-        self.in_features = weights[0].shape[1]
-        self.sizes = [weight.shape[0] for weight in weights]
-        weight = torch.cat([w.detach() for w in weights])  # [sum(out), in]
-        bias = None
-        if any(b is not None for b in biases):
-            bias = torch.cat([b.detach() if b is not None else weight.new_zeros(n) for b, n in zip(biases, self.sizes)])
-        self._product = product(weight, bias)
+    def __init__(self, product: Product, sizes: list[int], in_features: int):
+        self._product, self.sizes, self.in_features = product, sizes, in_features
         self._pass = threading.local()  # the kept outputs, per thread: models may run on several
 
     def output(self, x: torch.Tensor, member: int) -> torch.Tensor:
@@ -213,7 +215,9 @@ def fuse_groups(model: nn.Module) -> int:
                 continue
             if len({layer.in_features for layer in layers}) != 1:
                 continue
-            group = FusedGroup([layer.weight for layer in layers], [layer.bias for layer in layers])
+            group = FusedGroup(
+                onednn_product(*stacked(layers)), [layer.out_features for layer in layers], layers[0].in_features
+            )
             for member, (name, layer) in enumerate(zip(names, layers)):
                 setattr(parent, name, GroupedLinear(
                     layer.in_features, layer.out_features, group, member, weight=layer.weight, bias=layer.bias,

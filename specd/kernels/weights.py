@@ -45,7 +45,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from specd.kernels.cpu_linear import FUSED_GROUPS, FusedGroup, GroupedLinear, Product, onednn_available, onednn_product
+from specd.kernels.cpu_linear import (
+    FUSED_GROUPS,
+    FusedGroup,
+    GroupedLinear,
+    Product,
+    onednn_available,
+    onednn_product,
+    stacked,
+)
 from specd.kernels.int4_linear import int4_available, int4_product, q4_blocks
 from specd.kernels.int8_linear import Int8Linear
 
@@ -129,32 +137,16 @@ class Unit:
     names: tuple[str, ...]
     layers: list[nn.Linear]
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return torch.cat([layer.weight.detach() for layer in self.layers]) if len(self.layers) > 1 else self.layers[0].weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        if all(layer.bias is None for layer in self.layers):
-            return None
-        return torch.cat([
-            layer.bias.detach() if layer.bias is not None else layer.weight.new_zeros(layer.out_features)
-            for layer in self.layers
-        ])
-
     def shape(self) -> tuple:
         return tuple(layer.out_features for layer in self.layers), self.layers[0].in_features
 
-    def swap(self, kernel: str) -> None:
+    def swap(self, kernel: str, product: Product) -> None:
+        """Put the layers under `product` (the kernel's, over their `stacked` weights)."""
         if len(self.layers) == 1:
             layer = self.layers[0]
-            product = kernel_product(kernel, layer.weight, layer.bias)
             setattr(self.parent, self.names[0], PlannedLinear(layer.in_features, layer.out_features, product, kernel))
             return
-        group = FusedGroup(
-            [layer.weight for layer in self.layers], [layer.bias for layer in self.layers],
-            product=lambda weight, bias: kernel_product(kernel, weight, bias),
-        )
+        group = FusedGroup(product, [layer.out_features for layer in self.layers], self.layers[0].in_features)
         for member, (name, layer) in enumerate(zip(self.names, self.layers)):
             setattr(self.parent, name, GroupedLinear(layer.in_features, layer.out_features, group, member, plan=kernel))
 
@@ -187,7 +179,7 @@ def time_kernels(units: list[Unit], kernels: list[str], rows: tuple[int, ...] = 
     best: dict[tuple[str, int, int], float] = {}
     with torch.inference_mode():
         for kernel in kernels:  # one kernel's copies at a time: the start-up peak holds one set beside the model
-            products = [kernel_product(kernel, unit.weight, unit.bias) for unit in units]
+            products = [kernel_product(kernel, *stacked(unit.layers)) for unit in units]
             for _ in range(TIMING_REPEATS):
                 for r in rows:
                     for i, (unit, product) in enumerate(zip(units, products)):
@@ -249,14 +241,16 @@ def use_weights(model: nn.Module, plan: str) -> dict[str, int]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_kernel = "float32"
     for unit, kernel in zip(units, kernels):
-        if kernel == "int4" and q4_blocks(unit.weight) is None:
-            kernel = "float16"
+        if kernel != "float32":
+            weight, bias = stacked(unit.layers)
+            product = kernel_product(kernel, weight, bias)
+            if product is None:  # int4 off a Q4_1 lattice
+                kernel, product = "float16", float16_product(weight, bias)
+            unit.swap(kernel, product)
         counts[kernel] += len(unit.layers)
         weights[kernel] += sum(layer.weight.numel() for layer in unit.layers)
         if any(layer is head for layer in unit.layers):
             head_kernel = kernel
-        if kernel != "float32":
-            unit.swap(kernel)
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if head_kernel == "float16" and type(embedding) is nn.Embedding and embedding.weight.device.type == "cpu":
         model.set_input_embeddings(HalfEmbedding(embedding))

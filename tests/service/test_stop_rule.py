@@ -160,16 +160,28 @@ async def test_greedy_sessions_with_the_stop_rule_are_exact(tiny_dir, oracle, fe
         assert sum(policy.state.calibration_tested) > 0  # the draft's confidences reached the policy
 
 
-def oracle_pair_distribution(oracle_model, params: SamplingParams) -> np.ndarray:
+def oracle_pair_distribution(oracle_model, params: SamplingParams, prompt: list[int] = PROMPT) -> np.ndarray:
     """P(first two tokens = (a, b)) under the oracle alone, over the whole vocabulary squared."""
     vocab = oracle_model.vocab_size
     with torch.inference_mode():
-        first = warp_probs(oracle_model.model(torch.tensor([PROMPT])).logits[0, -1:, :vocab], params)[0]
+        first = warp_probs(oracle_model.model(torch.tensor([prompt])).logits[0, -1:, :vocab], params)[0]
         joint = np.zeros((vocab, vocab))
         for a in torch.nonzero(first).flatten().tolist():
-            second = warp_probs(oracle_model.model(torch.tensor([PROMPT + [a]])).logits[0, -1:, :vocab], params)[0]
+            second = warp_probs(oracle_model.model(torch.tensor([prompt + [a]])).logits[0, -1:, :vocab], params)[0]
             joint[a] = first[a].item() * second.double().numpy()
     return joint
+
+
+def assert_pairs_follow(counts: np.ndarray, joint: np.ndarray, trials: int) -> None:
+    """Observed first-two-token pairs against `joint` (chi-square; expected counts under 5 pooled)."""
+    expected = joint * trials
+    keep = expected > 0
+    assert counts[~keep].sum() == 0, "a pair the oracle never produces"
+    observed, expected = counts[keep], expected[keep]
+    big = expected >= 5  # chi-square wants expected counts of at least 5: pool the rest
+    observed = np.append(observed[big], observed[~big].sum())
+    expected = np.append(expected[big], expected[~big].sum())
+    assert chisquare(observed, expected * observed.sum() / expected.sum()).pvalue > 1e-3
 
 
 def test_sampled_output_keeps_the_oracles_distribution_whatever_the_blocks_length(oracle_model, near_draft):
@@ -198,11 +210,4 @@ def test_sampled_output_keeps_the_oracles_distribution_whatever_the_blocks_lengt
         drafter.close(session)
         verifier.close(session)
     assert len(set(lengths)) >= 2, "the rule must produce blocks of varied length for this test to mean anything"
-    expected = oracle_pair_distribution(oracle_model, params) * trials
-    keep = expected > 0
-    assert counts[~keep].sum() == 0, "a pair the oracle never produces"
-    observed, expected = counts[keep], expected[keep]
-    big = expected >= 5  # chi-square wants expected counts of at least 5: pool the rest
-    observed = np.append(observed[big], observed[~big].sum())
-    expected = np.append(expected[big], expected[~big].sum())
-    assert chisquare(observed, expected * observed.sum() / expected.sum()).pvalue > 1e-3
+    assert_pairs_follow(counts, oracle_pair_distribution(oracle_model, params), trials)

@@ -20,6 +20,8 @@ from specd.kernels.cpu_linear import (
     auto_plans,
     mkl_packed_available,
     onednn_available,
+    onednn_product,
+    stacked,
     time_plans,
     use_cpu_linear,
 )
@@ -66,7 +68,7 @@ def test_onednn_rows_do_not_depend_on_their_block():
 def test_a_fused_group_gives_each_member_its_own_product(biases):
     torch.manual_seed(1)
     linears = [nn.Linear(64, out, bias=bias) for out, bias in zip((96, 32, 32), biases)]
-    group = FusedGroup([linear.weight for linear in linears], [linear.bias for linear in linears])
+    group = FusedGroup(onednn_product(*stacked(linears)), [linear.out_features for linear in linears], linears[0].in_features)
     members = [
         GroupedLinear(linear.in_features, linear.out_features, group, i, weight=linear.weight, bias=linear.bias)
         for i, linear in enumerate(linears)
@@ -93,7 +95,7 @@ def test_a_fused_group_gives_each_member_its_own_product(biases):
 def test_a_fused_group_keeps_each_threads_pass_apart():
     torch.manual_seed(2)
     linears = [nn.Linear(32, 48, bias=False), nn.Linear(32, 16, bias=False)]
-    group = FusedGroup([linear.weight for linear in linears], [linear.bias for linear in linears])
+    group = FusedGroup(onednn_product(*stacked(linears)), [linear.out_features for linear in linears], linears[0].in_features)
     members = [
         GroupedLinear(linear.in_features, linear.out_features, group, i, weight=linear.weight, bias=linear.bias)
         for i, linear in enumerate(linears)

@@ -63,7 +63,7 @@ bench: setup
 draft: protos
 	$(GPU_PY) -m specd.cli distill --kind features --device cuda --oracle smollm2-135m-instruct --out $(DRAFT_WORK) \
 		--head-vocab 8192 --answers-per-prompt 12 --max-new-tokens 192 --temperature 0.7 --gen-batch-size 256 \
-		--steps 5691 --minutes 0 --batch-size 64 --lr 3e-3 --unroll 2 --seed 0 --eval-prompts 32
+		--steps 5691 --minutes 0 --batch-size 64 --lr 3e-3 --recipe eagle3 --unroll 4 --seed 0 --eval-prompts 32
 	mkdir -p $(DRAFT)
 	cp $(DRAFT_WORK)/specd_draft.json $(DRAFT_WORK)/draft.safetensors $(DRAFT)/
 
@@ -74,7 +74,7 @@ draft: protos
 draft-cpu: setup
 	$(VENV)/bin/specd distill --kind features --oracle smollm2-135m-instruct --out $(DRAFT_CPU_WORK) --head-vocab 8192 \
 		--answers-per-prompt 2 --max-new-tokens 96 --temperature 0.7 --gen-batch-size 64 --minutes 20 \
-		--batch-size 16 --lr 4e-3 --seed 0 --eval-prompts 32
+		--batch-size 16 --lr 4e-3 --recipe eagle3 --unroll 3 --seed 0 --eval-prompts 32
 
 # About 25 minutes on 2 CPU cores: the oracle answers the training prompts (12 min), then
 # 11 minutes of distillation; resumable (rerun continues from $(STANDALONE_WORK)).

@@ -42,11 +42,21 @@ class OracleServicer(WorkerServicerMixin, oracle_pb2_grpc.OracleServiceServicer)
         )
 
     def feature_dim(self) -> int:
-        """The width of the final hidden states this oracle returns to feature drafts."""
+        """The width of each hidden state this oracle returns to feature drafts."""
         return int(self.worker.loaded.model.config.hidden_size)
 
+    def feature_layers(self) -> list[int]:
+        return []  # an oracle reads no features
+
+    def num_layers(self) -> int:
+        """Its decoder layers N: feature drafts may read its hidden states 0..N."""
+        return self.worker.num_layers
+
     def open_options(self, request: oracle_pb2.OpenOracleSessionRequest) -> dict:
-        return {"return_features": request.return_features, "cache_namespace": request.cache_namespace}
+        return {
+            "return_features": request.return_features, "cache_namespace": request.cache_namespace,
+            "feature_layers": tuple(request.feature_layers),
+        }
 
     @grpc_errors
     async def Verify(self, request: oracle_pb2.VerifyRequest, context: grpc.aio.ServicerContext) -> oracle_pb2.Verdict:

@@ -76,6 +76,16 @@ async def feature_draft(tiny_dir: Path):
     await worker.stop()
 
 
+@pytest.fixture(scope="session")
+async def layers_draft(tiny_dir: Path):
+    """A draft that reads several of the oracle's hidden states, EAGLE-3 style: its embeddings, the output of its
+    layer 1 and its final state (untrained)."""
+    write_tiny_feature_draft(tiny_dir / "oracle", tiny_dir / "layers", feature_layers=(0, 1, 2), head_norm=True)
+    worker = await start_local_worker(draft_config(tiny_dir, "layers", lookup_min_ngram=0))
+    yield worker
+    await worker.stop()
+
+
 _REFERENCE_MODELS: dict[str, object] = {}
 
 

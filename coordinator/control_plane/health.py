@@ -60,6 +60,7 @@ class HealthChecker:
             worker.vocab_fingerprint = info.vocab_fingerprint
             worker.vocab_size = info.vocab_size
             worker.feature_dim = info.feature_dim
+            worker.feature_layers, worker.num_layers = list(info.feature_layers), info.num_layers
             worker.max_depth = info.max_depth
             worker.max_context = info.max_context
             worker.max_sessions = info.max_sessions

@@ -26,6 +26,8 @@ class Worker:
     vocab_fingerprint: str = ""
     vocab_size: int = 0
     feature_dim: int = 0  # see ModelInfo.feature_dim
+    feature_layers: list[int] = field(default_factory=list)  # see ModelInfo.feature_layers (drafts)
+    num_layers: int = 0  # see ModelInfo.num_layers (oracles)
     max_depth: int = 0
     max_context: int = 0
     max_sessions: int = 0

@@ -38,6 +38,14 @@ class TimedVerdict:
     row_seconds: float = 0.0  # Verdict.row_seconds
 
 
+@dataclass(frozen=True)
+class FeatureReads:
+    """What a draft reads of its oracle."""
+
+    dim: int  # the width of each oracle hidden state it reads (0: a standalone draft, tokens alone)
+    layers: list[int]  # the hidden states it reads (ModelInfo.feature_layers); empty: the final ones
+
+
 def join_features(parts: list[common_pb2.Features]) -> common_pb2.Features | None:
     """Consecutive feature blocks (as verdicts return them) as one block; None when there are none."""
     parts = [part for part in parts if part.rows]
@@ -83,13 +91,18 @@ class DraftClient(WorkerClient):
     def __init__(self, address: str, max_message_bytes: int = 16 << 20, delay_seconds: float = 0.0):
         super().__init__(address, max_message_bytes, delay_seconds)
         self.stub = draft_pb2_grpc.DraftServiceStub(self.channel)
-        self._feature_dim: int | None = None
+        self._reads: FeatureReads | None = None
+
+    async def feature_reads(self, timeout: float | None = 10.0) -> FeatureReads:
+        """What the draft reads of the oracle (ModelInfo.feature_dim, feature_layers); asked once per client."""
+        if self._reads is None:
+            info = await self.info(timeout)
+            self._reads = FeatureReads(info.feature_dim, list(info.feature_layers))
+        return self._reads
 
     async def feature_dim(self, timeout: float | None = 10.0) -> int:
         """Width of the oracle features the draft reads (0: standalone); asked once per client."""
-        if self._feature_dim is None:
-            self._feature_dim = (await self.info(timeout)).feature_dim
-        return self._feature_dim
+        return (await self.feature_reads(timeout)).dim
 
     async def open_session(
         self, session_id: str, prompt: list[int], sampling: common_pb2.SamplingParams, timeout: float | None,
@@ -148,14 +161,15 @@ class OracleClient(WorkerClient):
 
     async def open_session(
         self, session_id: str, prompt: list[int], sampling: common_pb2.SamplingParams, timeout: float | None,
-        return_features: bool = False, cache_namespace: str = "",
+        return_features: bool = False, cache_namespace: str = "", feature_layers: list[int] | None = None,
     ) -> oracle_pb2.OpenOracleSessionResponse:
         """Open and prefill. The reply says how much of the prompt came from the prefix cache and, with
-        return_features, carries the prompt's features for a feature draft."""
+        return_features, carries the prompt's features for a feature draft: the hidden states feature_layers
+        (empty: the final ones)."""
         return await self.stub.OpenSession(
             oracle_pb2.OpenOracleSessionRequest(
                 session_id=session_id, prompt_token_ids=prompt, sampling=sampling, return_features=return_features,
-                cache_namespace=cache_namespace,
+                cache_namespace=cache_namespace, feature_layers=feature_layers or [],
             ),
             timeout=timeout,
             metadata=self.metadata,

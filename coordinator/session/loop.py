@@ -14,8 +14,9 @@ has the oracle verify that block, of the depth the policy sets for such rounds
 (`lookup_depth()`, 0 when a copy would not pay). The draft catches up on those tokens at its next
 Propose.
 
-A feature draft (ModelInfo.feature_dim > 0) reads the oracle's final hidden states: its
-session opens after the oracle's, with the prompt's features, and each Propose carries the
+A feature draft (ModelInfo.feature_dim > 0) reads the oracle's final hidden states, or those of
+the layers it names (ModelInfo.feature_layers), which the oracle's session is opened to return:
+its session opens after the oracle's, with the prompt's features, and each Propose carries the
 features of the positions committed since the previous one (returned by the verdicts).
 
 For greedy sessions the policy may let the draft branch (DepthPolicy.tree_width): the block is
@@ -132,6 +133,7 @@ class SpeculativeSession:
         self._draft_pending: list[int] = []  # committed tokens the draft has not been told about
         self._features_pending: list[common_pb2.Features] = []  # their features, for a feature draft
         self._feature_draft = False
+        self._feature_layers: list[int] = []  # the oracle hidden states a feature draft reads (empty: the final ones)
         self._draft_open = False
         self._oracle_open = False
         self._verify_walls: deque[float] = deque(maxlen=16)  # the oracle's recent verify times, for call deadlines
@@ -231,6 +233,7 @@ class SpeculativeSession:
         self.stats.oracle_worker = self.oracle.address
         self.stats.draft_worker = self.draft.address if self.draft else ""
         self._draft_pending, self._features_pending, self._feature_draft = [], [], False
+        self._feature_layers = []
         self._verify_walls.clear()
         log.warning(
             "session %s moves to oracle %s after %d committed tokens: %s",
@@ -261,7 +264,8 @@ class SpeculativeSession:
         sid, sampling = self.session_id, self.request.sampling
         if self.draft is not None:
             try:
-                self._feature_draft = await self.draft.feature_dim(self._call_timeout(VERIFY_DEADLINE_FLOOR_SECONDS)) > 0
+                reads = await self.draft.feature_reads(self._call_timeout(VERIFY_DEADLINE_FLOOR_SECONDS))
+                self._feature_draft, self._feature_layers = reads.dim > 0, reads.layers
             except grpc.aio.AioRpcError as error:
                 self._draft_lost(error)
                 self.draft = None
@@ -289,12 +293,13 @@ class SpeculativeSession:
             self.stats.cached_prompt_tokens = reply.cached_tokens
 
     async def _open_in_turn(self, sid: str, prompt: list[int], sampling: common_pb2.SamplingParams) -> None:
-        """A feature draft needs the prompt's features, so it opens after the oracle has prefilled."""
+        """A feature draft needs the prompt's features (of the hidden states it reads), so it opens after the oracle
+        has prefilled."""
         assert self.draft is not None
         timeout = self._call_timeout(OPEN_DEADLINE_FLOOR_SECONDS)
         ns = self.request.cache_namespace
         opened = await self.oracle.open_session(
-            sid, prompt, sampling, timeout, return_features=True, cache_namespace=ns
+            sid, prompt, sampling, timeout, return_features=True, cache_namespace=ns, feature_layers=self._feature_layers
         )
         self._oracle_open = True
         self._opened(opened)

@@ -124,9 +124,21 @@ def describe_draft(source: str, layers: int) -> str:
         m = DraftManifest.read(path)
         head = f"{len(m.head_token_ids)}-token head" if m.head_token_ids else "full-vocabulary head"
         if m.kind == "features":
-            return f"distilled feature draft {source} (one layer over the final hidden states of {m.base}, {head})"
+            read = f"hidden states {', '.join(map(str, m.feature_layers))}" if m.feature_layers else "final hidden states"
+            return f"distilled feature draft {source} (one layer over the {read} of {m.base}, {head})"
         return f"distilled draft {source} ({m.layers} layers of {m.base}, {head})"
     return f"{source}" + (f", first {layers} layers" if layers else "")
+
+
+def draft_goals(source: str) -> list[tuple[str, str, float | None, bool | None]]:
+    """A draft artifact's held-out figures against their goals (specd.models.artifact.DraftManifest.goals); none
+    for other drafts."""
+    kind, path = resolve_source(source)
+    if kind != "dir" or path is None or not (path / DRAFT_ARTIFACT_MANIFEST).exists():
+        return []
+    from specd.models.artifact import DraftManifest
+
+    return DraftManifest.read(path).goals()
 
 
 def prompt_lookup_setting() -> str:
@@ -193,6 +205,7 @@ async def run_bench(options: BenchOptions) -> BenchResults:
         setup={
             "oracle": options.oracle,
             "draft": describe_draft(options.draft, options.draft_layers),
+            "draft_goals": draft_goals(options.draft),
             "draft_source": options.draft,
             "draft_layers": options.draft_layers,
             "prompt_lookup": prompt_lookup_setting(),

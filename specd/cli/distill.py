@@ -31,6 +31,17 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="features: training passes; pass n reads the draft's own features from n - 1 steps before, as the "
         "n-th token of a block does (1: real features only)",
     )
+    parser.add_argument(
+        "--recipe", choices=["eagle", "eagle3"], default="eagle3",
+        help="features: eagle3 reads a low, a middle and the final hidden state of the oracle and trains each "
+        "unrolled step as serving attends (training-time test); eagle reads the final state alone "
+        "(specd.training.features)",
+    )
+    parser.add_argument(
+        "--feature-layers", default="",
+        help="features: the oracle hidden states the draft reads, comma-separated (0: the embeddings, N: the final "
+        "state of an N-layer oracle); empty: the recipe's",
+    )
     parser.add_argument("--head-vocab", type=int, default=0, help="tokens the draft's output head scores (0: all)")
     parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="JSONL prompt set")
     parser.add_argument("--held-out", type=float, default=0.1, help="fraction of prompts kept for evaluation only")

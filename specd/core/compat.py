@@ -3,12 +3,15 @@
 A draft's tokens are verified by id, so a draft and an oracle must share one token-id space:
 the same vocabulary size and the same sha256 fingerprint of the token -> id mapping. A draft
 that reads the oracle's features (specd.models.feature_draft) also needs features of its own
-width. Workers report these traits in ModelInfo; the coordinator checks a pair before its first
-session and the control plane pairs only compatible workers, both through `pair_problem`.
+width, and one that reads several of the oracle's hidden states (ModelInfo.feature_layers) an
+oracle that has each of them (ModelInfo.num_layers). Workers report these traits in ModelInfo;
+the coordinator checks a pair before its first session and the control plane pairs only
+compatible workers, both through `pair_problem`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from specd.core.errors import IncompatiblePair
@@ -20,6 +23,8 @@ class PairTraits(Protocol):
     vocab_fingerprint: str
     vocab_size: int
     feature_dim: int  # a draft: the oracle features it reads (0: none); an oracle: the features it returns
+    feature_layers: Sequence[int]  # a feature draft: the oracle hidden states it reads (empty: the final ones)
+    num_layers: int  # an oracle: its decoder layers N, so hidden states 0..N (0: unknown)
 
 
 def pair_problem(draft: PairTraits, oracle: PairTraits) -> str | None:
@@ -38,6 +43,16 @@ def pair_problem(draft: PairTraits, oracle: PairTraits) -> str | None:
             f"the draft reads oracle features of width {draft.feature_dim}, but this oracle's are "
             f"{oracle.feature_dim} wide; a feature draft pairs only with the oracle it was distilled from"
         )
+    layers = list(draft.feature_layers) if draft.feature_dim else []
+    if layers:
+        reads = f"the draft reads hidden states {', '.join(map(str, layers))} of its oracle"
+        if not oracle.num_layers:
+            return f"{reads}, but this oracle does not report its layers (it may return its final state alone)"
+        if max(layers) > oracle.num_layers:
+            return (
+                f"{reads}, but this oracle has {oracle.num_layers} layers (hidden states 0..{oracle.num_layers}); "
+                "a feature draft pairs only with the oracle it was distilled from"
+            )
     return None
 
 

@@ -9,6 +9,8 @@ from specd.core.sampling import SamplingParams
 
 # Below it, logits / temperature overflow float32; 0 is greedy.
 MIN_TEMPERATURE = 1e-3
+# The most hidden states one oracle session may ask for (each widens its features by the hidden size).
+MAX_FEATURE_LAYERS = 8
 
 
 def sampling_params(temperature: float, top_k: int, top_p: float, seed: int) -> SamplingParams:
@@ -48,3 +50,25 @@ def depth(k: int, max_depth: int) -> int:
     if k > max_depth:
         raise OutOfRange(f"depth {k} is over the maximum of {max_depth}")
     return k
+
+
+def feature_layers(layers: list[int] | tuple[int, ...], num_layers: int, return_features: bool) -> tuple[int, ...]:
+    """The hidden states an oracle session returns (specd.runtime.batch.Segment numbers them: 0 the embeddings,
+    i the output of decoder layer i, num_layers the final state after the norm). Empty, and (num_layers,)
+    alike, mean the final one alone, as before sessions could ask for others: both come back as ()."""
+    layers = tuple(int(i) for i in layers)
+    if not layers:
+        return ()
+    if not return_features:
+        raise InvalidArgument("feature_layers asks which hidden states to return; it needs return_features")
+    if len(layers) > MAX_FEATURE_LAYERS:
+        raise InvalidArgument(f"a session may ask for at most {MAX_FEATURE_LAYERS} hidden states, got {len(layers)}")
+    bad = [i for i in layers if not 0 <= i <= num_layers]
+    if bad:
+        raise InvalidArgument(
+            f"feature layers {bad} are not hidden states of this oracle: it has {num_layers} layers, so 0..{num_layers} "
+            f"(0: the embeddings, {num_layers}: the final state)"
+        )
+    if len(set(layers)) != len(layers):
+        raise InvalidArgument(f"feature layers {list(layers)} name a hidden state more than once")
+    return () if layers == (num_layers,) else layers

@@ -3,8 +3,8 @@
 `specd distill` makes two kinds of draft (DraftManifest.kind):
 - "layers": the oracle's own embedding and output head over its first L decoder layers, with
   those layers and the final norm retrained to imitate the full oracle. It reads tokens alone.
-- "features": one decoder layer over the oracle's final hidden states (specd.models.feature_draft),
-  which the oracle returns with each verdict.
+- "features": one decoder layer over the oracle's hidden states (specd.models.feature_draft), which
+  the oracle returns with each verdict: its final state, or several layers' (`feature_layers`).
 Only the retrained tensors are stored; everything else is rebuilt from the oracle at load
 time, so the artifact stays small and its vocabulary is the oracle's by construction.
 
@@ -40,6 +40,11 @@ from specd.models.sources import DRAFT_ARTIFACT_MANIFEST
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "draft.safetensors"
 KINDS = ("layers", "features")
+# What a draft's held-out measurement is held to (`DraftManifest.goals`): its first guess is the oracle's token this
+# often, and a block of GOAL_DEPTH keeps this share of its tokens (EAGLE-class drafts keep 0.7-0.8 per position).
+AGREEMENT_GOAL = 0.75
+BLOCK_ACCEPTANCE_GOAL = 0.55
+GOAL_DEPTH = 4
 
 
 @dataclass
@@ -54,6 +59,9 @@ class DraftManifest:
     format: int = FORMAT_VERSION
     training: dict[str, Any] = field(default_factory=dict)  # seed, steps, tokens, held-out acceptance, ...
     kind: str = "layers"  # see the module docstring
+    # A feature draft: the oracle hidden states it reads (empty: the final one) and whether it norms before its head.
+    feature_layers: list[int] = field(default_factory=list)
+    head_norm: bool = False
 
     @classmethod
     def read(cls, directory: Path) -> DraftManifest:
@@ -71,6 +79,27 @@ class DraftManifest:
         if raw.get("kind", "layers") not in KINDS:
             raise InvalidArgument(f"{path}: unknown draft kind {raw.get('kind')!r} (known: {', '.join(KINDS)})")
         return cls(**{key: value for key, value in raw.items() if key in known})
+
+    def goals(self) -> list[tuple[str, str, float | None, bool | None]]:
+        """(goal, measured, value, passed) for the held-out figures in `training`; None where not measured."""
+        figures = self.training
+        agreement = figures.get("held_out_token_agreement")
+        acceptance = figures.get("held_out_acceptance") if figures.get("k") == GOAL_DEPTH else None
+        length = figures.get("held_out_mean_acceptance_length")
+        return [
+            (
+                f"the draft's first guess is the oracle's token >= {AGREEMENT_GOAL:.2f} of the time (held out)",
+                "not measured" if agreement is None else f"{agreement:.3f}",
+                agreement,
+                None if agreement is None else agreement >= AGREEMENT_GOAL,
+            ),
+            (
+                f"a block of {GOAL_DEPTH} keeps >= {BLOCK_ACCEPTANCE_GOAL:.2f} of its tokens (held out, greedy)",
+                "not measured" if acceptance is None else f"{acceptance:.3f} (mean acceptance length {length})",
+                acceptance,
+                None if acceptance is None else acceptance >= BLOCK_ACCEPTANCE_GOAL,
+            ),
+        ]
 
     def write(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -133,7 +162,10 @@ def load_draft_artifact(
     head_ids = manifest.head_token_ids
     if head_ids is not None:
         _check_head_ids(head_ids, loaded.vocab_size)
-    model = FeatureDraftModel(loaded.model, head_ids) if features else loaded.model
+    model = (
+        FeatureDraftModel(loaded.model, head_ids, tuple(manifest.feature_layers), manifest.head_norm)
+        if features else loaded.model
+    )
     expected = trained_parameters(model)
     stored = load_file(str(path / manifest.weights))
     missing = sorted(set(expected) - set(stored))
@@ -153,9 +185,13 @@ def load_draft_artifact(
     model.to(device=torch_device, dtype=loaded.dtype).eval()
     context = loaded.max_context if not max_context else min(loaded.max_context, max_context)
     loaded.model = model
-    shape = "reads the oracle's features" if features else f"{manifest.layers} layers"
+    shape = f"{manifest.layers} layers"
+    if features:
+        read = model.feature_layers
+        shape = f"reads the oracle's hidden states {', '.join(map(str, read))}" if read else "reads the oracle's features"
     loaded.model_id = f"{path.name} (distilled from {manifest.base}, {shape})"
     loaded.feature_dim = model.hidden_size if features else 0
+    loaded.feature_layers = model.feature_layers if features else ()
     loaded.head_token_ids = list(head_ids) if head_ids is not None else None
     loaded.max_context = context
     loaded.device = torch_device

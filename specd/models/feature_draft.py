@@ -23,6 +23,16 @@ The embedding and the output head are the oracle's (frozen; the head may be a su
 rows). The trained tensors are the fuse projection and the layer: a few MB. They start as the
 identity on f_j (the fuse passes the feature through, the layer's output projections are zero),
 so training begins from the oracle's own distribution one position early rather than from noise.
+
+A draft may read more of the oracle than its final state (`feature_layers`, EAGLE-3's idea: Li et
+al., 2025): the hidden states after a low, a middle and the last layer, concatenated, which a
+`reduce` projection maps to one feature. The layers are numbered as transformers' hidden states
+are: 0 the embeddings, i the output of decoder layer i, N (the oracle's layer count) the final
+state after its norm, which is what a draft reads when `feature_layers` is empty. Such a draft's
+own output g is fed back where the reduced feature went, so it need not be the oracle's
+feature: it carries its own norm before the head (`head_norm`), and training judges it by the
+tokens it leads to alone (specd.training.features). `reduce` starts as the identity on the last
+listed layer, so with N among the layers such a draft too begins from today's starting point.
 """
 
 from __future__ import annotations
@@ -39,13 +49,18 @@ from specd.core.errors import InvalidArgument
 
 
 class FeatureDraftModel(nn.Module):
-    """fuse [embed(token); feature] -> one decoder layer of the oracle's kind -> head."""
+    """fuse [embed(token); feature] -> one decoder layer of the oracle's kind -> head (reduce: several of the
+    oracle's hidden states to one feature first; norm: before the head)."""
 
     # specd.kernels.int8_linear keeps `fuse` in float: its input joins an embedding and a feature of very
-    # different scales, which one int8 scale per block cannot both resolve (acceptance fell with it).
-    int8_exempt = ("fuse",)
+    # different scales, which one int8 scale per block cannot both resolve (acceptance fell with it). `reduce`
+    # joins hidden states of several layers, whose scales differ as much.
+    int8_exempt = ("fuse", "reduce")
 
-    def __init__(self, oracle: nn.Module, head_token_ids: list[int] | None):
+    def __init__(
+        self, oracle: nn.Module, head_token_ids: list[int] | None, feature_layers: tuple[int, ...] = (),
+        head_norm: bool = False,
+    ):
         super().__init__()
         decoder = oracle.get_decoder()
         if not all(hasattr(decoder, name) for name in ("layers", "rotary_emb", "embed_tokens")):
@@ -56,6 +71,7 @@ class FeatureDraftModel(nn.Module):
             config.layer_types = config.layer_types[:1]
         self.config = config
         hidden = config.hidden_size
+        self.feature_layers = check_feature_layers(feature_layers, oracle.config.num_hidden_layers)
         self.embed = decoder.embed_tokens
         self.embed.weight.requires_grad_(False)
         self.fuse = nn.Linear(2 * hidden, hidden, bias=True)
@@ -74,17 +90,52 @@ class FeatureDraftModel(nn.Module):
             self.fuse.weight[:, hidden:].copy_(torch.eye(hidden))
             self.fuse.bias.zero_()
         self.head.weight.requires_grad_(False)
+        self.reduce: nn.Linear | None = None
+        if self.reads > 1:
+            self.reduce = nn.Linear(self.reads * hidden, hidden, bias=False)
+            with torch.no_grad():
+                self.reduce.weight.zero_()
+                self.reduce.weight[:, -hidden:].copy_(torch.eye(hidden))
+        self.norm: nn.Module | None = None
+        if head_norm:
+            self.norm = type(decoder.norm)(hidden, eps=config.rms_norm_eps)  # weight ones: the head's argmax unchanged
 
     @property
     def hidden_size(self) -> int:
         return self.config.hidden_size
+
+    @property
+    def reads(self) -> int:
+        """How many of the oracle's hidden states a real feature joins."""
+        return max(1, len(self.feature_layers))
+
+    @property
+    def feature_width(self) -> int:
+        """The width of the oracle's features this draft reads: its hidden size per layer read."""
+        return self.reads * self.hidden_size
+
+    def feature_input(self, features: torch.Tensor) -> torch.Tensor:
+        """A position's feature as the fuse reads it [..., H]: the oracle's (feature_width wide, reduced when it
+        joins several layers) or the draft's own g (H wide)."""
+        width = features.shape[-1]
+        if width == self.hidden_size:
+            return features
+        if self.reduce is None or width != self.feature_width:
+            raise InvalidArgument(
+                f"features have width {width}; this draft reads {self.feature_width} (or its own {self.hidden_size})"
+            )
+        return self.reduce(features.to(self.reduce.weight.dtype))
+
+    def logits(self, g: torch.Tensor) -> torch.Tensor:
+        """The head's logits for predicted features g [..., H]."""
+        return self.head(g if self.norm is None else self.norm(g))
 
     def trained_parameters(self) -> dict[str, nn.Parameter]:
         """What distillation trains and the artifact stores; the embedding and head come from the oracle."""
         return {
             name: param
             for name, param in self.named_parameters()
-            if name.startswith(("fuse.", "layer."))
+            if name.startswith(("fuse.", "layer.", "reduce.", "norm."))
         }
 
     def forward(
@@ -103,6 +154,7 @@ class FeatureDraftModel(nn.Module):
         of a step's weights, so callers that read fewer rows ask for fewer. `mask`: a [B, 1, T, cached + T]
         bool attention mask (True: may attend) in place of the causal one, for draft trees.
         """
+        features = self.feature_input(features)
         x = self.fuse(torch.cat([self.embed(next_ids), features.to(self.embed.weight.dtype)], dim=-1))
         if mask is None:
             mask = create_causal_mask(
@@ -118,4 +170,16 @@ class FeatureDraftModel(nn.Module):
         )
         if logits == "none":
             return x, None
-        return x, self.head(x if logits == "all" else x[:, -1:])
+        return x, self.logits(x if logits == "all" else x[:, -1:])
+
+
+def check_feature_layers(layers: tuple[int, ...] | list[int], oracle_layers: int) -> tuple[int, ...]:
+    """The oracle hidden states a draft reads, checked against an oracle of `oracle_layers` layers; () stands for
+    (oracle_layers,), its final state alone."""
+    layers = tuple(int(i) for i in layers)
+    if len(set(layers)) != len(layers) or any(not 0 <= i <= oracle_layers for i in layers):
+        raise InvalidArgument(
+            f"feature layers {list(layers)} must be distinct hidden-state indices in 0..{oracle_layers} "
+            f"(0: the embeddings, {oracle_layers}: the oracle's final state)"
+        )
+    return () if layers == (oracle_layers,) else layers

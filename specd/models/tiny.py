@@ -85,10 +85,15 @@ def write_tiny_model(path: Path, *, seed: int, layers: int = 2, hidden: int = 64
     return path
 
 
-def write_tiny_feature_draft(oracle_dir: Path, path: Path) -> Path:
-    """An untrained feature draft (specd.models.feature_draft) for the tiny oracle at `oracle_dir`."""
+def write_tiny_feature_draft(
+    oracle_dir: Path, path: Path, feature_layers: tuple[int, ...] = (), head_norm: bool = False
+) -> Path:
+    """An untrained feature draft (specd.models.feature_draft) for the tiny oracle at `oracle_dir`; with
+    `feature_layers`, one that reads those hidden states of the oracle."""
     oracle = load_model(str(oracle_dir))
+    model = FeatureDraftModel(oracle.model, None, feature_layers, head_norm=head_norm)
     manifest = DraftManifest(
-        base=str(Path(oracle_dir).resolve()), layers=1, vocab_fingerprint=oracle.vocab_fingerprint, kind="features"
+        base=str(Path(oracle_dir).resolve()), layers=1, vocab_fingerprint=oracle.vocab_fingerprint, kind="features",
+        feature_layers=list(model.feature_layers), head_norm=head_norm,
     )
-    return save_draft_artifact(path, FeatureDraftModel(oracle.model, None), manifest, dtype=torch.float32)
+    return save_draft_artifact(path, model, manifest, dtype=torch.float32)

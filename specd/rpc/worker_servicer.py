@@ -95,6 +95,8 @@ class WorkerServicerMixin:
             active_sessions=len(self.worker.sessions),
             max_sessions=self.worker.sessions.max_sessions,
             feature_dim=self.feature_dim(),
+            feature_layers=self.feature_layers(),
+            num_layers=self.num_layers(),
             load=self.load(),
             resident_mb=resident_mb(),
             weights=self.weights,
@@ -111,6 +113,14 @@ class WorkerServicerMixin:
     def feature_dim(self) -> int:
         """ModelInfo.feature_dim: what a draft reads (0: tokens alone); oracles override it."""
         return self.worker.loaded.feature_dim
+
+    def feature_layers(self) -> list[int]:
+        """ModelInfo.feature_layers: the oracle hidden states a feature draft reads (empty: the final ones)."""
+        return list(getattr(self.worker.loaded, "feature_layers", ()))
+
+    def num_layers(self) -> int:
+        """ModelInfo.num_layers: what oracles report (their hidden states 0..N); 0 for drafts."""
+        return 0
 
     @grpc_errors
     async def OpenSession(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

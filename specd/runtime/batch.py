@@ -13,6 +13,11 @@ a plan whose linear layers give a row the same result whatever the other rows
 bit for bit what they are in a pass of its own. This is how vLLM's flattened batches work
 (varlen attention over per-request KV), in plain torch.
 
+A session serving a feature draft asks for hidden states besides the final one (`Segment.feature_layers`,
+numbered as transformers' output_hidden_states: 0 the embeddings, i the output of decoder layer i, N the
+final state after the norm); the pass keeps those of its rows, as computed in this very pass, so they too
+are a row's own whatever the other rows. A pass in which nobody asks keeps nothing.
+
 Supported for llama-style decoders (embed_tokens, rotary_emb, layers, norm; `PACKED_MODEL_TYPES`);
 other models run one session per pass. The feature draft (specd.models.feature_draft) packs its
 one layer the same way (specd.runtime.draft_pass), through `PackedPass`.
@@ -47,6 +52,12 @@ class Segment:
     # [n, cached + n] bool: which cached positions and rows each row sees, in place of the above (a feature
     # draft's tree, whose rows see only their ancestors among the speculative positions already cached)
     attend: torch.Tensor | None = None
+    # The hidden states to keep (transformers' output_hidden_states numbering; N: the final state after the
+    # norm); empty: none beyond the final one, which every pass returns.
+    feature_layers: tuple[int, ...] = ()
+    # Filled by the pass for a segment with feature_layers: [n, H * len(feature_layers)], those states side by
+    # side in the order asked.
+    features: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -64,6 +75,8 @@ class PackedPass:
     masks: list[torch.Tensor | None] = field(default_factory=list)  # each segment's [1, 1, n, L] mask, per pass
     rows_keys: list[list[Any]] = field(default_factory=list)  # each segment's rows' keys (row-exact attention)
     states: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)  # layer -> per segment
+    taps: frozenset[int] = frozenset()  # decoder layers (1-based) whose output some segment keeps
+    kept: dict[int, torch.Tensor] = field(default_factory=dict)  # hidden-state index -> the packed rows [N, H]
 
     @classmethod
     def of(cls, segments: list[Segment], device: torch.device) -> PackedPass:
@@ -86,12 +99,25 @@ class PackedPass:
         cache = _PackedCache(self)
         if lean:
             return _llama_layers(self, cache, layers, hidden, position_embeddings)
-        for layer in layers:
+        for number, layer in enumerate(layers, 1):
             hidden = layer(
                 hidden, attention_mask=None, position_embeddings=position_embeddings, position_ids=self.positions,
                 cache=cache, use_cache=True, specd_batch=self,
             )
+            if number in self.taps:
+                self.kept[number] = hidden[0]
         return hidden
+
+    def keep(self, index: int, hidden: torch.Tensor) -> None:
+        """Keep the hidden state `index` ([1, N, H]) where some segment asks for it."""
+        if any(index in segment.feature_layers for segment in self.segments):
+            self.kept[index] = hidden[0]
+
+    def gather_features(self) -> None:
+        """Fill each asking segment's `features` from the states kept during the pass."""
+        for segment, (start, end) in zip(self.segments, self.bounds):
+            if segment.feature_layers:
+                segment.features = torch.cat([self.kept[i][start:end] for i in segment.feature_layers], dim=-1)
 
     def split(self, rows: torch.Tensor) -> list[torch.Tensor]:
         """Packed rows [N, ...] as each segment's."""
@@ -130,7 +156,7 @@ def _llama_layers(
     default oracle's 13 ms per one-token step; attention row by row."""
     cos, sin = position_embeddings
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    for layer in layers:
+    for number, layer in enumerate(layers, 1):
         attn, mlp = layer.self_attn, layer.mlp
         residual = hidden
         normed = layer.input_layernorm(hidden)
@@ -146,6 +172,8 @@ def _llama_layers(
         residual = hidden
         normed = layer.post_attention_layernorm(hidden)
         hidden = residual + mlp.down_proj(mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed))
+        if number in batch.taps:
+            batch.kept[number] = hidden[0]
     return hidden
 
 
@@ -232,15 +260,30 @@ def use_packed_attention(model: nn.Module) -> bool:
 @torch.inference_mode()
 def packed_forward(model: nn.Module, segments: list[Segment]) -> list[torch.Tensor]:
     """Run every segment's rows through the decoder in one pass; returns each segment's final hidden states
-    [n, H] (what the output head reads). Each session's cache then holds its rows."""
+    [n, H] (what the output head reads), and fills the `features` of segments that ask for hidden states. Each
+    session's cache then holds its rows."""
     if getattr(model.config, "_attn_implementation", None) != PACKED_ATTENTION:
         raise ValueError("packed passes need use_packed_attention(model) first")
     decoder = model.get_decoder()
+    layers = model.config.num_hidden_layers
     batch = PackedPass.of(segments, decoder.embed_tokens.weight.device)
+    asked = {i for segment in segments for i in segment.feature_layers}
+    batch.taps = frozenset(i for i in asked if 0 < i < layers)
     hidden = decoder.embed_tokens(batch.ids)
+    if asked:
+        batch.keep(0, hidden)
     position_embeddings = decoder.rotary_emb(hidden, position_ids=batch.positions)
     hidden = batch.layers(
-        decoder.layers[: model.config.num_hidden_layers], hidden, position_embeddings,
-        lean=getattr(model.config, ROW_EXACT, False),
+        decoder.layers[:layers], hidden, position_embeddings, lean=getattr(model.config, ROW_EXACT, False),
     )
-    return batch.split(decoder.norm(hidden)[0])  # [n, H] each
+    hidden = decoder.norm(hidden)
+    if asked:
+        batch.keep(layers, hidden)
+        batch.gather_features()
+    return batch.split(hidden[0])  # [n, H] each
+
+
+def joined_hidden_states(hidden_states: tuple[torch.Tensor, ...], layers: tuple[int, ...]) -> torch.Tensor:
+    """A decoder's output_hidden_states ([1, n, H] each) as a segment's features [n, H * len(layers)]: the
+    unpacked passes' counterpart of `Segment.features`."""
+    return torch.cat([hidden_states[i][0] for i in layers], dim=-1)

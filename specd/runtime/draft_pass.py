@@ -31,7 +31,8 @@ class DraftRows:
     """One session's rows in a draft pass."""
 
     segment: Segment
-    features: torch.Tensor | None = None  # [n, H]: a feature draft's input feature at each row
+    # [n, W]: a feature draft's input feature at each row: the oracle's (its feature_width) or the draft's own g (H)
+    features: torch.Tensor | None = None
     logits: Literal["all", "last", "none"] = "last"  # which rows' logits the session reads
 
     def __len__(self) -> int:
@@ -81,7 +82,7 @@ class DraftPasses:
             return packed_forward(self.model, segments), [None] * len(passes)
         model = self.model
         batch = PackedPass.of(segments, model.embed.weight.device)
-        features = torch.cat([_features(rows) for rows in passes])[None]  # [1, N, H]
+        features = torch.cat([model.feature_input(_features(rows)) for rows in passes])[None]  # [1, N, H]
         x = model.fuse(torch.cat([model.embed(batch.ids), features.to(model.embed.weight.dtype)], dim=-1))
         x = batch.layers([model.layer], x, model.rotary(x, position_ids=batch.positions))
         split = batch.split(x[0])
@@ -112,7 +113,7 @@ class DraftPasses:
     ) -> list[DraftOutput]:
         """The output head over the rows each session reads, in one call."""
         wanted = [h if rows.logits == "all" else h[-1:] for rows, h in zip(passes, hidden) if rows.logits != "none"]
-        head = self.model.head if self.feature_draft else self.model.get_output_embeddings()
+        head = self.model.logits if self.feature_draft else self.model.get_output_embeddings()
         logits = iter(torch.split(head(torch.cat(wanted)), [len(w) for w in wanted])) if wanted else iter(())
         return [
             DraftOutput(g, None if rows.logits == "none" else next(logits)) for rows, g in zip(passes, gs)

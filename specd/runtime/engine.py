@@ -331,10 +331,14 @@ class OracleEngine(Engine[Segment, Any]):
 
     async def open(
         self, session_id: str, prompt: list[int], params: SamplingParams, *, return_features: bool = False,
-        cache_namespace: str = "",
+        cache_namespace: str = "", feature_layers: tuple[int, ...] = (),
     ) -> OpenResult:
+        """Open a session, its prompt chunk by chunk; with return_features, the hidden states `feature_layers`
+        (empty: the final ones) of its positions come back."""
         job = await self.run(
-            session_id, lambda: self._open(session_id, prompt, params, return_features, cache_namespace), prefill=True
+            session_id,
+            lambda: self._open(session_id, prompt, params, return_features, cache_namespace, feature_layers),
+            prefill=True,
         )
         return job.result
 
@@ -344,16 +348,18 @@ class OracleEngine(Engine[Segment, Any]):
         return self.verifier.finish_verify(plan, hidden)
 
     def _open(
-        self, session_id: str, prompt: list[int], params: SamplingParams, return_features: bool, cache_namespace: str
+        self, session_id: str, prompt: list[int], params: SamplingParams, return_features: bool, cache_namespace: str,
+        feature_layers: tuple[int, ...],
     ) -> Generator[Segment, Any, OpenResult]:
         verifier = self.verifier
         prefill = verifier.begin_open(
-            session_id, prompt, params, return_features=return_features, cache_namespace=cache_namespace
+            session_id, prompt, params, return_features=return_features, cache_namespace=cache_namespace,
+            feature_layers=feature_layers,
         )
         try:
             while not prefill.finished:
                 tokens, positions = prefill.next_chunk(self.prefill_chunk_tokens)
-                segment = Segment(prefill.kv.cache, tokens, positions)
+                segment = Segment(prefill.kv.cache, tokens, positions, feature_layers=prefill.feature_layers)
                 verifier.prefilled(prefill, segment, (yield segment))
         except BaseException:
             verifier.abandon_open(prefill)

@@ -26,7 +26,7 @@ class FeatureSession:
         self.passes = passes or DraftPasses(model, feature_draft=True)
         self.cache = SessionCache()
         self.fed = 0  # positions 0..fed-1 are in the cache, each with its real feature
-        self.pending: list[torch.Tensor] = []  # real features received but not fed yet, [rows, H] each
+        self.pending: list[torch.Tensor] = []  # real features received but not fed yet, [rows, feature_width] each
         self.last: tuple[torch.Tensor, torch.Tensor] | None = None  # (g [1, H], logits) of the last real position
 
     @property
@@ -35,9 +35,9 @@ class FeatureSession:
         return self.fed + sum(len(rows) for rows in self.pending)
 
     def receive(self, start: int, rows: torch.Tensor) -> None:
-        """Take the features of positions start.. (rows [n, H]); overlap with what is held is skipped."""
-        if rows.shape[-1] != self.model.hidden_size:
-            raise InvalidArgument(f"features have width {rows.shape[-1]}, the draft expects {self.model.hidden_size}")
+        """Take the features of positions start.. (rows [n, feature_width]); overlap with what is held is skipped."""
+        if rows.shape[-1] != self.model.feature_width:
+            raise InvalidArgument(f"features have width {rows.shape[-1]}, the draft expects {self.model.feature_width}")
         have = self.received
         if start > have:
             raise InvalidArgument(f"features start at position {start}, but the draft holds only {have}")
@@ -50,7 +50,7 @@ class FeatureSession:
         self._crop(self.fed)
         if not self.pending:
             return
-        features = torch.cat(self.pending)  # [n, H]
+        features = torch.cat(self.pending)  # [n, feature_width]
         self.pending = []
         n = len(features)
         if self.fed + n > len(committed) - 1:

@@ -13,7 +13,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from specd.core import tree
-from specd.runtime.batch import ROW_EXACT, Segment, packed_forward
+from specd.runtime.batch import ROW_EXACT, Segment, joined_hidden_states, packed_forward
 
 # Room a layer's buffers keep beyond what they hold: at least this many positions, or a quarter more.
 SPARE_POSITIONS = 256
@@ -127,36 +127,51 @@ class KVSession:
         return out.logits[0].float()  # [n, vocab]
 
     @torch.inference_mode()
-    def forward_with_features(self, token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Like forward, and also the final hidden states the output head reads: ([n, vocab], [n, H]).
+    def forward_with_features(
+        self, token_ids: list[int], feature_layers: tuple[int, ...] = ()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like forward, and also the final hidden states the output head reads: ([n, vocab], [n, H]); with
+        `feature_layers`, those hidden states side by side instead ([n, H * len(feature_layers)], numbered as
+        specd.runtime.batch.Segment's).
 
         The decoder and the head are called as the model's own forward calls them, so the logits
         are the same as forward's.
         """
         input_ids = self._input(token_ids)
-        hidden = self.model.get_decoder()(
-            input_ids=input_ids, cache=self.cache, use_cache=True
-        ).last_hidden_state  # [1, n, H]
+        out = self.model.get_decoder()(
+            input_ids=input_ids, cache=self.cache, use_cache=True, output_hidden_states=bool(feature_layers)
+        )
+        hidden = out.last_hidden_state  # [1, n, H]
         logits = self.model.get_output_embeddings()(hidden)
         self._fed(token_ids)
-        return logits[0].float(), hidden[0]
+        features = joined_hidden_states(out.hidden_states, feature_layers) if feature_layers else hidden[0]
+        return logits[0].float(), features
 
     @torch.inference_mode()
-    def prefill(self, token_ids: list[int], *, features: bool = False) -> torch.Tensor | None:
+    def prefill(
+        self, token_ids: list[int], *, features: bool = False, feature_layers: tuple[int, ...] = ()
+    ) -> torch.Tensor | None:
         """Feed tokens whose next-token logits nobody reads (a prompt): the decoder alone, no output
-        head, which on a large vocabulary is a sizeable part of a long prefill. Returns the final
-        hidden states [n, H] when `features`, else None."""
+        head, which on a large vocabulary is a sizeable part of a long prefill. Returns, when `features`,
+        the final hidden states [n, H], or with `feature_layers` those hidden states side by side
+        [n, H * len(feature_layers)]; else None."""
+        layers = feature_layers if features else ()
         if getattr(self.model.config, ROW_EXACT, False):  # as an engine's prompt chunks run, row for row
             start = self.cached_length
-            (rows,) = packed_forward(self.model, [Segment(self.cache, token_ids, list(range(start, start + len(token_ids))))])
+            segment = Segment(self.cache, token_ids, list(range(start, start + len(token_ids))), feature_layers=layers)
+            (rows,) = packed_forward(self.model, [segment])
             self._fed(token_ids)
-            return rows if features else None
+            if not features:
+                return None
+            return segment.features if layers else rows
         input_ids = self._input(token_ids)
-        hidden = self.model.get_decoder()(
-            input_ids=input_ids, cache=self.cache, use_cache=True
-        ).last_hidden_state  # [1, n, H]
+        out = self.model.get_decoder()(
+            input_ids=input_ids, cache=self.cache, use_cache=True, output_hidden_states=bool(layers)
+        )
         self._fed(token_ids)
-        return hidden[0] if features else None
+        if not features:
+            return None
+        return joined_hidden_states(out.hidden_states, layers) if layers else out.last_hidden_state[0]
 
     @torch.inference_mode()
     def forward_tree(

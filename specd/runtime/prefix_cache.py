@@ -19,6 +19,11 @@ Entries belong to a namespace, the coordinator's partition of the cache per tena
 its own tenant stored, and a reply's count of cached prompt positions says nothing about other
 tenants' prompts.
 
+An entry's features are the hidden states its session asked for: the final ones, or several layers'
+side by side (`feature_layers`, specd.runtime.batch). Entries of several layers go in a partition of
+their own per choice of layers (its hashes start from the layers too), so a prompt gets features of
+the layers it asked for or none; sessions without features share the entries of final states only.
+
 Only prefills are stored, never the positions a session generated (those were computed in
 verification blocks). Where the model's layers give each row of a forward pass the same result
 whatever the other rows (specd/kernels/cpu_linear.py, "onednn", the default on x86), a prompt
@@ -44,9 +49,11 @@ BLOCK = 8
 class PrefixEntry:
     tokens: tuple[int, ...]  # the prefix, a whole number of blocks
     layers: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [..., len(tokens), head_dim]
-    features: torch.Tensor | None = None  # [len(tokens), H] final hidden states, where the session had them
+    # [len(tokens), H] final hidden states, or [len(tokens), H * len(feature_layers)], where the session had them
+    features: torch.Tensor | None = None
     hashes: list[bytes] = field(default_factory=list)  # the hash of each block boundary, first block first
     namespace: str = ""  # the partition it belongs to (a tenant's): only prompts of the same one find it
+    feature_layers: tuple[int, ...] = ()  # the hidden states its features join; (): the final ones (or no features)
 
 
 @dataclass(frozen=True)
@@ -55,11 +62,17 @@ class PrefixHit:
     length: int  # positions of the entry the prompt shares, a multiple of BLOCK
 
 
-def block_hashes(tokens: list[int] | tuple[int, ...], blocks: int, namespace: str = "") -> list[bytes]:
+def block_hashes(
+    tokens: list[int] | tuple[int, ...], blocks: int, namespace: str = "", feature_layers: tuple[int, ...] = ()
+) -> list[bytes]:
     """The hash of each of the first `blocks` block boundaries: each chains the one before, the first the
-    namespace, so partitions never share a hash."""
+    namespace (and the feature layers, where there are any), so partitions never share a hash."""
     hashes: list[bytes] = []
     previous = namespace.encode()
+    if feature_layers:
+        previous = hashlib.blake2b(
+            previous + b"\0" + b"".join(i.to_bytes(4, "little") for i in feature_layers), digest_size=16
+        ).digest()
     for b in range(blocks):
         chunk = tokens[b * BLOCK : (b + 1) * BLOCK]
         previous = hashlib.blake2b(previous + b"".join(t.to_bytes(4, "little") for t in chunk), digest_size=16).digest()
@@ -79,12 +92,16 @@ class PrefixCache:
     def enabled(self) -> bool:
         return self.capacity_tokens >= BLOCK
 
-    def lookup(self, tokens: list[int], *, features: bool = False, namespace: str = "") -> PrefixHit | None:
+    def lookup(
+        self, tokens: list[int], *, features: bool = False, namespace: str = "", feature_layers: tuple[int, ...] = ()
+    ) -> PrefixHit | None:
         """The longest cached prefix of `tokens` stored in `namespace`, in whole blocks (with features: only entries
-        that have them)."""
+        that have them, of `feature_layers`)."""
         if not self.enabled:
             return None
-        found = self._find(tokens, block_hashes(tokens, len(tokens) // BLOCK, namespace), namespace, features)
+        layers = feature_layers if features else ()
+        hashes = block_hashes(tokens, len(tokens) // BLOCK, namespace, layers)
+        found = self._find(tokens, hashes, namespace, features, layers)
         if found is None:
             return None
         entry_id, hit = found
@@ -92,13 +109,17 @@ class PrefixCache:
         return hit
 
     def _find(
-        self, tokens: list[int], hashes: list[bytes], namespace: str, features: bool = False
+        self, tokens: list[int], hashes: list[bytes], namespace: str, features: bool = False,
+        feature_layers: tuple[int, ...] = (),
     ) -> tuple[int, PrefixHit] | None:
-        """The entry of `namespace` holding the longest prefix of `tokens` (`hashes`: theirs, one per whole block)."""
+        """The entry of `namespace` (and `feature_layers`) holding the longest prefix of `tokens` (`hashes`: theirs,
+        one per whole block)."""
         for blocks in range(len(hashes), 0, -1):
             entry_id = self.index.get(hashes[blocks - 1], -1)
             entry = self.entries.get(entry_id)
-            if entry is None or entry.namespace != namespace or (features and entry.features is None):
+            if entry is None or entry.namespace != namespace or entry.feature_layers != feature_layers:
+                continue
+            if features and entry.features is None:
                 continue
             length = blocks * BLOCK
             if list(entry.tokens[:length]) == tokens[:length]:
@@ -107,16 +128,18 @@ class PrefixCache:
 
     def store(
         self, tokens: list[int], layers: list[tuple[torch.Tensor, torch.Tensor]], features: torch.Tensor | None = None,
-        *, namespace: str = "",
+        *, namespace: str = "", feature_layers: tuple[int, ...] = (),
     ) -> bool:
         """Keep the whole blocks of `tokens` whose keys and values are `layers` (per layer, the positions of
-        `tokens` at least; copied). Returns whether a new entry was made: not when an entry with features
-        (or, without features, any entry) already holds that prefix, or it is under one block."""
+        `tokens` at least; copied), and their `features` (the hidden states `feature_layers` side by side, or
+        the final ones). Returns whether a new entry was made: not when an entry with features (or, without
+        features, any entry) already holds that prefix, or it is under one block."""
         length = min(len(tokens), self.capacity_tokens) // BLOCK * BLOCK
         if not self.enabled or length == 0:
             return False
-        hashes = block_hashes(tokens, length // BLOCK, namespace)
-        held = self._find(tokens[:length], hashes, namespace)
+        feature_layers = feature_layers if features is not None else ()
+        hashes = block_hashes(tokens, length // BLOCK, namespace, feature_layers)
+        held = self._find(tokens[:length], hashes, namespace, feature_layers=feature_layers)
         if held is not None:
             held_id, hit = held
             if hit.length == length and (features is None or hit.entry.features is not None):
@@ -129,6 +152,7 @@ class PrefixCache:
             features=None if features is None else features[:length].clone(),
             hashes=hashes,
             namespace=namespace,
+            feature_layers=feature_layers,
         )
         entry_id, self._next_id = self._next_id, self._next_id + 1
         self.entries[entry_id] = entry

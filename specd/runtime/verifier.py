@@ -19,7 +19,13 @@ from specd.core.errors import InvalidArgument
 from specd.core.sampling import warp_probs
 from specd.core.verification import Verdict, sparse_to_dense, verify_greedy, verify_greedy_tree, verify_sampled
 from specd.models.pretrained import LoadedModel
-from specd.runtime.batch import Segment, packed_forward, use_packed_attention, use_row_exact_attention
+from specd.runtime.batch import (
+    Segment,
+    joined_hidden_states,
+    packed_forward,
+    use_packed_attention,
+    use_row_exact_attention,
+)
 from specd.runtime.worker import ModelWorker, PositionFeatures, WorkerSession
 
 
@@ -106,12 +112,12 @@ class Verifier(ModelWorker):
             positions = tree.position_ids(parents, first, len(feed), torch.device("cpu"))[0].tolist()
         else:
             tree_mask, positions = None, list(range(first, first + len(feed) + k))
-        segment = Segment(session.kv.cache, feed + draft_tokens, positions, tree_mask)
+        segment = Segment(session.kv.cache, feed + draft_tokens, positions, tree_mask, feature_layers=session.feature_layers)
         return VerifyPlan(session, draft_tokens, parents, q, feed, first, segment, started)
 
     def forward(self, segments: list[Segment]) -> list[torch.Tensor]:
-        """Every segment's final hidden states [n, H]: one packed pass, or one pass each where the model
-        cannot share them."""
+        """Every segment's final hidden states [n, H] (and the `features` of those that ask for hidden states):
+        one packed pass, or one pass each where the model cannot share them."""
         if self.packed:
             return packed_forward(self.loaded.model, segments)
         return [self._forward_alone(segment) for segment in segments]
@@ -125,15 +131,19 @@ class Verifier(ModelWorker):
             mask = torch.ones(len(segment), cached + len(segment), dtype=torch.bool)
             mask[:, cached:] = segment.tree_mask
             mask = mask[None, None].to(device)
-        return self.loaded.model.get_decoder()(
+        out = self.loaded.model.get_decoder()(
             input_ids=torch.tensor([segment.tokens], dtype=torch.long, device=device),
             position_ids=torch.tensor([segment.positions], dtype=torch.long, device=device),
-            attention_mask=mask, cache=segment.cache, use_cache=True,
-        ).last_hidden_state[0]
+            attention_mask=mask, cache=segment.cache, use_cache=True, output_hidden_states=bool(segment.feature_layers),
+        )
+        if segment.feature_layers:
+            segment.features = joined_hidden_states(out.hidden_states, segment.feature_layers)
+        return out.last_hidden_state[0]
 
     @torch.inference_mode()
     def finish_verify(self, plan: VerifyPlan, hidden: torch.Tensor) -> VerifyResult:
-        """Decide on the block from the pass's final hidden states [n, H], commit, and roll the cache back."""
+        """Decide on the block from the pass's final hidden states [n, H], commit, and roll the cache back. The
+        features returned are those hidden states, or the ones the session asked for (`plan.segment.features`)."""
         session, draft_tokens, feed = plan.session, plan.draft_tokens, plan.feed
         session.kv.record_fed(plan.segment.tokens)
         k = len(draft_tokens)
@@ -158,7 +168,9 @@ class Verifier(ModelWorker):
         features = None
         if session.return_features:
             # Rows whose input token is now committed: the fed tokens and the accepted draft tokens.
-            features = PositionFeatures(plan.first_position, hidden[list(range(len(feed))) + kept])
+            rows = plan.segment.features if session.feature_layers else hidden
+            assert rows is not None
+            features = PositionFeatures(plan.first_position, rows[list(range(len(feed))) + kept])
         return VerifyResult(
             verdict=verdict, k=k, committed_length=len(session.committed),
             seconds=time.perf_counter() - plan.started, features=features, path=path,

@@ -29,15 +29,17 @@ class WorkerSession:
     params: SamplingParams
     committed: list[int]  # prompt + generated tokens, as agreed with the oracle
     return_features: bool = False  # oracle sessions serving a feature draft
+    feature_layers: tuple[int, ...] = ()  # with return_features: the hidden states returned; (): the final ones
     lookup: NgramIndex | None = None  # draft sessions with prompt lookup: the committed tokens' n-grams
 
 
 @dataclass(frozen=True)
 class PositionFeatures:
-    """The oracle's final hidden states at positions start..start+len(rows)-1."""
+    """The oracle's features at positions start..start+len(rows)-1: its final hidden states, or the hidden states
+    the session asked for side by side."""
 
     start: int
-    rows: torch.Tensor  # [n, H]
+    rows: torch.Tensor  # [n, H], or [n, H * len(feature_layers)]
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class Prefill:
     return_features: bool
     kv: KVSession
     cache_namespace: str = ""  # the prefix cache's partition it reads and stores in
+    feature_layers: tuple[int, ...] = ()  # with return_features: the hidden states it returns; (): the final ones
     cached: int = 0  # prompt positions taken from the prefix cache
     done: int = 0  # prompt positions in the cache so far
     parts: list[torch.Tensor] = field(default_factory=list)  # features of those positions, in order
@@ -98,26 +101,39 @@ class ModelWorker:
     def max_context(self) -> int:
         return self.loaded.max_context
 
-    def validate_open(self, session_id: str, prompt: list[int]) -> None:
-        """Cheap checks that must fail before any model work is queued."""
+    @property
+    def num_layers(self) -> int:
+        """The model's decoder layers N: its hidden states are 0..N (specd.runtime.batch.Segment)."""
+        return int(getattr(self.loaded.model.config, "num_hidden_layers", 0) or 0)
+
+    def validate_open(
+        self, session_id: str, prompt: list[int], return_features: bool = False, feature_layers: tuple[int, ...] = ()
+    ) -> tuple[int, ...]:
+        """Cheap checks that must fail before any model work is queued; returns the hidden states the session
+        returns (specd.core.validation.feature_layers)."""
         validation.prompt_ids(prompt, self.vocab_size, self.max_context)
+        layers = validation.feature_layers(feature_layers, self.num_layers, return_features)
         if session_id in self._opening:
             raise AlreadyExists(f"session {session_id!r} is already opening")
         self.sessions.reserve(session_id, pending=len(self._opening))
+        return layers
 
     def begin_open(
         self, session_id: str, prompt: list[int], params: SamplingParams, *, return_features: bool = False,
-        cache_namespace: str = "",
+        cache_namespace: str = "", feature_layers: tuple[int, ...] = (),
     ) -> Prefill:
         """Start opening a session: its cache begins with the longest prefix of the prompt the prefix cache
         holds; the rest of the prompt (all but its last token, which the next forward pass feeds) is still to
-        prefill."""
-        self.validate_open(session_id, prompt)
+        prefill. With return_features, the session returns the hidden states `feature_layers` (empty: the
+        final ones)."""
+        layers = self.validate_open(session_id, prompt, return_features, feature_layers)
         prefill = Prefill(
             session_id, list(prompt), params, return_features, KVSession(self.loaded.model, self.loaded.device),
-            cache_namespace,
+            cache_namespace, layers,
         )
-        hit = self.prefix_cache.lookup(prefill.prefix, features=return_features, namespace=cache_namespace)
+        hit = self.prefix_cache.lookup(
+            prefill.prefix, features=return_features, namespace=cache_namespace, feature_layers=layers
+        )
         if hit is not None:
             cached = hit.length
             prefill.kv.load_prefix(
@@ -135,15 +151,17 @@ class ModelWorker:
         self._opening.discard(prefill.session_id)
         features = None
         if prefill.return_features:
-            rows = torch.cat(prefill.parts) if prefill.parts else torch.zeros(0, self.loaded.model.config.hidden_size)
+            width = self.loaded.model.config.hidden_size * max(1, len(prefill.feature_layers))
+            rows = torch.cat(prefill.parts) if prefill.parts else torch.zeros(0, width)
             features = PositionFeatures(0, rows)
         if prefill.done > prefill.cached:
             self.prefix_cache.store(
                 prefill.prefix, prefill.kv.layer_states(), None if features is None else features.rows,
-                namespace=prefill.cache_namespace,
+                namespace=prefill.cache_namespace, feature_layers=prefill.feature_layers,
             )
         session = WorkerSession(
-            kv=prefill.kv, params=prefill.params, committed=list(prefill.prompt), return_features=prefill.return_features
+            kv=prefill.kv, params=prefill.params, committed=list(prefill.prompt), return_features=prefill.return_features,
+            feature_layers=prefill.feature_layers,
         )
         self.sessions.add(prefill.session_id, session)
         return OpenResult(
@@ -155,8 +173,9 @@ class ModelWorker:
         """A chunk of the prompt went through a pass (specd.runtime.engine): its rows are in the cache."""
         prefill.kv.record_fed(segment.tokens)
         if prefill.return_features:
-            assert hidden is not None
-            prefill.parts.append(hidden)
+            rows = segment.features if prefill.feature_layers else hidden
+            assert rows is not None
+            prefill.parts.append(rows)
         prefill.done += len(segment)
 
     def abandon_open(self, prefill: Prefill) -> None:
@@ -164,16 +183,17 @@ class ModelWorker:
 
     def open(
         self, session_id: str, prompt: list[int], params: SamplingParams, *, return_features: bool = False,
-        cache_namespace: str = "",
+        cache_namespace: str = "", feature_layers: tuple[int, ...] = (),
     ) -> OpenResult:
         """Open a session and prefill its prompt in one pass."""
         prefill = self.begin_open(
-            session_id, prompt, params, return_features=return_features, cache_namespace=cache_namespace
+            session_id, prompt, params, return_features=return_features, cache_namespace=cache_namespace,
+            feature_layers=feature_layers,
         )
         try:
             rest = prefill.prefix[prefill.done :]
             if rest:
-                rows = prefill.kv.prefill(rest, features=prefill.return_features)
+                rows = prefill.kv.prefill(rest, features=prefill.return_features, feature_layers=prefill.feature_layers)
                 if rows is not None:
                     prefill.parts.append(rows)
                 prefill.done += len(rest)

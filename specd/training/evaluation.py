@@ -51,7 +51,10 @@ def greedy_acceptance(
     rounds = drafted = accepted = committed = 0
     for number, prompt in enumerate(tqdm(prompts, desc=desc, unit="prompt", dynamic_ncols=True, leave=False)):
         session = f"{desc}-{number}"
-        opened = verifier.open(session, prompt, SamplingParams(), return_features=drafter.feature_dim > 0)
+        opened = verifier.open(
+            session, prompt, SamplingParams(), return_features=drafter.feature_dim > 0,
+            feature_layers=draft.feature_layers,
+        )
         drafter.open(session, prompt, SamplingParams(), features=opened.features)
         append: list[int] = []
         features = None

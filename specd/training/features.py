@@ -8,11 +8,18 @@ Then:
     hidden state f_j at every position and its top-K next-token distribution there (cached
     under work/features, per chunk).
 3b. training: the draft reads (f_j, x_{j+1}) at position j and is trained so that g_j = draft(...)
-    matches the oracle one position later: KL(p_{j+1} || head(g_j)) on the answer positions,
-    plus a regression of g_j onto f_{j+1}. Further passes (--unroll) feed the draft its own
-    g_{j-1} in place of f_j, as happens from the second token of every block on, and are trained
-    the same way: pass n reads features the draft made n - 1 steps before, as the n-th token of a
-    block does. Without them, acceptance falls off quickly along the block.
+    matches the oracle one position later: KL(p_{j+1} || head(g_j)) on the answer positions.
+    Further passes (--unroll) feed the draft its own g_{j-1} in place of f_j, as happens from
+    the second token of every block on, and are trained the same way. Two recipes (`RECIPES`):
+
+    "eagle": the oracle's final state alone, a regression of g_j onto f_{j+1} beside the KL,
+      and each further pass reruns the whole sequence on the previous pass's features, so the
+      keys a position attends to were made from draft features too.
+    "eagle3" (EAGLE-3, Li et al. 2025): a low, a middle and the final hidden state of the oracle,
+      the KL alone (g is the draft's own, normed before the head), and training-time test:
+      step n attends exactly as the (n+1)-th token of a block does at serving time, to the
+      keys of real features up to n positions back and to the keys its own chain of draft
+      features made at the steps between (`ttt_mask`).
 """
 
 from __future__ import annotations
@@ -26,22 +33,40 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers import DynamicCache
 
 from specd.core.errors import InvalidArgument
 from specd.models.feature_draft import FeatureDraftModel
 from specd.models.pretrained import LoadedModel
 from specd.runtime.feature_session import FeatureSession
-from specd.runtime.kv import KVSession
 from specd.training.answers import OracleAnswer
 from specd.training.dataset import distill_loss
 from specd.training.trainer import TrainResult, TrainSettings, run_training, synchronize
 
-REGRESSION_WEIGHT = 1.0  # the feature regression, on features scaled to unit RMS
+REGRESSION_WEIGHT = 1.0  # the "eagle" recipe's feature regression, on features scaled to unit RMS
+RECIPES = ("eagle", "eagle3")
+
+
+def recipe_layers(recipe: str, oracle_layers: int) -> tuple[int, ...]:
+    """The oracle hidden states a recipe's draft reads: "eagle3" a low, a middle and the final one."""
+    if recipe == "eagle3":
+        return tuple(sorted({min(2, oracle_layers), oracle_layers // 2, oracle_layers}))
+    return ()
+
+
+def oracle_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, layers: tuple[int, ...]) -> torch.Tensor:
+    """The oracle's features along input_ids [B, T]: its final state [B, T, H] (layers empty), or the hidden
+    states `layers` joined [B, T, H * len(layers)] (specd.models.feature_draft numbers them)."""
+    out = decoder(input_ids=input_ids, use_cache=False, output_hidden_states=bool(layers))
+    if not layers:
+        return out.last_hidden_state
+    return torch.cat([out.hidden_states[i] for i in layers], dim=-1)
 
 
 @dataclass
 class FeatureSet:
-    """Per answer: prompt + answer ids [T], the oracle's features [T, H] and top-K [T, K] along them."""
+    """Per answer: prompt + answer ids [T], the oracle's features [T, W] (its final state, or several layers'
+    joined) and top-K [T, K] along them."""
 
     ids: list[torch.Tensor]
     features: list[torch.Tensor]  # float16
@@ -73,8 +98,8 @@ class FeatureSet:
     def collate(self, indices: list[int]) -> tuple[torch.Tensor, ...]:
         """Right-padded draft inputs and the loss positions.
 
-        Returns features [B, T-1, H] (f_0..f_{T-2}), next ids [B, T-1] (x_1..x_{T-1}), feature targets
-        [B, T-1, H] (f_1..f_{T-1}), loss positions (rows [N], cols [N]) and their top-K targets [N, K].
+        Returns features [B, T-1, W] (f_0..f_{T-2}), next ids [B, T-1] (x_1..x_{T-1}), feature targets
+        [B, T-1, W] (f_1..f_{T-1}), loss positions (rows [N], cols [N]) and their top-K targets [N, K].
         """
         width = max(len(self.ids[i]) for i in indices) - 1
         hidden = self.features[indices[0]].shape[1]
@@ -102,9 +127,10 @@ class FeatureSet:
 @torch.inference_mode()
 def oracle_features(
     oracle: LoadedModel, answers: list[OracleAnswer], cache: Path, *, head_token_ids: list[int] | None, targets: int,
-    batch_size: int = 16,
+    batch_size: int = 16, layers: tuple[int, ...] = (),
 ) -> FeatureSet:
-    """Teacher-forced oracle passes over prompt + answer, cached per chunk of answers."""
+    """Teacher-forced oracle passes over prompt + answer, cached per chunk of answers; the features are the
+    hidden states `layers` (empty: the final state)."""
     row_of = torch.arange(oracle.vocab_size, dtype=torch.long)
     if head_token_ids is not None:
         row_of = torch.full((oracle.vocab_size,), -1, dtype=torch.long)
@@ -128,8 +154,10 @@ def oracle_features(
             for b, sequence in enumerate(sequences):
                 input_ids[b, : len(sequence)] = torch.tensor(sequence)
             # Right padding under a causal mask: no real position attends to padding.
-            hidden = decoder(input_ids=input_ids.to(oracle.device), use_cache=False).last_hidden_state  # [B, T, H]
-            logprobs = torch.log_softmax(head(hidden)[..., : oracle.vocab_size].float(), dim=-1)
+            out = decoder(input_ids=input_ids.to(oracle.device), use_cache=False, output_hidden_states=bool(layers))
+            final = out.last_hidden_state  # [B, T, H]
+            hidden = torch.cat([out.hidden_states[i] for i in layers], dim=-1) if layers else final
+            logprobs = torch.log_softmax(head(final)[..., : oracle.vocab_size].float(), dim=-1)
             top = torch.topk(logprobs, min(targets, oracle.vocab_size), dim=-1)
             records = [
                 {
@@ -153,11 +181,49 @@ def oracle_features(
     return data
 
 
+def ttt_mask(length: int, step: int, device: torch.device | None = None) -> torch.Tensor:
+    """[1, 1, T, (step + 1) * T] bool: what position j of training-time-test step `step` attends to, over the keys
+    of steps 0..step side by side: step 0's (real features) at positions up to j - step, and step m's at
+    position j - step + m, its own chain of draft features; as the (step + 1)-th token of a block does."""
+    j = torch.arange(length, device=device)[:, None]
+    p = torch.arange(length, device=device)[None, :]
+    blocks = [p <= j - step] + [p == j - step + m for m in range(1, step + 1)]
+    return torch.cat(blocks, dim=1)[None, None]
+
+
+def _ttt_losses(
+    model: FeatureDraftModel, steps: int, features: torch.Tensor, next_ids: torch.Tensor, targets: torch.Tensor,
+    rows: torch.Tensor, cols: torch.Tensor, top_rows: torch.Tensor, top_logprobs: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The "eagle3" recipe: (loss to back-propagate, the KL of each step). Step n's positions read the draft's
+    own features of step n - 1 one position back (position 0, which has none, its real one), with the keys of
+    every earlier step in one cache under `ttt_mask`; a position counts from step n on only when a chain of n
+    draft features lies behind it (col >= n)."""
+    length = features.shape[1]
+    positions = torch.arange(length, device=features.device)[None].expand(features.shape[0], -1)
+    cache = DynamicCache()
+    total, kls = 0.0, []
+    for step in range(steps):
+        mask = ttt_mask(length, step, features.device).expand(features.shape[0], -1, -1, -1)
+        g, _ = model(features, next_ids, positions, cache, logits="none", mask=mask)
+        keep = cols >= step
+        hidden = g[rows[keep], cols[keep]]
+        if model.norm is not None:
+            hidden = model.norm(hidden)
+        loss, kl = distill_loss(hidden, model.head.weight, top_rows[keep], top_logprobs[keep])
+        total = total + loss
+        kls.append(kl)
+        if step == 0:
+            first = model.feature_input(features[:, :1])
+        features = torch.cat([first, g[:, :-1]], dim=1)
+    return total, kls
+
+
 def _losses(
     model: FeatureDraftModel, passes: int, features: torch.Tensor, next_ids: torch.Tensor, targets: torch.Tensor,
     rows: torch.Tensor, cols: torch.Tensor, top_rows: torch.Tensor, top_logprobs: torch.Tensor, scale: float,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(loss to back-propagate, the KL of each pass)."""
+    """The "eagle" recipe: (loss to back-propagate, the KL of each pass)."""
     positions = torch.arange(features.shape[1], device=features.device)[None].expand(features.shape[0], -1)
     total, kls = 0.0, []
     for number in range(passes):
@@ -174,18 +240,22 @@ def _losses(
 
 def train_feature_draft(
     model: FeatureDraftModel, data: FeatureSet, checkpoint: Path, identity: dict, settings: TrainSettings,
-    *, passes: int = 2,
+    *, passes: int = 2, recipe: str = "eagle",
 ) -> TrainResult:
-    """Train the fuse projection and the layer of a feature draft, unrolled over `passes` passes."""
+    """Train what a feature draft trains (its fuse projection and layer; reduce and norm where it has them),
+    unrolled over `passes` passes (steps of training-time test for "eagle3")."""
     if passes < 1:
         raise InvalidArgument(f"a feature draft trains in at least one pass, got {passes}")
+    if recipe not in RECIPES:
+        raise InvalidArgument(f"unknown recipe {recipe!r} (known: {', '.join(RECIPES)})")
+    losses = _ttt_losses if recipe == "eagle3" else _losses
     for param in model.parameters():
         param.requires_grad_(False)
     data = data.to(model.fuse.weight.device)
 
     def step(indices: list[int]) -> tuple[torch.Tensor, int, dict[str, float]]:
         batch = data.collate(indices)
-        loss, kls = _losses(model, passes, *batch, data.scale)
+        loss, kls = losses(model, passes, *batch, data.scale)
         shown = {"kl": float(kls[0])}
         if passes > 1:
             shown[f"kl{passes}"] = float(kls[-1])
@@ -215,7 +285,7 @@ def first_token_agreement(
     for prompt, continuation in zip(prompts, continuations):
         sequence = prompt + continuation[:length]
         ids = torch.tensor([sequence], device=oracle.device)
-        features = decoder(input_ids=ids, use_cache=False).last_hidden_state  # [1, T, H]
+        features = oracle_hidden(decoder, ids, model.feature_layers)  # [1, T, W]
         positions = torch.arange(len(sequence) - 1, device=oracle.device)[None]
         _, logits = model(features[:, :-1], ids[:, 1:], positions)
         guesses = logits[0].argmax(-1).cpu()  # draft position j guesses x_{j+2}
@@ -231,8 +301,8 @@ def first_token_agreement(
 @torch.inference_mode()
 def step_ms(draft: LoadedModel, oracle: LoadedModel, prompt: list[int], *, reps: int = 40) -> float:
     """Median time of one speculative draft step (one token) after the prompt, in ms."""
-    kv = KVSession(oracle.model, oracle.device)
-    rows = kv.prefill(prompt[:-1], features=True)
+    ids = torch.tensor([prompt[:-1]], device=oracle.device)
+    rows = oracle_hidden(oracle.model.get_decoder(), ids, draft.model.feature_layers)[0]
     state = FeatureSession(draft.model, draft.device)
     state.receive(0, rows)
     state.catch_up(prompt)

@@ -44,7 +44,7 @@ from specd.core.defaults import EMBEDDED_ORACLE
 from specd.core.errors import InvalidArgument
 from specd.kernels.cpu_linear import onednn_available, use_cpu_linear
 from specd.models.artifact import DraftManifest, save_draft_artifact, slice_output_head
-from specd.models.feature_draft import FeatureDraftModel
+from specd.models.feature_draft import FeatureDraftModel, check_feature_layers
 from specd.models.loader import load_model
 from specd.models.pretrained import LoadedModel, check_device
 from specd.models.sources import resolve_source
@@ -58,7 +58,13 @@ from specd.training.evaluation import (
     replay_acceptance,
     token_agreement,
 )
-from specd.training.features import first_token_agreement, oracle_features, step_ms, train_feature_draft
+from specd.training.features import (
+    first_token_agreement,
+    oracle_features,
+    recipe_layers,
+    step_ms,
+    train_feature_draft,
+)
 from specd.training.prompts import Prompt, encode_prompt, load_prompts, split_held_out
 from specd.training.trainer import TrainResult, TrainSettings, train_draft
 
@@ -125,6 +131,10 @@ def _check(args: argparse.Namespace) -> torch.device:
         raise InvalidArgument("--layers must be at least 1")
     if args.unroll < 1:
         raise InvalidArgument("--unroll must be at least 1")
+    try:
+        args.feature_layers = tuple(int(i) for i in str(args.feature_layers or "").split(",") if i.strip())
+    except ValueError as exc:
+        raise InvalidArgument(f"--feature-layers takes comma-separated layer numbers: {exc}") from exc
     if args.temperature <= 0 or not 0 < args.top_p <= 1:
         raise InvalidArgument("the oracle's answers are sampled: --temperature must be > 0 and --top-p in (0, 1]")
     return device
@@ -180,15 +190,17 @@ def _train(
     head = len(head_ids) if head_ids else oracle.vocab_size
     sides = f"{len(corpus.train_prompts)} prompts ({len(corpus.held_out)} held out); head: {head} tokens"
     if args.kind == "features":
-        identity["unroll"] = args.unroll
+        layers, head_norm = _feature_shape(args, oracle)
+        identity.update(unroll=args.unroll, recipe=args.recipe, feature_layers=list(layers), head_norm=head_norm)
         features = oracle_features(
-            oracle, corpus.answers, work / "features", head_token_ids=head_ids, targets=args.targets,
-            batch_size=args.gen_batch_size // 4 or 1,
+            oracle, corpus.answers, work / ("features" + "".join(f"-{i}" for i in layers)), head_token_ids=head_ids,
+            targets=args.targets, batch_size=args.gen_batch_size // 4 or 1, layers=layers,
         )
-        model = FeatureDraftModel(oracle.model, head_ids).to(device)
-        tqdm.write(f"training a feature draft on {features.answer_tokens} answer tokens from {sides}")
+        model = FeatureDraftModel(oracle.model, head_ids, layers, head_norm).to(device)
+        read = f"hidden states {', '.join(map(str, layers))}" if layers else "the final hidden state"
+        tqdm.write(f"training a feature draft ({args.recipe}: {read}) on {features.answer_tokens} answer tokens from {sides}")
         result = train_feature_draft(
-            model, features, work / "checkpoint.pt", identity, train_settings, passes=args.unroll
+            model, features, work / "checkpoint.pt", identity, train_settings, passes=args.unroll, recipe=args.recipe
         )
         return Trained(model, result, 1, features.answer_tokens, len(features))
     draft = load_model(args.oracle, layers=args.layers, device=str(device))
@@ -202,12 +214,28 @@ def _train(
     return Trained(draft.model, result, args.layers, data.answer_tokens, len(data))
 
 
+def _feature_shape(args: argparse.Namespace, oracle: LoadedModel) -> tuple[tuple[int, ...], bool]:
+    """(the oracle hidden states a feature draft reads, whether it norms before its head), from the recipe and
+    --feature-layers."""
+    count = oracle.model.config.num_hidden_layers
+    layers = check_feature_layers(args.feature_layers or recipe_layers(args.recipe, count), count)
+    if layers and args.recipe == "eagle":
+        raise InvalidArgument("the eagle recipe reads the oracle's final state alone; --feature-layers needs eagle3")
+    return layers, args.recipe == "eagle3"
+
+
 def _manifest(
     args: argparse.Namespace, oracle: LoadedModel, corpus: Corpus, head_ids: list[int] | None, trained: Trained,
     device: torch.device,
 ) -> DraftManifest:
     result = trained.result
+    model = trained.model
+    shape = (
+        {"feature_layers": list(model.feature_layers), "head_norm": model.norm is not None}
+        if isinstance(model, FeatureDraftModel) else {}
+    )
     return DraftManifest(
+        **shape,
         base=_portable_source(args.oracle),
         layers=trained.layers,
         vocab_fingerprint=oracle.vocab_fingerprint,
@@ -228,7 +256,7 @@ def _manifest(
             "answer_settings": {
                 k: v for k, v in asdict(corpus.settings).items() if k not in ("oracle", "prompts_sha256")
             },
-            **({"unroll": args.unroll} if args.kind == "features" else {}),
+            **({"unroll": args.unroll, "recipe": args.recipe} if args.kind == "features" else {}),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         },
     )
@@ -274,6 +302,8 @@ def _report(args: argparse.Namespace, out: Path, result: TrainResult, figures: d
         f"mean acceptance length {figures['held_out_mean_acceptance_length']:.2f}; per-token agreement "
         f"{figures['held_out_token_agreement']:.3f} vs {figures['untrained_token_agreement']:.3f}"
     )
+    for goal, measured, _, passed in DraftManifest.read(out).goals():
+        print(f"goal: {goal}: {measured} {'-' if passed is None else 'PASS' if passed else 'FAIL'}")
     if args.kind == "features":
         print(
             f"ms per token: draft {figures['draft_ms_per_token']:.2f}, oracle {figures['oracle_ms_per_token']:.2f} "
@@ -293,7 +323,9 @@ def _evaluate_feature_draft(
 ) -> dict:
     """Live greedy acceptance (a feature draft's later guesses read its own features, so there is
     no replay) against the untrained draft, first-token agreement, and the cost of one draft step."""
-    untrained = dataclasses.replace(shipped, model=FeatureDraftModel(oracle.model, head_ids).to(oracle.device).eval())
+    model: FeatureDraftModel = shipped.model
+    untrained_model = FeatureDraftModel(oracle.model, head_ids, model.feature_layers, model.norm is not None)
+    untrained = dataclasses.replace(shipped, model=untrained_model.to(oracle.device).eval())
     trained = greedy_acceptance(shipped, oracle, prompts, k=args.k, max_new_tokens=args.eval_tokens, desc="trained")
     baseline = greedy_acceptance(
         untrained, oracle, prompts, k=args.k, max_new_tokens=args.eval_tokens, desc="untrained"

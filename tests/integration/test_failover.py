@@ -253,16 +253,21 @@ async def test_drain_with_migrate_moves_sessions_in_flight(ray_local, tiny_dir, 
         await second.stop()
 
 
-async def test_a_feature_draft_follows_the_session_to_the_new_oracle(ray_local, tiny_dir, feature_draft, prompt_ids):
+@pytest.mark.parametrize("draft", ["feature_draft", "layers_draft"])
+async def test_a_feature_draft_follows_the_session_to_the_new_oracle(
+    ray_local, tiny_dir, feature_draft, layers_draft, draft, prompt_ids
+):
     """A feature draft reads the oracle's features: after a move its session reopens with the new oracle's features
-    for the prompt and committed tokens, and keeps drafting (k > 0 after the move), the output exact."""
+    for the prompt and committed tokens, and keeps drafting (k > 0 after the move), the output exact. A draft of
+    several hidden states gets those of the new oracle too."""
     from specd.cluster.roles import start_local_worker
     from tests.conftest import oracle_config
 
+    feature_draft = {"feature_draft": feature_draft, "layers_draft": layers_draft}[draft]
     first = await start_local_worker(oracle_config(tiny_dir))
     second = await start_local_worker(oracle_config(tiny_dir))
     running = await coordinator_over(
-        "plane-feature-move", {"oracle-a": first.address, "oracle-b": second.address}, feature_draft,
+        f"plane-feature-move-{draft}", {"oracle-a": first.address, "oracle-b": second.address}, feature_draft,
         oracle_delay_ms=10, lookup_min_ngram=0,
     )
     expected = greedy_reference(tiny_dir / "oracle", prompt_ids, 100)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+import numpy as np
 import pytest
 
 from coordinator.depth import FixedDepth, GoodputDepth
@@ -75,8 +76,8 @@ async def test_draft_advertises_its_feature_width(feature_draft, unrelated_draft
             await client.close()
 
 
-@pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
-async def test_greedy_output_equals_the_oracle_alone(tiny_dir, oracle, feature_draft, k):
+async def check_greedy_exact(tiny_dir, oracle, draft, k) -> None:
+    """Every prompt's output through the draft equals the oracle's own greedy output, and the draft drafted."""
     from specd.models.tiny import build_tokenizer
 
     tokenizer = build_tokenizer()
@@ -84,11 +85,16 @@ async def test_greedy_output_equals_the_oracle_alone(tiny_dir, oracle, feature_d
     drafted = 0
     for ids in prompts:
         expected = greedy_reference(tiny_dir / "oracle", ids, MAX_TOKENS)
-        tokens, session = await run_session(oracle.address, feature_draft.address, ids, k)
+        tokens, session = await run_session(oracle.address, draft.address, ids, k)
         assert tokens == expected, ids
         assert not session.draft_error
         drafted += session.stats.drafted
     assert drafted > 0
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
+async def test_greedy_output_equals_the_oracle_alone(tiny_dir, oracle, feature_draft, k):
+    await check_greedy_exact(tiny_dir, oracle, feature_draft, k)
 
 
 async def test_features_of_oracle_alone_rounds_reach_the_draft(tiny_dir, oracle, feature_draft):
@@ -216,3 +222,104 @@ class TreePolicy(GoodputDepth):
 
     def stop_rule(self):
         return StopRule(min_survival=0.05, calibration=(0.5,), alternative_calibration=(0.5,))
+
+
+async def test_drafts_report_the_layers_they_read_and_oracles_theirs(oracle, layers_draft, feature_draft):
+    from specd.core.compat import check_pair
+    from specd.core.errors import IncompatiblePair
+
+    clients = OracleClient(oracle.address), DraftClient(layers_draft.address), DraftClient(feature_draft.address)
+    try:
+        oracle_info, layers_info, plain_info = [await client.info() for client in clients]
+        reads = await clients[1].feature_reads()
+    finally:
+        for client in clients:
+            await client.close()
+    assert oracle_info.num_layers == 2 and list(oracle_info.feature_layers) == []
+    assert list(layers_info.feature_layers) == [0, 1, 2] and layers_info.feature_dim == 64
+    assert reads.dim == 64 and reads.layers == [0, 1, 2]
+    assert list(plain_info.feature_layers) == [] and plain_info.num_layers == 0
+    check_pair(layers_info, oracle_info)
+    oracle_info.num_layers = 1
+    with pytest.raises(IncompatiblePair, match="hidden states 0, 1, 2 of its oracle, but this oracle has 1 layers"):
+        check_pair(layers_info, oracle_info)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+async def test_greedy_output_with_a_draft_of_several_layers_equals_the_oracle_alone(tiny_dir, oracle, layers_draft, k):
+    """The coordinator opens the oracle's session for the hidden states the draft reads; its output stays the
+    oracle's own, through drafted rounds and oracle-alone ones."""
+    await check_greedy_exact(tiny_dir, oracle, layers_draft, k)
+    ids = [5, 6, 7, 8, 9]
+    tokens, session = await run_session(oracle.address, layers_draft.address, ids, Cycle([0, 0, k, 0, 2]))
+    assert tokens == greedy_reference(tiny_dir / "oracle", ids, MAX_TOKENS) and not session.draft_error
+
+
+async def test_sampled_output_through_a_draft_of_several_layers_keeps_the_oracles_distribution(
+    tiny_dir, oracle, layers_draft
+):
+    """Seeded sampled sessions over the loopback servers, two tokens each in one drafted round of k = 2: the pairs
+    follow the oracle's own distribution (chi-square), and a seed reproduces its pair."""
+    from tests.service.test_stop_rule import PROMPT, assert_pairs_follow, oracle_pair_distribution
+
+    oracle_model = load_model(str(tiny_dir / "oracle"))
+    params = SamplingParams(temperature=4.0, top_k=3)
+    joint = oracle_pair_distribution(oracle_model, params)
+    trials = 600
+    counts = np.zeros_like(joint)
+    oracle_client, draft_client = OracleClient(oracle.address), DraftClient(layers_draft.address)
+    drafted = 0
+    try:
+        for seed in range(trials):
+            sampling = common_pb2.SamplingParams(temperature=4.0, top_k=3, seed=seed)
+            session = SpeculativeSession(
+                SessionRequest(prompt=PROMPT, sampling=sampling, max_tokens=2), draft_client, oracle_client,
+                FixedDepth(2),
+            )
+            first, second = await run_to_completion(session)
+            counts[first, second] += 1
+            drafted += session.stats.drafted
+            assert not session.draft_error
+            if seed < 3:
+                again = SpeculativeSession(
+                    SessionRequest(prompt=PROMPT, sampling=sampling, max_tokens=2), draft_client, oracle_client,
+                    FixedDepth(2),
+                )
+                assert await run_to_completion(again) == [first, second]
+    finally:
+        await oracle_client.close()
+        await draft_client.close()
+    assert drafted > 0
+    assert_pairs_follow(counts, joint, trials)
+
+
+async def test_the_oracle_refuses_layers_it_does_not_have(oracle):
+    from specd.v1 import oracle_pb2, oracle_pb2_grpc
+
+    channel = grpc.aio.insecure_channel(oracle.address)
+    stub = oracle_pb2_grpc.OracleServiceStub(channel)
+    try:
+        for layers, return_features, message in [
+            ([0, 3], True, "it has 2 layers, so 0..2"),
+            ([1, 1], True, "more than once"),
+            (list(range(9)), True, "at most 8"),
+            ([0, 2], False, "needs return_features"),
+        ]:
+            with pytest.raises(grpc.aio.AioRpcError) as error:
+                await stub.OpenSession(
+                    oracle_pb2.OpenOracleSessionRequest(
+                        session_id="bad-layers", prompt_token_ids=[1, 2, 3], return_features=return_features,
+                        feature_layers=layers,
+                    )
+                )
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert message in error.value.details()
+        opened = await stub.OpenSession(
+            oracle_pb2.OpenOracleSessionRequest(
+                session_id="bad-layers", prompt_token_ids=[1, 2, 3, 4], return_features=True, feature_layers=[2, 0],
+            )
+        )
+        assert (opened.features.rows, opened.features.dim) == (3, 128)
+        await stub.CloseSession(common_pb2.CloseSessionRequest(session_id="bad-layers"))
+    finally:
+        await channel.close()

@@ -60,6 +60,35 @@ def test_pairs_are_compatible_workers_only():
     assert pair_id("", "o") == "o" and pair_id("d", "o") == "d+o"
 
 
+def test_a_draft_that_reads_several_hidden_states_pairs_only_with_an_oracle_that_has_them():
+    """ModelInfo.feature_layers against ModelInfo.num_layers: the oracle must report its layers and have each
+    hidden state the draft reads; drafts of the final state alone pair as before."""
+    deep = ready(Worker("deep", ORACLE, "a:1"), feature_dim=64)
+    deep.num_layers = 30
+    shallow = ready(Worker("shallow", ORACLE, "a:2"), feature_dim=64)
+    shallow.num_layers = 12
+    unknown = ready(Worker("old", ORACLE, "a:3"), feature_dim=64)  # num_layers 0: an oracle from before layers
+    eagle3 = ready(Worker("e3", DRAFT, "a:4"), feature_dim=64)
+    eagle3.feature_layers = [2, 15, 30]
+    plain = ready(Worker("f", DRAFT, "a:5"), feature_dim=64)
+    assert pair_problem(eagle3, deep) is None
+    assert pair_problem(eagle3, shallow) == (
+        "the draft reads hidden states 2, 15, 30 of its oracle, but this oracle has 12 layers (hidden states 0..12); "
+        "a feature draft pairs only with the oracle it was distilled from"
+    )
+    assert "does not report its layers" in pair_problem(eagle3, unknown)
+    assert all(pair_problem(plain, oracle) is None for oracle in (deep, shallow, unknown))
+    narrow = ready(Worker("n", DRAFT, "a:6"), feature_dim=32)
+    narrow.feature_layers = [1, 2]
+    assert "width 32" in pair_problem(narrow, deep)
+    registry = Registry()
+    for w in (deep, shallow, unknown, eagle3, plain):
+        registry.workers[w.name] = w
+    assert {pid for pid, _, _ in pairs(registry)} == {
+        "deep", "shallow", "old", "e3+deep", "f+deep", "f+shallow", "f+old",
+    }
+
+
 def test_new_sessions_go_to_the_least_loaded_usable_workers():
     registry = Registry()
     busy = ready(Worker("o1", ORACLE, "a:1"))

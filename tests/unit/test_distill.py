@@ -189,30 +189,42 @@ def test_manifest_is_checked(tmp_path: Path):
 
 
 @pytest.mark.parametrize(
-    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+    ("recipe", "device"),
+    [
+        ("eagle", "cpu"),
+        ("eagle3", "cpu"),
+        pytest.param("eagle3", "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+    ],
 )
-def test_feature_draft_distills_and_beats_untrained(setup: Path, device: str):
-    """--kind features: trained on the oracle's features (every stage on --device), loaded by path
-    on the CPU, better than untrained."""
-    out = setup / f"feature-draft-{device}"
-    args = tiny_args(setup, "--kind", "features", "--steps", "60", "--k", "3", "--unroll", "3", "--device", device)
+def test_feature_draft_distills_and_beats_untrained(setup: Path, recipe: str, device: str):
+    """--kind features under each recipe: trained on the oracle's features (every stage on --device), loaded by
+    path on the CPU, better than untrained."""
+    out = setup / f"feature-draft-{recipe}-{device}"
+    args = tiny_args(
+        setup, "--kind", "features", "--recipe", recipe, "--steps", "60", "--k", "3", "--unroll", "3",
+        "--device", device,
+    )
     args.out = out
     assert args.func(args) == 0
     manifest = DraftManifest.read(out)
     assert manifest.kind == "features" and manifest.layers == 1
     figures = manifest.training
-    assert figures["unroll"] == 3
+    assert figures["unroll"] == 3 and figures["recipe"] == recipe
     assert figures["device"] == ("cpu" if device == "cpu" else torch.cuda.get_device_name())
     stored = load_file(str(out / manifest.weights))
-    assert stored and all(name.startswith(("fuse.", "layer.")) for name in stored)
+    # eagle3 reads a low, a middle and the final state of the 4-layer oracle (low and middle are both 2 here)
+    read = [2, 4] if recipe == "eagle3" else []
+    assert manifest.feature_layers == read and manifest.head_norm == (recipe == "eagle3")
+    trained = ("fuse.", "layer.", "reduce.", "norm.") if read else ("fuse.", "layer.")
+    assert {name.split(".")[0] + "." for name in stored} == set(trained)
     draft = load_model(str(out))
-    assert draft.device.type == "cpu" and draft.feature_dim == 64
+    assert draft.device.type == "cpu" and draft.feature_dim == 64 and draft.feature_layers == tuple(read)
     assert draft.head_token_ids == manifest.head_token_ids
     assert figures["held_out_token_agreement"] > figures["untrained_token_agreement"]
     assert figures["held_out_acceptance"] > figures["untrained_acceptance"]
     assert figures["draft_ms_per_token"] > 0 and figures["cost_ratio"] > 0
     # Resuming with the same settings trains no further and reuses the cached oracle features.
-    assert sorted((out / "work" / "features").glob("chunk-*.pt"))
+    assert sorted((out / "work" / ("features" + "".join(f"-{i}" for i in read))).glob("chunk-*.pt"))
 
 
 def test_distill_refuses_a_device_it_cannot_use_and_a_bad_unroll(setup: Path):
@@ -223,6 +235,10 @@ def test_distill_refuses_a_device_it_cannot_use_and_a_bad_unroll(setup: Path):
             load_model(str(setup / "oracle"), device=device)
     with pytest.raises(InvalidArgument, match="--unroll"):
         pipeline.run(tiny_args(setup, "--kind", "features", "--unroll", "0"))
+    with pytest.raises(InvalidArgument, match="distinct hidden-state indices"):
+        pipeline.run(tiny_args(setup, "--kind", "features", "--feature-layers", "1,9"))
+    with pytest.raises(InvalidArgument, match="needs eagle3"):
+        pipeline.run(tiny_args(setup, "--kind", "features", "--recipe", "eagle", "--feature-layers", "1,4"))
     if not torch.cuda.is_available():
         with pytest.raises(InvalidArgument, match="no CUDA device"):
             pipeline.run(tiny_args(setup, "--device", "cuda"))
@@ -250,11 +266,16 @@ def test_makefile_recipes_are_valid_distill_commands():
     assert parsed["draft"].device == "cuda" and parsed["draft"].kind == "features"
     assert parsed["draft-cpu"].device == "cpu" and parsed["draft-cpu"].kind == "features"
     assert parsed["draft-standalone"].kind == "layers"
-    # The shipped default was made by `make draft`: its manifest records the same settings.
+    assert parsed["draft"].recipe == parsed["draft-cpu"].recipe == "eagle3"
+    # The shipped default was made by `make draft`: its manifest records the same settings, with the recipe
+    # it was made by (one made before the eagle3 recipe records none: "eagle").
     manifest = DraftManifest.read(shipped_draft_path("smollm2-135m-feature-draft"))
     recipe, training = parsed["draft"], manifest.training
     assert training["steps"] == recipe.steps and training["batch_size"] == recipe.batch_size
-    assert training["lr"] == recipe.lr and training["unroll"] == recipe.unroll
+    assert training["lr"] == recipe.lr
+    if training.get("recipe", "eagle") == recipe.recipe:
+        assert training["unroll"] == recipe.unroll
+        assert manifest.feature_layers and manifest.head_norm
     assert training["answer_settings"]["answers_per_prompt"] == recipe.answers_per_prompt
     assert training["answer_settings"]["max_new_tokens"] == recipe.max_new_tokens
     assert len(manifest.head_token_ids) >= recipe.head_vocab

@@ -56,10 +56,11 @@ demo: setup
 bench: setup
 	$(VENV)/bin/specd bench --out results/latest
 
-# The shipped default, in about 12 minutes on one H100: the oracle writes 12 sampled answers to
-# each of the 599 training prompts (1M answer tokens, 3 min) and records its features along them
-# (1 min), then 5691 steps of distillation (4.5 min) and the held-out measurement (3 min);
-# resumable (rerun continues from $(DRAFT_WORK)). `protos` generates the gRPC modules the CLI imports.
+# The default feature draft on one CUDA GPU, by the eagle3 recipe (docs/default-pair.md): the oracle writes
+# 12 sampled answers to each of the 1,032 training prompts, records its hidden states 2, 15 and 30 along them,
+# then 5,691 steps of distillation with 4 steps of training-time test, and the held-out measurement. The
+# shipped artifact came from these settings by the eagle recipe on the first 599 training prompts (12 minutes
+# on one H100); resumable (rerun continues from $(DRAFT_WORK)). `protos` generates the gRPC modules the CLI imports.
 draft: protos
 	$(GPU_PY) -m specd.cli distill --kind features --device cuda --oracle smollm2-135m-instruct --out $(DRAFT_WORK) \
 		--head-vocab 8192 --answers-per-prompt 12 --max-new-tokens 192 --temperature 0.7 --gen-batch-size 256 \
@@ -67,10 +68,11 @@ draft: protos
 	mkdir -p $(DRAFT)
 	cp $(DRAFT_WORK)/specd_draft.json $(DRAFT_WORK)/draft.safetensors $(DRAFT)/
 
-# A feature draft made on 2 CPU cores alone, in about 45 minutes: the oracle answers the training
-# prompts twice (10 min), records its features along them (7 min), then 20 minutes of distillation
-# and the held-out measurement (7 min); resumable. It reaches about half the default's gain
-# (docs/default-pair.md); `cp` its two files over $(DRAFT) to serve it.
+# A feature draft made on 2 CPU cores alone: the oracle answers the training prompts twice, records its hidden
+# states along them, then 20 minutes of distillation and the held-out measurement; resumable. By the eagle
+# recipe on the first 599 prompts it took 45 minutes and reached about half the default's gain
+# (docs/default-pair.md); the whole set has 1.7 times the prompts, and longer ones, so answering takes longer.
+# `cp` its two files over $(DRAFT) to serve it.
 draft-cpu: setup
 	$(VENV)/bin/specd distill --kind features --oracle smollm2-135m-instruct --out $(DRAFT_CPU_WORK) --head-vocab 8192 \
 		--answers-per-prompt 2 --max-new-tokens 96 --temperature 0.7 --gen-batch-size 64 --minutes 20 \

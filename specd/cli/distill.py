@@ -42,6 +42,11 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="features: the oracle hidden states the draft reads, comma-separated (0: the embeddings, N: the final "
         "state of an N-layer oracle); empty: the recipe's",
     )
+    parser.add_argument(
+        "--feature-regression", type=float, default=1.0,
+        help="features, eagle3: weight of a regression of each step's predicted feature onto the oracle's next "
+        "final state, beside the KL (0: the KL alone, as EAGLE-3 trains; eagle always regresses, with weight 1)",
+    )
     parser.add_argument("--head-vocab", type=int, default=0, help="tokens the draft's output head scores (0: all)")
     parser.add_argument("--prompts", type=Path, default=DEFAULT_PROMPTS, help="JSONL prompt set")
     parser.add_argument("--held-out", type=float, default=0.1, help="fraction of prompts kept for evaluation only")

@@ -16,10 +16,12 @@ Then:
       and each further pass reruns the whole sequence on the previous pass's features, so the
       keys a position attends to were made from draft features too.
     "eagle3" (EAGLE-3, Li et al. 2025): a low, a middle and the final hidden state of the oracle,
-      the KL alone (g is the draft's own, normed before the head), and training-time test:
-      step n attends exactly as the (n+1)-th token of a block does at serving time, to the
-      keys of real features up to n positions back and to the keys its own chain of draft
-      features made at the steps between (`ttt_mask`).
+      a norm of the draft's own before the head, and training-time test: step n attends exactly
+      as the (n+1)-th token of a block does at serving time, to the keys of real features up to
+      n positions back and to the keys its own chain of draft features made at the steps
+      between (`ttt_mask`). EAGLE-3 trains on the KL alone; here a regression of every step's g
+      onto the oracle's next final state stays beside it (`--feature-regression`, weight 1 by
+      default), which paid at the budgets measured (docs/default-pair.md).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -73,7 +76,7 @@ class FeatureSet:
     top_rows: list[torch.Tensor]  # head rows of the top-K tokens (-1: outside the head)
     top_logprobs: list[torch.Tensor]
     first: list[int]  # the first draft position with a target on the answer: len(prompt) - 2
-    scale: float = 1.0  # RMS of the features, so the regression weight does not depend on the oracle
+    scale: float = 1.0  # RMS of the last state read (the final one), so the regression weight does not depend on the oracle
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -176,7 +179,8 @@ def oracle_features(
             data.top_rows.append(row_of[record["top_ids"].long()])
             data.top_logprobs.append(record["top_logprobs"])
             data.first.append(len(answer.prompt_ids) - 2)
-    sample = torch.cat(data.features[:64]).float()
+    hidden = oracle.model.config.hidden_size
+    sample = torch.cat(data.features[:64])[:, -hidden:].float()  # the last state read: the final one, as recipes list it
     data.scale = float(sample.pow(2).mean().sqrt())
     return data
 
@@ -194,11 +198,13 @@ def ttt_mask(length: int, step: int, device: torch.device | None = None) -> torc
 def _ttt_losses(
     model: FeatureDraftModel, steps: int, features: torch.Tensor, next_ids: torch.Tensor, targets: torch.Tensor,
     rows: torch.Tensor, cols: torch.Tensor, top_rows: torch.Tensor, top_logprobs: torch.Tensor, scale: float,
+    regression: float = 0.0,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The "eagle3" recipe: (loss to back-propagate, the KL of each step). Step n's positions read the draft's
     own features of step n - 1 one position back (position 0, which has none, its real one), with the keys of
     every earlier step in one cache under `ttt_mask`; a position counts from step n on only when a chain of n
-    draft features lies behind it (col >= n)."""
+    draft features lies behind it (col >= n). `regression`: the weight of each step's regression of g onto the
+    oracle's next final state (the last state the features join)."""
     length = features.shape[1]
     positions = torch.arange(length, device=features.device)[None].expand(features.shape[0], -1)
     cache = DynamicCache()
@@ -208,6 +214,9 @@ def _ttt_losses(
         g, _ = model(features, next_ids, positions, cache, logits="none", mask=mask)
         keep = cols >= step
         hidden = g[rows[keep], cols[keep]]
+        if regression:
+            target = targets[rows[keep], cols[keep], -model.hidden_size :]
+            total = total + regression * F.smooth_l1_loss(hidden / scale, target / scale)
         if model.norm is not None:
             hidden = model.norm(hidden)
         loss, kl = distill_loss(hidden, model.head.weight, top_rows[keep], top_logprobs[keep])
@@ -240,7 +249,7 @@ def _losses(
 
 def train_feature_draft(
     model: FeatureDraftModel, data: FeatureSet, checkpoint: Path, identity: dict, settings: TrainSettings,
-    *, passes: int = 2, recipe: str = "eagle",
+    *, passes: int = 2, recipe: str = "eagle", regression: float = 0.0,
 ) -> TrainResult:
     """Train what a feature draft trains (its fuse projection and layer; reduce and norm where it has them),
     unrolled over `passes` passes (steps of training-time test for "eagle3")."""
@@ -248,7 +257,14 @@ def train_feature_draft(
         raise InvalidArgument(f"a feature draft trains in at least one pass, got {passes}")
     if recipe not in RECIPES:
         raise InvalidArgument(f"unknown recipe {recipe!r} (known: {', '.join(RECIPES)})")
-    losses = _ttt_losses if recipe == "eagle3" else _losses
+    if recipe == "eagle3":
+        def losses(*batch: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            return _ttt_losses(*batch, regression=regression)
+        if model.norm is not None:
+            with torch.no_grad():  # norm(g) = g where g has the final state's scale: the plain draft's start
+                model.norm.weight.fill_(data.scale)
+    else:
+        losses = _losses
     for param in model.parameters():
         param.requires_grad_(False)
     data = data.to(model.fuse.weight.device)

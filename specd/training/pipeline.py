@@ -191,7 +191,10 @@ def _train(
     sides = f"{len(corpus.train_prompts)} prompts ({len(corpus.held_out)} held out); head: {head} tokens"
     if args.kind == "features":
         layers, head_norm = _feature_shape(args, oracle)
-        identity.update(unroll=args.unroll, recipe=args.recipe, feature_layers=list(layers), head_norm=head_norm)
+        identity.update(
+            unroll=args.unroll, recipe=args.recipe, feature_layers=list(layers), head_norm=head_norm,
+            feature_regression=args.feature_regression,
+        )
         features = oracle_features(
             oracle, corpus.answers, work / ("features" + "".join(f"-{i}" for i in layers)), head_token_ids=head_ids,
             targets=args.targets, batch_size=args.gen_batch_size // 4 or 1, layers=layers,
@@ -200,7 +203,8 @@ def _train(
         read = f"hidden states {', '.join(map(str, layers))}" if layers else "the final hidden state"
         tqdm.write(f"training a feature draft ({args.recipe}: {read}) on {features.answer_tokens} answer tokens from {sides}")
         result = train_feature_draft(
-            model, features, work / "checkpoint.pt", identity, train_settings, passes=args.unroll, recipe=args.recipe
+            model, features, work / "checkpoint.pt", identity, train_settings, passes=args.unroll, recipe=args.recipe,
+            regression=args.feature_regression,
         )
         return Trained(model, result, 1, features.answer_tokens, len(features))
     draft = load_model(args.oracle, layers=args.layers, device=str(device))
@@ -221,6 +225,11 @@ def _feature_shape(args: argparse.Namespace, oracle: LoadedModel) -> tuple[tuple
     layers = check_feature_layers(args.feature_layers or recipe_layers(args.recipe, count), count)
     if layers and args.recipe == "eagle":
         raise InvalidArgument("the eagle recipe reads the oracle's final state alone; --feature-layers needs eagle3")
+    if layers and layers[-1] != count and args.feature_regression:
+        raise InvalidArgument(
+            f"the feature regression's target is the oracle's final state: list {count} last in --feature-layers, "
+            "or set --feature-regression 0"
+        )
     return layers, args.recipe == "eagle3"
 
 

@@ -237,6 +237,8 @@ def test_distill_refuses_a_device_it_cannot_use_and_a_bad_unroll(setup: Path):
         pipeline.run(tiny_args(setup, "--kind", "features", "--unroll", "0"))
     with pytest.raises(InvalidArgument, match="distinct hidden-state indices"):
         pipeline.run(tiny_args(setup, "--kind", "features", "--feature-layers", "1,9"))
+    with pytest.raises(InvalidArgument, match="list 4 last"):
+        pipeline.run(tiny_args(setup, "--kind", "features", "--feature-layers", "4,1"))
     with pytest.raises(InvalidArgument, match="needs eagle3"):
         pipeline.run(tiny_args(setup, "--kind", "features", "--recipe", "eagle", "--feature-layers", "1,4"))
     if not torch.cuda.is_available():

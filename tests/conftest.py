@@ -26,6 +26,8 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_tiny_model(root / "oracle", seed=1, layers=2, hidden=64)
     write_tiny_model(root / "unrelated", seed=2, layers=1, hidden=32)
     write_tiny_feature_draft(root / "oracle", root / "feature")
+    # EAGLE-3 style: it reads the oracle's embeddings, the output of its layer 1 and its final state
+    write_tiny_feature_draft(root / "oracle", root / "layers", feature_layers=(0, 1, 2), head_norm=True)
     return root
 
 
@@ -80,7 +82,6 @@ async def feature_draft(tiny_dir: Path):
 async def layers_draft(tiny_dir: Path):
     """A draft that reads several of the oracle's hidden states, EAGLE-3 style: its embeddings, the output of its
     layer 1 and its final state (untrained)."""
-    write_tiny_feature_draft(tiny_dir / "oracle", tiny_dir / "layers", feature_layers=(0, 1, 2), head_norm=True)
     worker = await start_local_worker(draft_config(tiny_dir, "layers", lookup_min_ngram=0))
     yield worker
     await worker.stop()

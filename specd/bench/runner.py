@@ -131,13 +131,13 @@ def describe_draft(source: str, layers: int) -> str:
 
 
 def draft_goals(source: str) -> list[tuple[str, str, float | None, bool | None]]:
-    """A draft artifact's held-out figures against their goals (specd.models.artifact.DraftManifest.goals); none
-    for other drafts."""
-    kind, path = resolve_source(source)
-    if kind != "dir" or path is None or not (path / DRAFT_ARTIFACT_MANIFEST).exists():
-        return []
+    """A draft artifact's held-out figures against their goals (specd.models.artifact.DraftManifest.goals); not
+    measured for other drafts."""
     from specd.models.artifact import DraftManifest
 
+    kind, path = resolve_source(source)
+    if kind != "dir" or path is None or not (path / DRAFT_ARTIFACT_MANIFEST).exists():
+        return DraftManifest(base=source, layers=0, vocab_fingerprint="").goals()
     return DraftManifest.read(path).goals()
 
 

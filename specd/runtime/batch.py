@@ -148,6 +148,11 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """A float32 llama RMSNorm in one call: the bits of its module's several (tests/unit/test_engine.py)."""
+    return nn.functional.rms_norm(hidden, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
 def _llama_layers(
     batch: PackedPass, cache: _PackedCache, layers: Any, hidden: torch.Tensor, position_embeddings: Any
 ) -> torch.Tensor:
@@ -159,7 +164,7 @@ def _llama_layers(
     for number, layer in enumerate(layers, 1):
         attn, mlp = layer.self_attn, layer.mlp
         residual = hidden
-        normed = layer.input_layernorm(hidden)
+        normed = _rms_norm(layer.input_layernorm, hidden)
         shape = (*normed.shape[:-1], -1, attn.head_dim)
         query = attn.q_proj(normed).view(shape).transpose(1, 2)
         key = attn.k_proj(normed).view(shape).transpose(1, 2)
@@ -170,7 +175,7 @@ def _llama_layers(
         out = _row_exact(batch, attn, query, attn.scaling)
         hidden = residual + attn.o_proj(out.reshape(*normed.shape[:-1], -1).contiguous())
         residual = hidden
-        normed = layer.post_attention_layernorm(hidden)
+        normed = _rms_norm(layer.post_attention_layernorm, hidden)
         hidden = residual + mlp.down_proj(mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed))
         if number in batch.taps:
             batch.kept[number] = hidden[0]

@@ -241,10 +241,11 @@ def test_quick_run_writes_every_section(quick_run: Path):
     goals = results["goals"]
     assert len(goals) == 13
     measured = [g for g in goals if g["passed"] is not None]
-    # the quick run stops at 8 clients (the goals at 16 are not measured) and has no llama.cpp (its two goals); the
-    # last two are the shipped draft's held-out figures, from its artifact
-    assert len(measured) == 9
+    # the quick run stops at 8 clients (the goals at 16 are not measured), has no llama.cpp (its two goals), and its
+    # tiny draft no artifact whose held-out figures the last two goals read
+    assert len(measured) == 7
     assert "first guess" in goals[-2]["goal"] and "block of 4" in goals[-1]["goal"]
+    assert goals[-1]["measured"] == "not measured" and goals[-1]["passed"] is None
     for goal in measured:
         assert isinstance(goal["passed"], bool) and finite(goal["value"]) and goal["measured"]
 
@@ -307,3 +308,21 @@ def test_llama_bench_rows_become_a_whole_request_figure(tmp_path: Path):
     binary.write_text("#!/bin/sh\necho 'error: failed to load model' >&2\nexit 1\n")
     with pytest.raises(RuntimeError, match="failed to load model"):
         run_llama_bench(binary, tmp_path / "model.gguf", threads=2, prompt_tokens=40, output_tokens=48)
+
+
+def test_the_drafts_held_out_goals_come_from_its_artifact(tiny_dir):
+    """The shipped default's manifest holds its held-out measurement at k = 4: both goals measured; a draft without
+    an artifact has them unmeasured."""
+    from specd.bench.goals import _draft_held_out
+    from specd.bench.results import BenchResults
+    from specd.bench.runner import draft_goals
+    from specd.models.artifact import DraftManifest
+    from specd.models.sources import shipped_draft_path
+
+    goals = draft_goals("smollm2-135m-feature-draft")
+    training = DraftManifest.read(shipped_draft_path("smollm2-135m-feature-draft")).training
+    assert [value for _, _, value, _ in goals] == [training["held_out_token_agreement"], training["held_out_acceptance"]]
+    assert [passed for *_, passed in goals] == [value >= goal for value, goal in zip((g[2] for g in goals), (0.75, 0.55))]
+    checks = _draft_held_out(BenchResults(machine={}, setup=json.loads(json.dumps({"draft_goals": goals}))))
+    assert [c.value for c in checks] == [g[2] for g in goals]
+    assert all(passed is None for *_, passed in draft_goals(str(tiny_dir / "oracle")))

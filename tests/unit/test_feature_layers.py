@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from specd.core.errors import InvalidArgument
 from specd.models.artifact import DraftManifest, save_draft_artifact
@@ -79,8 +80,6 @@ def test_training_time_test_attends_as_serving_does(oracle):
     steps = 3
     trained: list[torch.Tensor] = []
     with torch.no_grad():
-        from transformers import DynamicCache
-
         cache, inputs = DynamicCache(), features
         for step in range(steps):
             g, _ = model(inputs, next_ids, positions, cache, logits="none", mask=ttt_mask(length, step))

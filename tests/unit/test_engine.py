@@ -136,13 +136,17 @@ async def test_a_long_prompt_holds_other_rounds_back_by_one_chunk_at_most(tiny_d
     engine = OracleEngine(verifier, ModelExecutor("test-engine"), prefill_chunk_tokens=16, on_step=steps.append)
     await engine.open("short", [1, 2, 3], GREEDY)
     steps.clear()
+    # Steps done when each job reached the model thread's notice (the model thread reads this flag after each
+    # step): counted there, a step that starts between the caller's reading and its job's arrival is not charged.
+    arrivals: list[int] = []
+    notice = engine._arrived.set
+    engine._arrived.set = lambda: (arrivals.append(len(steps)), notice())[1]
     opening = asyncio.ensure_future(engine.open("long", LONG_PROMPT, GREEDY))
     committed = 3
-    waited: list[int] = []  # steps that ran between a round's submission and its verdict
+    waited: list[int] = []  # steps that ran between a round's arrival and its verdict
     while not opening.done():
-        before = len(steps)
         committed = (await engine.verify("short", [], [], committed)).committed_length
-        waited.append(len(steps) - before)
+        waited.append(len(steps) - arrivals[-1])
     await opening
     # The prompt took ceil(149 / 16) = 10 chunks, at most one per step; a round waited for the step in
     # progress when it arrived (one chunk) and then ran in the next.

@@ -45,9 +45,6 @@ class OracleServicer(WorkerServicerMixin, oracle_pb2_grpc.OracleServiceServicer)
         """The width of each hidden state this oracle returns to feature drafts."""
         return int(self.worker.loaded.model.config.hidden_size)
 
-    def feature_layers(self) -> list[int]:
-        return []  # an oracle reads no features
-
     def num_layers(self) -> int:
         """Its decoder layers N: feature drafts may read its hidden states 0..N."""
         return self.worker.num_layers

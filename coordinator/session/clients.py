@@ -100,10 +100,6 @@ class DraftClient(WorkerClient):
             self._reads = FeatureReads(info.feature_dim, list(info.feature_layers))
         return self._reads
 
-    async def feature_dim(self, timeout: float | None = 10.0) -> int:
-        """Width of the oracle features the draft reads (0: standalone); asked once per client."""
-        return (await self.feature_reads(timeout)).dim
-
     async def open_session(
         self, session_id: str, prompt: list[int], sampling: common_pb2.SamplingParams, timeout: float | None,
         features: common_pb2.Features | None = None, cache_namespace: str = "",

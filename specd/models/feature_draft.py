@@ -45,6 +45,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
+from specd.core import validation
 from specd.core.errors import InvalidArgument
 
 
@@ -71,7 +72,7 @@ class FeatureDraftModel(nn.Module):
             config.layer_types = config.layer_types[:1]
         self.config = config
         hidden = config.hidden_size
-        self.feature_layers = check_feature_layers(feature_layers, oracle.config.num_hidden_layers)
+        self.feature_layers = validation.feature_layers(feature_layers, oracle.config.num_hidden_layers, True)
         self.embed = decoder.embed_tokens
         self.embed.weight.requires_grad_(False)
         self.fuse = nn.Linear(2 * hidden, hidden, bias=True)
@@ -172,14 +173,3 @@ class FeatureDraftModel(nn.Module):
             return x, None
         return x, self.logits(x if logits == "all" else x[:, -1:])
 
-
-def check_feature_layers(layers: tuple[int, ...] | list[int], oracle_layers: int) -> tuple[int, ...]:
-    """The oracle hidden states a draft reads, checked against an oracle of `oracle_layers` layers; () stands for
-    (oracle_layers,), its final state alone."""
-    layers = tuple(int(i) for i in layers)
-    if len(set(layers)) != len(layers) or any(not 0 <= i <= oracle_layers for i in layers):
-        raise InvalidArgument(
-            f"feature layers {list(layers)} must be distinct hidden-state indices in 0..{oracle_layers} "
-            f"(0: the embeddings, {oracle_layers}: the oracle's final state)"
-        )
-    return () if layers == (oracle_layers,) else layers

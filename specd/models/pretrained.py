@@ -43,7 +43,7 @@ class LoadedModel:
     head_token_ids: list[int] | None = None
     # For drafts that condition on the oracle's final hidden states (specd.models.feature_draft): their width.
     feature_dim: int = 0
-    # Of those, the oracle hidden states they read (specd.models.feature_draft.check_feature_layers); empty: the final one.
+    # Of those, the oracle hidden states they read (specd.core.validation.feature_layers); empty: the final one.
     feature_layers: tuple[int, ...] = ()
 
 

@@ -116,7 +116,7 @@ class WorkerServicerMixin:
 
     def feature_layers(self) -> list[int]:
         """ModelInfo.feature_layers: the oracle hidden states a feature draft reads (empty: the final ones)."""
-        return list(getattr(self.worker.loaded, "feature_layers", ()))
+        return list(self.worker.loaded.feature_layers)
 
     def num_layers(self) -> int:
         """ModelInfo.num_layers: what oracles report (their hidden states 0..N); 0 for drafts."""

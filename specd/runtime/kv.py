@@ -127,27 +127,6 @@ class KVSession:
         return out.logits[0].float()  # [n, vocab]
 
     @torch.inference_mode()
-    def forward_with_features(
-        self, token_ids: list[int], feature_layers: tuple[int, ...] = ()
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Like forward, and also the final hidden states the output head reads: ([n, vocab], [n, H]); with
-        `feature_layers`, those hidden states side by side instead ([n, H * len(feature_layers)], numbered as
-        specd.runtime.batch.Segment's).
-
-        The decoder and the head are called as the model's own forward calls them, so the logits
-        are the same as forward's.
-        """
-        input_ids = self._input(token_ids)
-        out = self.model.get_decoder()(
-            input_ids=input_ids, cache=self.cache, use_cache=True, output_hidden_states=bool(feature_layers)
-        )
-        hidden = out.last_hidden_state  # [1, n, H]
-        logits = self.model.get_output_embeddings()(hidden)
-        self._fed(token_ids)
-        features = joined_hidden_states(out.hidden_states, feature_layers) if feature_layers else hidden[0]
-        return logits[0].float(), features
-
-    @torch.inference_mode()
     def prefill(
         self, token_ids: list[int], *, features: bool = False, feature_layers: tuple[int, ...] = ()
     ) -> torch.Tensor | None:

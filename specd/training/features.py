@@ -60,10 +60,12 @@ def recipe_layers(recipe: str, oracle_layers: int) -> tuple[int, ...]:
 def oracle_hidden(decoder: torch.nn.Module, input_ids: torch.Tensor, layers: tuple[int, ...]) -> torch.Tensor:
     """The oracle's features along input_ids [B, T]: its final state [B, T, H] (layers empty), or the hidden
     states `layers` joined [B, T, H * len(layers)] (specd.models.feature_draft numbers them)."""
-    out = decoder(input_ids=input_ids, use_cache=False, output_hidden_states=bool(layers))
-    if not layers:
-        return out.last_hidden_state
-    return torch.cat([out.hidden_states[i] for i in layers], dim=-1)
+    return _joined(decoder(input_ids=input_ids, use_cache=False, output_hidden_states=bool(layers)), layers)
+
+
+def _joined(out: Any, layers: tuple[int, ...]) -> torch.Tensor:
+    """A decoder output's features: its final state, or the hidden states `layers` side by side."""
+    return torch.cat([out.hidden_states[i] for i in layers], dim=-1) if layers else out.last_hidden_state
 
 
 @dataclass
@@ -158,9 +160,8 @@ def oracle_features(
                 input_ids[b, : len(sequence)] = torch.tensor(sequence)
             # Right padding under a causal mask: no real position attends to padding.
             out = decoder(input_ids=input_ids.to(oracle.device), use_cache=False, output_hidden_states=bool(layers))
-            final = out.last_hidden_state  # [B, T, H]
-            hidden = torch.cat([out.hidden_states[i] for i in layers], dim=-1) if layers else final
-            logprobs = torch.log_softmax(head(final)[..., : oracle.vocab_size].float(), dim=-1)
+            hidden = _joined(out, layers)  # [B, T, W]
+            logprobs = torch.log_softmax(head(out.last_hidden_state)[..., : oracle.vocab_size].float(), dim=-1)
             top = torch.topk(logprobs, min(targets, oracle.vocab_size), dim=-1)
             records = [
                 {

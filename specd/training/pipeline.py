@@ -40,11 +40,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from specd.core import validation
 from specd.core.defaults import EMBEDDED_ORACLE
 from specd.core.errors import InvalidArgument
 from specd.kernels.cpu_linear import onednn_available, use_cpu_linear
 from specd.models.artifact import DraftManifest, save_draft_artifact, slice_output_head
-from specd.models.feature_draft import FeatureDraftModel, check_feature_layers
+from specd.models.feature_draft import FeatureDraftModel
 from specd.models.loader import load_model
 from specd.models.pretrained import LoadedModel, check_device
 from specd.models.sources import resolve_source
@@ -222,7 +223,7 @@ def _feature_shape(args: argparse.Namespace, oracle: LoadedModel) -> tuple[tuple
     """(the oracle hidden states a feature draft reads, whether it norms before its head), from the recipe and
     --feature-layers."""
     count = oracle.model.config.num_hidden_layers
-    layers = check_feature_layers(args.feature_layers or recipe_layers(args.recipe, count), count)
+    layers = validation.feature_layers(args.feature_layers or recipe_layers(args.recipe, count), count, True)
     if layers and args.recipe == "eagle":
         raise InvalidArgument("the eagle recipe reads the oracle's final state alone; --feature-layers needs eagle3")
     if layers and layers[-1] != count and args.feature_regression:

@@ -71,7 +71,7 @@ async def test_draft_advertises_its_feature_width(feature_draft, unrelated_draft
     for worker, expected in ((feature_draft, 64), (unrelated_draft, 0)):
         client = DraftClient(worker.address)
         try:
-            assert await client.feature_dim() == expected
+            assert (await client.feature_reads()).dim == expected
         finally:
             await client.close()
 

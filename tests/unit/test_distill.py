@@ -235,7 +235,7 @@ def test_distill_refuses_a_device_it_cannot_use_and_a_bad_unroll(setup: Path):
             load_model(str(setup / "oracle"), device=device)
     with pytest.raises(InvalidArgument, match="--unroll"):
         pipeline.run(tiny_args(setup, "--kind", "features", "--unroll", "0"))
-    with pytest.raises(InvalidArgument, match="distinct hidden-state indices"):
+    with pytest.raises(InvalidArgument, match="not hidden states of this oracle"):
         pipeline.run(tiny_args(setup, "--kind", "features", "--feature-layers", "1,9"))
     with pytest.raises(InvalidArgument, match="list 4 last"):
         pipeline.run(tiny_args(setup, "--kind", "features", "--feature-layers", "4,1"))

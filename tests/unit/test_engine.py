@@ -140,7 +140,12 @@ async def test_a_long_prompt_holds_other_rounds_back_by_one_chunk_at_most(tiny_d
     # step): counted there, a step that starts between the caller's reading and its job's arrival is not charged.
     arrivals: list[int] = []
     notice = engine._arrived.set
-    engine._arrived.set = lambda: (arrivals.append(len(steps)), notice())[1]
+
+    def noted() -> None:
+        arrivals.append(len(steps))
+        notice()
+
+    engine._arrived.set = noted
     opening = asyncio.ensure_future(engine.open("long", LONG_PROMPT, GREEDY))
     committed = 3
     waited: list[int] = []  # steps that ran between a round's arrival and its verdict

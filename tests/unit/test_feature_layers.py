@@ -10,7 +10,7 @@ from transformers import DynamicCache
 
 from specd.core.errors import InvalidArgument
 from specd.models.artifact import DraftManifest, save_draft_artifact
-from specd.models.feature_draft import FeatureDraftModel, check_feature_layers
+from specd.models.feature_draft import FeatureDraftModel
 from specd.models.loader import load_model
 from specd.models.tiny import write_tiny_model
 from specd.runtime.feature_session import FeatureSession
@@ -35,12 +35,12 @@ def trained_like(model: FeatureDraftModel, seed: int = 0) -> FeatureDraftModel:
     return model.eval()
 
 
-def test_feature_layers_are_checked_and_the_final_state_alone_is_the_plain_draft():
-    assert check_feature_layers((LAYERS,), LAYERS) == ()
-    assert check_feature_layers([0, 2, LAYERS], LAYERS) == (0, 2, LAYERS)
+def test_feature_layers_are_checked_and_the_final_state_alone_is_the_plain_draft(oracle):
+    assert FeatureDraftModel(oracle.model, None, (LAYERS,)).feature_layers == ()
+    assert FeatureDraftModel(oracle.model, None, [0, 2, LAYERS]).feature_layers == (0, 2, LAYERS)
     for bad in ((2, 2), (LAYERS + 1,), (-1, 2)):
-        with pytest.raises(InvalidArgument, match="distinct hidden-state indices"):
-            check_feature_layers(bad, LAYERS)
+        with pytest.raises(InvalidArgument, match="hidden state"):
+            FeatureDraftModel(oracle.model, None, bad)
     assert recipe_layers("eagle3", 30) == (2, 15, 30)
     assert recipe_layers("eagle", 30) == ()
 

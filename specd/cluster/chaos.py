@@ -2,9 +2,9 @@
 
 Two oracles and two drafts run as separate processes behind one coordinator (in this process, on
 a local Ray of its own). N clients stream greedy requests for the whole run, and every few
-seconds one worker is killed (SIGKILL, then started again), paused (SIGSTOP for a few seconds,
-then SIGCONT) or restarted (SIGTERM, then started again), while at least one worker of each role
-keeps answering. Every output is checked against the oracle's own greedy output for its prompt
+seconds one worker (of its role, the one holding the most sessions at that moment) is killed
+(SIGKILL, then started again), paused (SIGSTOP for a few seconds, then SIGCONT) or restarted
+(SIGTERM, then started again), while at least one worker of each role keeps answering. Every output is checked against the oracle's own greedy output for its prompt
 (the same request through the coordinator with no draft and no fault, before the faults begin).
 Processes are only ever signalled by the pid this run started them with, and traffic goes to
 loopback only.
@@ -252,6 +252,24 @@ class Chaos:
             if w.role == role and w.process.poll() is None and name not in self.paused
         ]
 
+    async def _target(self, role: str) -> str:
+        """The live worker of `role` that holds the most sessions now (the seed breaks ties), so that a fault
+        meets sessions in flight rather than an idle worker. Between requests no worker may hold one: it looks
+        again, for up to a second."""
+        alive = self._alive(role)
+        for _ in range(20):
+            held = dict.fromkeys(alive, 0)
+            for session in await self.running.plane.call("list_sessions"):
+                draft, _, oracle = session["pair_id"].rpartition("+")
+                name = oracle if role == "oracle" else draft
+                if name in held:
+                    held[name] += 1
+            if any(held.values()):
+                break
+            await asyncio.sleep(0.05)
+        most = max(held.values())
+        return self.random.choice([name for name in alive if held[name] == most])
+
     async def faults_until(self, until: float) -> None:
         turn = self.settings.seed
         while True:
@@ -262,7 +280,7 @@ class Chaos:
             turn += 1
             if len(self._alive(role)) < 2:  # one of each role keeps answering
                 continue
-            name = self.random.choice(self._alive(role))
+            name = await self._target(role)
             fault = Fault(kind, name, time.monotonic())
             self.faults.append(fault)
             log.warning("chaos: %s %s", kind, name)

@@ -102,6 +102,27 @@ def row_exact_attention(
     return out.reshape(1, heads, rows, value.shape[-1]).transpose(1, 2).contiguous()
 
 
+def row_exact_rows(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, rows_keys: list[int | torch.Tensor | None],
+    scaling: float | None,
+) -> torch.Tensor:
+    """`row_exact_attention` for queries laid out by row: query [n, H, D] -> [n, H * Dv], each row the same call
+    on the same numbers (its G query heads as G query rows of its key/value heads)."""
+    rows, heads, dim = query.shape
+    kv_heads = key.shape[1]
+    outputs = []
+    for j, keys in enumerate(rows_keys):
+        if keys is None:
+            k, v = key, value
+        elif isinstance(keys, int):
+            k, v = key[:, :, :keys], value[:, :, :keys]
+        else:
+            k, v = key.index_select(2, keys), value.index_select(2, keys)
+        row = query[j].view(1, kv_heads, heads // kv_heads, dim)
+        outputs.append(nn.functional.scaled_dot_product_attention(row, k, v, scale=scaling).view(1, -1))
+    return outputs[0] if rows == 1 else torch.cat(outputs, dim=0)
+
+
 def rows_keys_of(mask: torch.Tensor | None, rows: int) -> list[int | torch.Tensor | None]:
     """Per row, the keys a boolean mask [1, 1, n, L] lets it see, as `row_exact_attention` takes them: a count
     where they are the first m, their indices otherwise; None for one row and no mask (all of them)."""

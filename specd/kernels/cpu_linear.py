@@ -165,6 +165,10 @@ class FusedGroup:
         self._product, self.sizes, self.in_features = product, sizes, in_features
         self._pass = threading.local()  # the kept outputs, per thread: models may run on several
 
+    def joined(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every member's output side by side, [rows, sum(sizes)], for a 2-D input [rows, in_features]."""
+        return self._product(rows)
+
     def output(self, x: torch.Tensor, member: int) -> torch.Tensor:
         kept = self._pass
         if getattr(kept, "input", None) is not x or member not in kept.unread:

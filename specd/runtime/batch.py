@@ -25,6 +25,7 @@ one layer the same way (specd.runtime.draft_pass), through `PackedPass`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,9 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from specd.kernels.attention import row_exact_attention, rows_keys_of
+from specd.kernels.attention import row_exact_attention, row_exact_rows, rows_keys_of
+from specd.kernels.cpu_linear import GroupedLinear
+from specd.kernels.weights import PlannedLinear
 
 PACKED_ATTENTION = "specd_packed"
 PACKED_MODEL_TYPES = ("llama",)
@@ -143,43 +146,128 @@ class _PackedCache:
         return key_states, value_states
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def _rows_product(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A linear layer's y = x W^T + b for 2-D float inputs [rows, in], by its shortest route: a weights plan's
+    product itself, or the module."""
+    return module._product if isinstance(module, PlannedLinear) else module
 
 
-def _rms_norm(norm: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def _joined_product(modules: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The outputs of linear layers that read one input, side by side: their FusedGroup's one product when they
+    are its members in order, else each layer's, joined (the same bits either way: a group's product is its
+    members' stacked)."""
+    groups = {id(getattr(m, "group", None)) for m in modules}
+    if all(isinstance(m, GroupedLinear) for m in modules) and len(groups) == 1:
+        group = modules[0].group
+        if [m.member for m in modules] == list(range(len(group.sizes))):
+            return group.joined
+    products = [_rows_product(m) for m in modules]
+    return lambda rows: torch.cat([product(rows) for product in products], dim=-1)
+
+
+@dataclass
+class _LlamaParts:
+    """One llama decoder layer's weights and products, reached directly (`_llama_layers`)."""
+
+    source: tuple[nn.Module, ...]  # the modules read, to see that they are still the layer's
+    input_norm: tuple[torch.Tensor, float]
+    post_norm: tuple[torch.Tensor, float]
+    qkv: Callable[[torch.Tensor], torch.Tensor]  # [n, H] -> [n, (heads + 2 * kv_heads) * head_dim]
+    o: Callable[[torch.Tensor], torch.Tensor]
+    gate_up: Callable[[torch.Tensor], torch.Tensor]  # [n, H] -> [n, 2 * intermediate]
+    down: Callable[[torch.Tensor], torch.Tensor]
+    act: Callable[[torch.Tensor], torch.Tensor]
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    scaling: float
+    layer_idx: int
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> _LlamaParts:
+        modules, attn_modules, mlp_modules = layer._modules, layer.self_attn._modules, layer.mlp._modules
+        source = (
+            modules["input_layernorm"], modules["post_attention_layernorm"], *attn_modules.values(),
+            *mlp_modules.values(),
+        )
+        parts = layer.__dict__.get("_specd_parts")
+        if parts is not None and parts.source == source:  # the same modules (a plan may swap them)
+            return parts
+        attn, mlp = layer.self_attn, layer.mlp
+        config = attn.config
+        parts = cls(
+            source=source,
+            input_norm=(layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
+            post_norm=(layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon),
+            qkv=_joined_product([attn.q_proj, attn.k_proj, attn.v_proj]),
+            o=_rows_product(attn.o_proj),
+            gate_up=_joined_product([mlp.gate_proj, mlp.up_proj]),
+            down=_rows_product(mlp.down_proj),
+            act=mlp.act_fn,
+            heads=config.num_attention_heads,
+            kv_heads=config.num_key_value_heads,
+            head_dim=attn.head_dim,
+            intermediate=mlp.gate_proj.out_features,
+            scaling=attn.scaling,
+            layer_idx=attn.layer_idx,
+        )
+        layer.__dict__["_specd_parts"] = parts
+        return parts
+
+
+def _rms_norm(hidden: torch.Tensor, norm: tuple[torch.Tensor, float]) -> torch.Tensor:
     """A float32 llama RMSNorm in one call: the bits of its module's several (tests/unit/test_engine.py)."""
-    return nn.functional.rms_norm(hidden, norm.weight.shape, norm.weight, norm.variance_epsilon)
+    weight, eps = norm
+    return nn.functional.rms_norm(hidden, weight.shape, weight, eps)
 
 
 def _llama_layers(
     batch: PackedPass, cache: _PackedCache, layers: Any, hidden: torch.Tensor, position_embeddings: Any
 ) -> torch.Tensor:
     """transformers' llama decoder layers, op for op (the same arithmetic, bit for bit: tests/unit/test_engine.py),
-    without the keyword plumbing, decorators and attention lookup around each call, which took about 2 of the
-    default oracle's 13 ms per one-token step; attention row by row."""
-    cos, sin = position_embeddings
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    attention row by row, in as few calls as that arithmetic allows: each layer's products reached directly
+    (`_LlamaParts`), rotary embeddings on the queries and keys together, rows kept 2-D [N, H]. A one-token step
+    of the default oracle is some 1,800 small torch calls; each one saved is a few microseconds of every token."""
+    cos, sin = position_embeddings  # [1, N, D] each
+    half = cos.shape[-1] // 2
+    cos = cos[0].unsqueeze(1)  # [N, 1, D]
+    # rotate_half(x) * sin == cat(x2, x1) * sin_signed bit for bit: negating a factor negates its product exactly
+    sin_signed = torch.cat((-sin[0, :, :half], sin[0, :, half:]), dim=-1).unsqueeze(1)
+    rows = hidden.shape[1]
+    hidden = hidden[0]
     for number, layer in enumerate(layers, 1):
-        attn, mlp = layer.self_attn, layer.mlp
+        parts = _LlamaParts.of(layer)
+        heads, kv_heads, dim = parts.heads, parts.kv_heads, parts.head_dim
         residual = hidden
-        normed = _rms_norm(layer.input_layernorm, hidden)
-        shape = (*normed.shape[:-1], -1, attn.head_dim)
-        query = attn.q_proj(normed).view(shape).transpose(1, 2)
-        key = attn.k_proj(normed).view(shape).transpose(1, 2)
-        value = attn.v_proj(normed).view(shape).transpose(1, 2)
-        query = (query * cos) + (_rotate_half(query) * sin)
-        key = (key * cos) + (_rotate_half(key) * sin)
-        cache.update(key, value, attn.layer_idx)
-        out = _row_exact(batch, attn, query, attn.scaling)
-        hidden = residual + attn.o_proj(out.reshape(*normed.shape[:-1], -1).contiguous())
+        joined = parts.qkv(_rms_norm(hidden, parts.input_norm))
+        qk = joined[:, : (heads + kv_heads) * dim].view(rows, heads + kv_heads, dim)
+        turned = torch.cat((qk[..., half:], qk[..., :half]), dim=-1)
+        qk = (qk * cos) + (turned * sin_signed)
+        key = qk[:, heads:].transpose(0, 1).unsqueeze(0)  # [1, KV, N, D], as caches take them
+        value = joined[:, (heads + kv_heads) * dim :].view(rows, kv_heads, dim).transpose(0, 1).unsqueeze(0)
+        cache.update(key, value, parts.layer_idx)
+        out = _row_exact_rows(batch, parts, qk[:, :heads])
+        hidden = residual + parts.o(out)
         residual = hidden
-        normed = _rms_norm(layer.post_attention_layernorm, hidden)
-        hidden = residual + mlp.down_proj(mlp.act_fn(mlp.gate_proj(normed)) * mlp.up_proj(normed))
+        gate, up = parts.gate_up(_rms_norm(hidden, parts.post_norm)).split(parts.intermediate, dim=-1)
+        hidden = residual + parts.down(parts.act(gate) * up)
         if number in batch.taps:
-            batch.kept[number] = hidden[0]
-    return hidden
+            batch.kept[number] = hidden
+    return hidden.unsqueeze(0)
+
+
+def _row_exact_rows(batch: PackedPass, parts: _LlamaParts, query: torch.Tensor) -> torch.Tensor:
+    """Row-by-row attention for the lean layers: query [N, heads, D] -> [N, heads * D]."""
+    if not batch.rows_keys:
+        batch.rows_keys = [rows_keys_of(mask, len(segment)) for segment, mask in zip(batch.segments, batch.masks)]
+    outputs = [
+        row_exact_rows(query[start:end], keys, values, rows_keys, parts.scaling)
+        for (keys, values), rows_keys, (start, end) in zip(
+            batch.states[parts.layer_idx], batch.rows_keys, batch.bounds
+        )
+    ]
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)
 
 
 def _segment_mask(segment: Segment, cached: int, device: torch.device) -> torch.Tensor | None:

@@ -196,13 +196,15 @@ def test_the_step_window_keeps_the_least_squares_slope_and_load_as_steps_come_an
     assert window.load(0).rows_per_step == 0.0 and window.row_seconds() == 0.0
 
 
-def test_the_lean_llama_layers_give_the_bits_of_transformers_own(tiny_dir, monkeypatch):
+@pytest.mark.parametrize("weights", ["float32", "float16"])  # layers of their own; fused groups' one product
+def test_the_lean_llama_layers_give_the_bits_of_transformers_own(tiny_dir, monkeypatch, weights):
     """With row-by-row attention an oracle's packed passes run `_llama_layers` in place of each layer's own forward:
-    a prompt, one-token steps and a verify block give the very same hidden states both ways."""
+    a prompt, one-token steps, a verify block and a batch of two sessions give the very same hidden states both
+    ways."""
     from specd.runtime import batch as packed
     from specd.runtime.kv import SessionCache
 
-    loaded = load_worker_model(ModelSpec(str(tiny_dir / "oracle")))
+    loaded = load_worker_model(ModelSpec(str(tiny_dir / "oracle"), weights=weights))
     assert packed.use_packed_attention(loaded.model)
     packed.use_row_exact_attention(loaded.model)
     generator = torch.Generator().manual_seed(0)
@@ -212,12 +214,16 @@ def test_the_lean_llama_layers_give_the_bits_of_transformers_own(tiny_dir, monke
                 param.mul_(1 + 0.3 * torch.randn(param.shape, generator=generator))
 
     def run() -> list[torch.Tensor]:
-        cache, out = SessionCache(), []
+        cache, other, out = SessionCache(), SessionCache(), []
         with torch.inference_mode():
             out += packed.packed_forward(loaded.model, [packed.Segment(cache, list(range(1, 40)), list(range(39)))])
             for step in range(3):
                 out += packed.packed_forward(loaded.model, [packed.Segment(cache, [50 + step], [39 + step])])
             out += packed.packed_forward(loaded.model, [packed.Segment(cache, [7, 8, 9, 10], [42, 43, 44, 45])])
+            out += packed.packed_forward(loaded.model, [  # a batch: another session's prompt beside a tree
+                packed.Segment(other, list(range(60, 70)), list(range(10))),
+                packed.Segment(cache, [11, 12, 13], [46, 47, 47], torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]]).bool()),
+            ])
         return out
 
     lean = run()

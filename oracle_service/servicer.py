@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 import grpc
 
 from oracle_service.config import OracleConfig
+from specd.core.errors import SpecdError
 from specd.rpc.features import features_to_proto
-from specd.rpc.host import grpc_errors
+from specd.rpc.host import abort_with_error, grpc_errors
 from specd.rpc.worker_servicer import WorkerServicerMixin, session_id_from
 from specd.runtime.engine import OracleEngine
 from specd.runtime.executor import ModelExecutor
-from specd.runtime.verifier import Verifier
+from specd.runtime.verifier import Verifier, VerifyResult
 from specd.v1 import common_pb2, oracle_pb2, oracle_pb2_grpc
 
 SERVICE_NAME = oracle_pb2.DESCRIPTOR.services_by_name["OracleService"].full_name
@@ -68,6 +72,28 @@ class OracleServicer(WorkerServicerMixin, oracle_pb2_grpc.OracleServiceServicer)
                 list(request.draft_parents),
             ),
         )
+        return self._verdict(result)
+
+    async def Decode(
+        self, request: oracle_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[oracle_pb2.Verdict]:
+        try:
+            session_id = session_id_from(request)
+            run = self.engine.decode(
+                session_id, request.committed_length, request.max_tokens, list(request.stop_token_ids)
+            )
+            try:
+                async for result in run:
+                    yield self._verdict(result)
+            except asyncio.CancelledError:  # the caller is gone: as for Verify, its session goes
+                asyncio.ensure_future(self.executor.run(self.worker.close, session_id))
+                raise
+            finally:
+                await run.aclose()
+        except SpecdError as error:
+            await abort_with_error(context, error)
+
+    def _verdict(self, result: VerifyResult) -> oracle_pb2.Verdict:
         self.metrics.forward.labels("verify").observe(result.seconds)
         assert self.metrics.spec is not None
         self.metrics.spec.record(result.k, result.verdict.accepted)

@@ -14,7 +14,13 @@ and a_j from discounted per-position counts (both in coordinator/depth/estimator
 formulas). A new session starts from its pair's learned state with at most `carry` tests per
 position. While k = 0 is chosen, acceptance is not observed, so after `probe_every` rounds of
 the oracle alone the policy probes with `probe_k` (k_max under the stop rule) to notice a draft
-that became useful.
+that became useful. Oracle-alone rounds go to the oracle in decode runs that share one round
+trip (`alone_rounds()`), so for k = 0 that term is divided by the run's length R, and the probe interval stretches with the round trip:
+
+    cost(0) = t_verify(0) + rtt_oracle / R + t_loop,   R = min(probe interval, MAX_RUN_TOKENS)
+    probe interval = probe_every * (1 + rtt_oracle / t_verify(0)), at most MAX_PROBE_INTERVAL
+
+The round trip and t_loop are learned from rounds that paid them, not from a run's.
 
 Blocks copied by the session loop's prompt lookup (specd.core.lookup) cost no draft call, and
 their acceptance has nothing to do with the draft's: it is high where the text repeats its
@@ -57,7 +63,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from coordinator.depth.estimators import CalibrationBands, DiscountedRates, VerifyCostModel
-from coordinator.depth.policy import expected_tokens
+from coordinator.depth.policy import MAX_RUN_TOKENS, expected_tokens
 from coordinator.session.stats import RoundObservation
 from specd.core.stopping import StopRule
 
@@ -80,6 +86,7 @@ class GoodputState:
     # the row's time): 0 when a session has the oracle to itself.
     row_externality_seconds: float = 0.0
     rounds: int = 0
+    round_trips: int = 0  # rounds that were a round trip each (not part of a decode run): the ones timing those
     # Rounds whose block the session loop copied by prompt lookup, with acceptance of their own.
     lookup_acceptance: list[float] = field(default_factory=list)
     lookup_accepted_weight: list[float] = field(default_factory=list)
@@ -117,6 +124,9 @@ ASSUMED_VERIFY_GROWTH = 0.05
 # Until the draft has been timed, assume a draft step costs this share of a one-token verify: a draft is
 # chosen for being much smaller than its oracle.
 ASSUMED_DRAFT_SHARE = 0.1
+# The most oracle-alone rounds between two probes, however far the oracle: a draft that became useful is
+# noticed within this many tokens.
+MAX_PROBE_INTERVAL = 64
 
 
 class GoodputDepth:
@@ -171,8 +181,11 @@ class GoodputDepth:
         s.rounds += 1
         s.verify_seconds_by_k[round.k] = self._ema(s.verify_seconds_by_k.get(round.k), round.verify_seconds)
         s.verify_rounds_by_k[round.k] = s.verify_rounds_by_k.get(round.k, 0) + 1
-        s.rtt_oracle_seconds = self._ema(s.rtt_oracle_seconds if s.rounds > 1 else None, round.oracle_network_seconds)
-        s.loop_seconds = self._ema(s.loop_seconds if s.rounds > 1 else None, round.loop_seconds)
+        if not round.run:  # a decode run's rounds share one round trip, and their loop time overlaps the oracle's
+            first = s.round_trips == 0
+            s.round_trips += 1
+            s.rtt_oracle_seconds = self._ema(None if first else s.rtt_oracle_seconds, round.oracle_network_seconds)
+            s.loop_seconds = self._ema(None if first else s.loop_seconds, round.loop_seconds)
         s.row_externality_seconds = self._ema(
             s.row_externality_seconds if s.rounds > 1 else None, round.row_externality_seconds
         )
@@ -262,10 +275,16 @@ class GoodputDepth:
         return measured if measured is not None else ASSUMED_DRAFT_SHARE * self.verify_seconds(0)
 
     def round_seconds(self, k: int, *, drafted: bool = True) -> float:
-        """Predicted wall time of a round of depth k; drafted=False: a copied block (no draft call)."""
+        """Predicted wall time of a round of depth k; drafted=False: a copied block (no draft call). Oracle-alone
+        rounds go in decode runs of up to probe_interval() (at most MAX_RUN_TOKENS), which share one round trip.
+        Each still pays the loop's time (within a run it may hide behind the oracle's steps: the model does not
+        count on that)."""
         s = self.state
+        if k == 0:
+            run = min(self.probe_interval(), MAX_RUN_TOKENS)
+            return self.verify_seconds(0) + s.rtt_oracle_seconds / run + s.loop_seconds
         cost = self.verify_seconds(k) + s.rtt_oracle_seconds + s.loop_seconds + k * s.row_externality_seconds
-        if k > 0 and drafted:
+        if drafted:
             cost += k * self.draft_step_seconds() + s.rtt_draft_seconds
         return cost
 
@@ -283,9 +302,18 @@ class GoodputDepth:
         k = self.best_k()
         if self.confidence_stop and k > 0:
             k = self.k_max
-        if k == 0 and self._rounds_since_draft >= self.probe_every:
+        if k == 0 and self._rounds_since_draft >= self.probe_interval():
             return self.k_max if self.confidence_stop else self.probe_k
         return k
+
+    def probe_interval(self) -> int:
+        """Oracle-alone rounds between probes: `probe_every`, stretched by the oracle's round trip against its
+        step. A probe pays a round trip (two, with the draft's) that the decode run around it shares among its
+        tokens, so with a distant oracle probes come as many times rarer as a round trip is steps, and take
+        about the share of the time they take on a near one."""
+        step = self.verify_seconds(0)
+        stretch = 1.0 + self.state.rtt_oracle_seconds / step if step > 0 else 1.0
+        return max(self.probe_every, min(MAX_PROBE_INTERVAL, round(self.probe_every * stretch)))
 
     def measured_draft_goodput(self) -> float | None:
         """Committed tokens per second of the recent rounds that asked the draft (None before any)."""
@@ -339,6 +367,11 @@ class GoodputDepth:
             alternative_calibration=tuple(min(1.0, max(0.0, a)) for a in self.alternative_calibration()),
         )
 
+    def alone_rounds(self) -> int:
+        """The oracle-alone rounds left before the next probe: the choice stays k = 0 that long unless the
+        estimates move, and a run of them saves a round trip each."""
+        return max(1, self.probe_interval() - self._rounds_since_draft)
+
     def tree_width(self) -> int:
         """Draft trees go with the stop rule, which decides which alternatives pay their verify row."""
         return self._tree_width if self.confidence_stop else 0
@@ -387,6 +420,7 @@ class GoodputDepth:
             loop_seconds=float(state.get("loop_seconds", 0.0)),
             row_externality_seconds=float(state.get("row_externality_seconds", 0.0)),
             rounds=int(state.get("rounds", 0)),
+            round_trips=int(state.get("round_trips", state.get("rounds", 0))),
             calibration_accepted=self._bands(state.get("calibration_accepted")),
             calibration_tested=self._bands(state.get("calibration_tested")),
             alternative_accepted=self._bands(state.get("alternative_accepted")),

@@ -14,6 +14,11 @@ from typing import Any, Protocol
 from coordinator.session.stats import RoundObservation
 from specd.core.stopping import StopRule
 
+# alone_rounds() of a policy that never asks the draft: every round, for good.
+ALWAYS = 1 << 30
+# The most oracle-alone rounds one decode run holds: between runs the session loop looks again for drains and moves.
+MAX_RUN_TOKENS = 32
+
 
 class DepthPolicy(Protocol):
     name: str
@@ -32,6 +37,12 @@ class DepthPolicy(Protocol):
 
     def tree_width(self) -> int:
         """Alternatives per position a greedy block may offer as a draft tree (0: chains only)."""
+        ...
+
+    def alone_rounds(self) -> int:
+        """After choose_k() gave 0: for how many rounds in a row, that one first, 0 stays the choice (1: it
+        decides round by round). The loop runs them as one decode run on the oracle, without asking again in
+        between; each round's observation still comes to observe()."""
         ...
 
     def observe(self, round: RoundObservation) -> None:
@@ -62,6 +73,9 @@ class FixedDepth:
     def tree_width(self) -> int:
         return 0
 
+    def alone_rounds(self) -> int:
+        return ALWAYS if self.k == 0 else 1
+
     def observe(self, round: RoundObservation) -> None:
         pass
 
@@ -88,6 +102,9 @@ class HeuristicDepth:
 
     def tree_width(self) -> int:
         return 0
+
+    def alone_rounds(self) -> int:
+        return 1
 
     def observe(self, round: RoundObservation) -> None:
         if round.k == 0:

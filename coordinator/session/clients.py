@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from specd.core.stopping import StopRule
@@ -193,14 +194,41 @@ class OracleClient(WorkerClient):
             timeout=timeout,
             metadata=self.metadata,
         )
-        return TimedVerdict(
-            accepted=reply.accepted,
-            next_token=reply.next_token_id,
-            committed_length=reply.committed_length,
-            compute_seconds=reply.verify_seconds,
-            wall_seconds=time.perf_counter() - started,
-            features=reply.features if reply.HasField("features") else None,
-            path=list(reply.accepted_path),
-            step_sessions=max(1, reply.step_sessions),
-            row_seconds=reply.row_seconds,
+        return _timed(reply, time.perf_counter() - started)
+
+    async def decode(
+        self, session_id: str, committed_length: int, max_tokens: int, stop_tokens: list[int], timeout: float | None,
+    ) -> AsyncIterator[TimedVerdict]:
+        """A run of up to max_tokens oracle-alone rounds in one call (ending after a stop token), each round's
+        verdict as the oracle commits it; a round's wall time runs from the one before it (the call, for the first)."""
+        started = time.perf_counter()
+        await self._delay()
+        call = self.stub.Decode(
+            oracle_pb2.DecodeRequest(
+                session_id=session_id, committed_length=committed_length, max_tokens=max_tokens,
+                stop_token_ids=stop_tokens,
+            ),
+            timeout=timeout,
+            metadata=self.metadata,
         )
+        try:
+            async for reply in call:
+                now = time.perf_counter()
+                yield _timed(reply, now - started)
+                started = now
+        finally:
+            call.cancel()  # a no-op once the run has ended
+
+
+def _timed(reply: oracle_pb2.Verdict, wall_seconds: float) -> TimedVerdict:
+    return TimedVerdict(
+        accepted=reply.accepted,
+        next_token=reply.next_token_id,
+        committed_length=reply.committed_length,
+        compute_seconds=reply.verify_seconds,
+        wall_seconds=wall_seconds,
+        features=reply.features if reply.HasField("features") else None,
+        path=list(reply.accepted_path),
+        step_sessions=max(1, reply.step_sessions),
+        row_seconds=reply.row_seconds,
+    )

@@ -31,12 +31,18 @@ output does not change: greedy tokens are the oracle's own, and a seeded sampled
 are keyed by position. A draft that fails is dropped, whatever its error: the session goes on
 with the oracle alone from the committed tokens.
 
-Per-token traffic is these two RPCs; nothing here touches Ray.
+Rounds the policy leaves to the oracle alone (k = 0) several at a time (DepthPolicy.alone_rounds: a
+fixed depth of 0, or a session without a draft) go as one decode run: oracle.Decode(n) streams the
+n rounds' tokens as it commits them, with no round trip per token. Each is committed, counted and
+handed on as it arrives, so a run that fails midway loses nothing: the session moves with what it has.
+
+Per-token traffic is these RPCs; nothing here touches Ray.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -48,7 +54,8 @@ from dataclasses import dataclass, field, replace
 import grpc
 
 from coordinator.depth import DepthPolicy
-from coordinator.session.clients import DraftClient, OracleClient, join_features
+from coordinator.depth.policy import ALWAYS, MAX_RUN_TOKENS
+from coordinator.session.clients import DraftClient, OracleClient, TimedVerdict, join_features
 from coordinator.session.stats import RoundObservation, SpeculationStats
 from specd.core.errors import FailedPrecondition, Unavailable
 from specd.core.lookup import NgramIndex
@@ -365,33 +372,99 @@ class SpeculativeSession:
                 else:
                     k = min(self.policy.choose_k(), self._depth_limit()) if self._draft_open else 0
             self.current_k = k
+            run = self._alone_run() if k == 0 and not block else 1
             try:
+                if run > 1:
+                    async with contextlib.aclosing(self._decode_run(run)) as decoded:
+                        async for tokens, obs in decoded:
+                            tokens = self._account(tokens, obs, last_round_end, started, opened)
+                            last_round_end = time.perf_counter()
+                            if tokens:
+                                yield tokens
+                    again = None
+                    continue
                 tokens, obs = await self._round(k, block, lengths)
             except grpc.aio.AioRpcError as error:
                 if not self._oracle_failed(error):
                     raise
                 await self._move(error)
                 await self._open_moving(first=False)
-                again = (k, block, lengths)  # the same depth on the new oracle: the same draws
+                # The same depth on the new oracle: the same draws. A decode run's rounds are each committed as
+                # they come: the rest of it runs as new rounds.
+                again = (k, block, lengths) if run == 1 else None
                 continue
             again = None
-            # Everything since the last round's RPCs ended that is not this round's RPCs: the
-            # loop's own work, including handing the last tokens to the stream.
-            now = time.perf_counter()
-            rpcs = obs.draft_seconds + obs.verify_seconds + obs.network_seconds
-            obs = replace(obs, loop_seconds=max(0.0, now - last_round_end - rpcs))
-            last_round_end = now
-            self.stats.record(obs)
-            self.policy.observe(obs)
-            tokens = self._apply_limits(tokens)
-            if not self.generated:
-                self.stats.time_to_first_token_seconds = opened + time.perf_counter() - started
-            self.generated.extend(tokens)
-            self.stats.total_seconds = opened + time.perf_counter() - started
-            if self.on_round is not None:
-                self.on_round(self, obs, len(tokens))
+            tokens = self._account(tokens, obs, last_round_end, started, opened)
+            last_round_end = time.perf_counter()
             if tokens:
                 yield tokens
+
+    def _account(
+        self, tokens: list[int], obs: RoundObservation, last_round_end: float, started: float, opened: float
+    ) -> list[int]:
+        """Record a finished round (its stats, the policy's observation, the hook) and return the tokens it adds
+        to the output (`_apply_limits`)."""
+        # Everything since the last round's RPCs ended that is not this round's RPCs: the loop's own work,
+        # including handing the last tokens to the stream.
+        rpcs = obs.draft_seconds + obs.verify_seconds + obs.network_seconds
+        obs = replace(obs, loop_seconds=max(0.0, time.perf_counter() - last_round_end - rpcs))
+        self.stats.record(obs)
+        self.policy.observe(obs)
+        tokens = self._apply_limits(tokens)
+        if not self.generated:
+            self.stats.time_to_first_token_seconds = opened + time.perf_counter() - started
+        self.generated.extend(tokens)
+        self.stats.total_seconds = opened + time.perf_counter() - started
+        if self.on_round is not None:
+            self.on_round(self, obs, len(tokens))
+        return tokens
+
+    def _alone_run(self) -> int:
+        """How many oracle-alone rounds, this one first, can go to the oracle as one decode run: as many as the
+        policy commits to, within max_tokens, the context and MAX_RUN_TOKENS. Without a draft: all of them,
+        unless prompt lookup may offer a copied block at any round."""
+        if self._draft_open:
+            rounds = self.policy.alone_rounds()
+        else:
+            rounds = 1 if self._lookup is not None and self.policy.lookup_depth() > 0 else ALWAYS
+        remaining = self.request.max_tokens - len(self.generated)
+        room = self.request.max_context - self._committed_length
+        return max(1, min(rounds, remaining, room, MAX_RUN_TOKENS))
+
+    async def _decode_run(self, n: int) -> AsyncIterator[tuple[list[int], RoundObservation]]:
+        """Up to n oracle-alone rounds in one Decode call (ending after an end-of-sequence token), each committed
+        and yielded as it comes. Each token must come within the call deadline a single round would have: an
+        oracle that stops answering fails the run as a round's call would."""
+        run = self.oracle.decode(
+            self.session_id, self._committed_length, n, sorted(self.request.eos_token_ids), self._timeout()
+        )
+        try:
+            while True:
+                limit = self._call_timeout(VERIFY_DEADLINE_FLOOR_SECONDS)
+                try:
+                    verdict = await asyncio.wait_for(anext(run), limit)
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    self._timeout()  # raises when it is the request's own deadline that passed
+                    raise grpc.aio.AioRpcError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                        details=f"no token of a decode run within {limit:.1f} s",
+                    ) from None
+                self._verify_walls.append(verdict.wall_seconds)
+                committed = self._commit(verdict, [], [])
+                yield committed, RoundObservation(
+                    k=0,
+                    accepted=0,
+                    draft_seconds=0.0,
+                    verify_seconds=verdict.compute_seconds,
+                    oracle_network_seconds=max(0.0, verdict.wall_seconds - verdict.compute_seconds),
+                    step_sessions=verdict.step_sessions,
+                    row_seconds=verdict.row_seconds,
+                    run=True,
+                )
+        finally:
+            await run.aclose()
 
     def _lookup_block(self) -> tuple[list[int], list[int]]:
         """A copy of what followed the session's last tokens when they occurred before, and the length of
@@ -468,20 +541,7 @@ class SpeculativeSession:
             self._call_timeout(VERIFY_DEADLINE_FLOOR_SECONDS), parents,
         )
         self._verify_walls.append(verdict.wall_seconds)
-        kept = [draft_tokens[i] for i in verdict.path] if parents else draft_tokens[: verdict.accepted]
-        committed = kept + [verdict.next_token]
-        self.committed.extend(committed)
-        self._committed_length += len(committed)
-        if verdict.committed_length != self._committed_length:  # each side counts on its own: a free check
-            raise FailedPrecondition(
-                f"session {self.session_id} out of sync: the oracle holds {verdict.committed_length} committed "
-                f"tokens, the session loop counts {self._committed_length}"
-            )
-        self._draft_pending.extend(committed)
-        if self._lookup is not None:
-            self._lookup.extend(committed)
-        if verdict.features is not None and self._draft_open:
-            self._features_pending.append(verdict.features)
+        committed = self._commit(verdict, draft_tokens, parents)
         return committed, RoundObservation(
             k=len(draft_tokens),
             accepted=verdict.accepted,
@@ -500,6 +560,24 @@ class SpeculativeSession:
             step_sessions=verdict.step_sessions,
             row_seconds=verdict.row_seconds,
         )
+
+    def _commit(self, verdict: TimedVerdict, draft_tokens: list[int], parents: list[int]) -> list[int]:
+        """Commit what a verdict keeps of the block, and the oracle's own token; returns those tokens."""
+        kept = [draft_tokens[i] for i in verdict.path] if parents else draft_tokens[: verdict.accepted]
+        committed = kept + [verdict.next_token]
+        self.committed.extend(committed)
+        self._committed_length += len(committed)
+        if verdict.committed_length != self._committed_length:  # each side counts on its own: a free check
+            raise FailedPrecondition(
+                f"session {self.session_id} out of sync: the oracle holds {verdict.committed_length} committed "
+                f"tokens, the session loop counts {self._committed_length}"
+            )
+        self._draft_pending.extend(committed)
+        if self._lookup is not None:
+            self._lookup.extend(committed)
+        if verdict.features is not None and self._draft_open:
+            self._features_pending.append(verdict.features)
+        return committed
 
     def _apply_limits(self, tokens: list[int]) -> list[int]:
         """Cut a round's tokens at EOS (excluded from the output) or at max_tokens."""

@@ -39,6 +39,7 @@ class RoundObservation:
     path: tuple[int, ...] = ()  # a draft tree's accepted tokens, root side first
     step_sessions: int = 1  # sessions in the oracle's pass that verified this round
     row_seconds: float = 0.0  # what one more row adds to such a pass (the oracle's recent step-cost curve)
+    run: bool = False  # an oracle-alone round of a decode run: its network time is the stream's, not a round trip
 
     @property
     def row_externality_seconds(self) -> float:

@@ -31,11 +31,11 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Sized
+from collections.abc import AsyncIterator, Callable, Collection, Generator, Sized
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
-from specd.core.errors import SpecdError
+from specd.core.errors import InvalidArgument, SpecdError
 from specd.core.memory import release_freed_memory
 from specd.core.sampling import SamplingParams
 from specd.core.stopping import StopRule
@@ -187,14 +187,19 @@ class Engine(Generic[R, Out]):
     def load(self) -> Load:
         return self.window.load(self.queued)
 
-    async def run(self, session_id: str, start: Callable[[], Generator], *, prefill: bool = False) -> _Job:
-        """Queue a session's work; returns its finished job (its result in .result)."""
+    def submit(self, session_id: str, start: Callable[[], Generator], *, prefill: bool = False) -> _Job:
+        """Queue a session's work; its job's future ends with it (cancelling the future drops the work)."""
         if self._task is None or self._task.done():
             self._task = asyncio.ensure_future(self._loop())
         job = _Job(session_id, start, asyncio.get_running_loop().create_future(), prefill)
         self._queue.append(job)
         self._arrived.set()
         self._wake.set()
+        return job
+
+    async def run(self, session_id: str, start: Callable[[], Generator], *, prefill: bool = False) -> _Job:
+        """Queue a session's work; returns its finished job (its result in .result)."""
+        job = self.submit(session_id, start, prefill=prefill)
         await job.future
         return job
 
@@ -341,6 +346,54 @@ class OracleEngine(Engine[Segment, Any]):
             prefill=True,
         )
         return job.result
+
+    async def decode(
+        self, session_id: str, committed_length: int, max_tokens: int, stop_tokens: Collection[int] = (),
+    ) -> AsyncIterator[VerifyResult]:
+        """A run of up to max_tokens oracle-alone rounds (k = 0), ending after a stop token: each round's result
+        as it is committed. The run is one job, stepped on the model thread with every other session's work and
+        without a hop to the event loop per token. Leaving the iteration early drops the rest of the run."""
+        if max_tokens < 1:
+            raise InvalidArgument(f"a decode run needs max_tokens >= 1, got {max_tokens}")
+        loop = asyncio.get_running_loop()
+        results: asyncio.Queue[VerifyResult] = asyncio.Queue()
+        job: _Job | None = None
+
+        def emit(result: VerifyResult) -> None:  # on the model thread, as each round commits
+            assert job is not None
+            result = replace(result, step_sessions=job.step_sessions, row_seconds=job.row_seconds)
+            loop.call_soon_threadsafe(results.put_nowait, result)
+
+        job = self.submit(
+            session_id, lambda: self._decode(session_id, committed_length, max_tokens, frozenset(stop_tokens), emit)
+        )
+        taken: asyncio.Future[VerifyResult] | None = None
+        try:
+            while True:
+                taken = asyncio.ensure_future(results.get())
+                await asyncio.wait((taken, job.future), return_when=asyncio.FIRST_COMPLETED)
+                if not taken.done():  # the run ended: what it committed last may still be queued
+                    while not results.empty():
+                        yield results.get_nowait()
+                    job.future.result()  # raises the run's error, if it failed
+                    return
+                yield taken.result()
+        finally:
+            if taken is not None and not taken.done():
+                taken.cancel()
+            if not job.future.done():
+                job.future.cancel()
+
+    def _decode(
+        self, session_id: str, committed_length: int, max_tokens: int, stop_tokens: frozenset[int],
+        emit: Callable[[VerifyResult], None],
+    ) -> Generator[Segment, Any, None]:
+        for _ in range(max_tokens):
+            result = yield from self._verify(session_id, [], [], committed_length)
+            emit(result)
+            committed_length = result.committed_length
+            if result.verdict.next_token in stop_tokens:
+                return
 
     def _verify(self, *args: Any) -> Generator[Segment, Any, VerifyResult]:
         plan = self.verifier.plan_verify(*args)

@@ -33,12 +33,12 @@ def prompt_ids():
 
 @pytest.fixture(scope="module")
 async def oracle_processes(tiny_dir: Path):
-    """Three oracle workers, each a process of its own."""
+    """Four oracle workers, each a process of its own."""
     options = {"model": str(tiny_dir / "oracle"), "port": 0, "torch_threads": 1, "grace_seconds": 0.5}
-    spawned = await asyncio.gather(*(asyncio.to_thread(spawn, "oracle", options) for _ in range(3)), return_exceptions=True)
+    spawned = await asyncio.gather(*(asyncio.to_thread(spawn, "oracle", options) for _ in range(4)), return_exceptions=True)
     workers = [w for w in spawned if isinstance(w, WorkerProcess)]
     try:
-        if len(workers) < 3:
+        if len(workers) < 4:
             raise next(w for w in spawned if isinstance(w, BaseException))
         yield workers
     finally:
@@ -76,19 +76,23 @@ async def holder(workers: list[WorkerProcess]) -> WorkerProcess:
     raise AssertionError("no oracle holds the session")
 
 
-async def test_an_oracle_killed_mid_stream_loses_nothing(ray_local, tiny_dir, oracle_processes, same_draft, prompt_ids):
-    """SIGKILL of the session's oracle after a few rounds: the stream goes on from another oracle with no error and
-    no gap, and the output is the oracle's own greedy output."""
-    first, second = oracle_processes[0], oracle_processes[1]
-    running = await coordinator_over(
-        "plane-kill", {"oracle-a": first.address, "oracle-b": second.address}, same_draft, oracle_delay_ms=5
+@pytest.mark.parametrize("depth", [2, 0])  # drafted rounds; the oracle alone, in decode runs
+async def test_an_oracle_killed_mid_stream_loses_nothing(
+    ray_local, tiny_dir, oracle_processes, same_draft, prompt_ids, depth
+):
+    """SIGKILL of the session's oracle after a few rounds (at depth 0: within a decode run): the stream goes on from
+    another oracle with no error and no gap, and the output is the oracle's own greedy output."""
+    first, second = [w for w in oracle_processes if w.process.poll() is None][:2]
+    running = await coordinator_over(  # at depth 0 each decode run waits 200 ms first: the kill comes before the next
+        f"plane-kill-{depth}", {"oracle-a": first.address, "oracle-b": second.address}, same_draft,
+        oracle_delay_ms=5 if depth else 200,
     )
     expected = greedy_reference(tiny_dir / "oracle", prompt_ids, 100)
     registry = running.coordinator.metrics.registry
     try:
         async with AsyncSpecdClient(running.address) as client:
             chunks = []
-            async for chunk in client.stream(token_ids=prompt_ids, max_tokens=100, stop_at_eos=False, depth=2):
+            async for chunk in client.stream(token_ids=prompt_ids, max_tokens=100, stop_at_eos=False, depth=depth):
                 chunks.append(chunk)
                 if len(chunks) == 3:
                     victim = await holder([first, second])
@@ -104,17 +108,22 @@ async def test_an_oracle_killed_mid_stream_loses_nothing(ray_local, tiny_dir, or
         await running.stop()
 
 
+@pytest.mark.parametrize("depth", [2, 0])
 async def test_a_paused_oracle_is_left_within_its_deadline_and_sampling_stays_seeded(
-    ray_local, tiny_dir, oracle_processes, same_draft, prompt_ids
+    ray_local, tiny_dir, oracle_processes, same_draft, prompt_ids, depth
 ):
-    """SIGSTOP of the session's oracle: its verify misses its call deadline, the session moves, and a seeded
-    sampled request writes what it writes uninterrupted (same seed, same depths, draws keyed by position)."""
+    """SIGSTOP of the session's oracle: its verify (at depth 0: the next token of its decode run) misses its call
+    deadline, the session moves, and a seeded sampled request writes what it writes uninterrupted (same seed, same
+    depths, draws keyed by position)."""
     alive = [w for w in oracle_processes if w.process.poll() is None]
     assert len(alive) >= 2
+    # A decode run streams its tokens well ahead of the client; at depth 0 each run waits 200 ms first (a distant
+    # oracle), so the pause comes before the next run.
     running = await coordinator_over(
-        "plane-pause", {"oracle-a": alive[0].address, "oracle-b": alive[1].address}, same_draft, oracle_delay_ms=5
+        f"plane-pause-{depth}", {"oracle-a": alive[0].address, "oracle-b": alive[1].address}, same_draft,
+        oracle_delay_ms=5 if depth else 200,
     )
-    request = {"token_ids": prompt_ids, "max_tokens": 60, "stop_at_eos": False, "depth": 2, "temperature": 0.9,
+    request = {"token_ids": prompt_ids, "max_tokens": 60, "stop_at_eos": False, "depth": depth, "temperature": 0.9,
                "seed": 1234}
     paused: WorkerProcess | None = None
     try:

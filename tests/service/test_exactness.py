@@ -122,3 +122,46 @@ async def test_eight_concurrent_sessions_share_passes_and_stay_exact(oracle, unr
     for worker, (steps_before, alone_before) in zip(workers, before):
         steps, alone = shared_passes(worker)
         assert steps > steps_before and alone - alone_before < steps - steps_before  # some passes served several
+
+
+class CountingOracle(OracleClient):
+    """A real oracle client that counts its calls by kind."""
+
+    def __init__(self, address: str):
+        super().__init__(address)
+        self.calls = {"verify": 0, "decode": 0}
+
+    async def verify(self, *args, **kwargs):
+        self.calls["verify"] += 1
+        return await super().verify(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        self.calls["decode"] += 1
+        return super().decode(*args, **kwargs)
+
+
+async def test_the_oracle_alone_decodes_in_runs_and_stays_exact(oracle, unrelated_draft, reference, tiny_dir):
+    """At a fixed depth of 0 the loop asks the oracle for runs of rounds (Decode, at most MAX_RUN_TOKENS each) rather
+    than a Verify per token: the same tokens; an end-of-sequence token ends the run and the output before it."""
+    from coordinator.depth.policy import MAX_RUN_TOKENS
+
+    tokenizer = build_tokenizer()
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    longer = greedy_reference(tiny_dir / "oracle", ids, 2 * MAX_RUN_TOKENS + 6)
+    for max_tokens, eos, runs, expected in (
+        (MAX_TOKENS, frozenset(), 1, reference[PROMPTS[0]][1]),
+        (len(longer), frozenset(), 3, longer),
+        (len(longer), frozenset({longer[9]}), 1, longer[: longer.index(longer[9])]),
+    ):
+        client, draft = CountingOracle(oracle.address), DraftClient(unrelated_draft.address)
+        try:
+            session = SpeculativeSession(
+                SessionRequest(prompt=ids, sampling=common_pb2.SamplingParams(), max_tokens=max_tokens, eos_token_ids=eos),
+                draft, client, FixedDepth(0),
+            )
+            assert await run_to_completion(session) == expected
+            assert client.calls == {"verify": 0, "decode": runs}
+            assert session.stats.rounds == len(expected) + bool(eos)
+        finally:
+            await client.close()
+            await draft.close()

@@ -42,6 +42,9 @@ class Cycle:
     def tree_width(self) -> int:
         return 0
 
+    def alone_rounds(self) -> int:
+        return 1
+
     def observe(self, round) -> None:
         pass
 

@@ -221,3 +221,93 @@ async def test_session_limit_is_resource_exhausted(tiny_dir):
             await expect_status(stub.OpenSession(open_oracle(session_id="b")), grpc.StatusCode.RESOURCE_EXHAUSTED)
     finally:
         await worker.stop()
+
+
+async def streamed(call) -> list:
+    return [message async for message in call]
+
+
+async def test_a_decode_run_commits_what_single_rounds_commit(stubs, oracle):
+    """Decode(n) streams n verdicts, each the token a k = 0 Verify commits at that place (greedy, and sampled with a
+    seed: draws are keyed by position); a stop token ends the run after it."""
+    oracle_stub, _ = stubs
+    prompt = [5, 9, 13, 2]
+    for name, sampling in (("greedy", {}), ("sampled", {"temperature": 0.8, "seed": 7})):
+        for sid in (f"one-{name}", f"run-{name}", f"stop-{name}"):
+            await oracle_stub.OpenSession(open_oracle(sid, prompt, **sampling))
+        single = []
+        for i in range(12):
+            verdict = await oracle_stub.Verify(
+                oracle_pb2.VerifyRequest(session_id=f"one-{name}", committed_length=len(prompt) + i)
+            )
+            single.append(verdict.next_token_id)
+        run = await streamed(oracle_stub.Decode(
+            oracle_pb2.DecodeRequest(session_id=f"run-{name}", committed_length=len(prompt), max_tokens=12)
+        ))
+        assert [v.next_token_id for v in run] == single
+        assert [v.committed_length for v in run] == list(range(len(prompt) + 1, len(prompt) + 13))
+        assert all(v.accepted == 0 and v.step_sessions >= 1 for v in run)
+        stop = single[4]
+        ended = await streamed(oracle_stub.Decode(oracle_pb2.DecodeRequest(
+            session_id=f"stop-{name}", committed_length=len(prompt), max_tokens=12, stop_token_ids=[stop]
+        )))
+        assert [v.next_token_id for v in ended] == single[: single.index(stop) + 1]
+        for sid in (f"one-{name}", f"run-{name}", f"stop-{name}"):
+            await oracle_stub.CloseSession(common_pb2.CloseSessionRequest(session_id=sid))
+    assert len(oracle.servicer.worker.sessions) == 0
+
+
+async def test_a_bad_decode_run_gets_a_clear_status_and_keeps_what_it_committed(stubs, oracle):
+    oracle_stub, _ = stubs
+
+    async def refused(request: oracle_pb2.DecodeRequest, code: grpc.StatusCode, fragment: str) -> list:
+        got = []
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for verdict in oracle_stub.Decode(request):
+                got.append(verdict)
+        assert info.value.code() == code, info.value.details()
+        assert fragment in info.value.details()
+        return got
+
+    await refused(oracle_pb2.DecodeRequest(session_id="nope", max_tokens=3), grpc.StatusCode.NOT_FOUND, "unknown")
+    await oracle_stub.OpenSession(open_oracle("run", [1, 2, 3]))
+    await refused(
+        oracle_pb2.DecodeRequest(session_id="run", committed_length=3, max_tokens=0),
+        grpc.StatusCode.INVALID_ARGUMENT, "max_tokens",
+    )
+    await refused(
+        oracle_pb2.DecodeRequest(session_id="run", committed_length=9, max_tokens=3),
+        grpc.StatusCode.FAILED_PRECONDITION, "sync",
+    )
+    # A run past the model's context (512 positions) streams every token there is room for, then OUT_OF_RANGE.
+    prompt = [(7 * i) % 50 + 1 for i in range(505)]
+    await oracle_stub.OpenSession(open_oracle("long", prompt))
+    got = await refused(
+        oracle_pb2.DecodeRequest(session_id="long", committed_length=len(prompt), max_tokens=20),
+        grpc.StatusCode.OUT_OF_RANGE, "context",
+    )
+    assert got and got[-1].committed_length == len(prompt) + len(got)
+    assert oracle.servicer.worker.sessions.get("long").committed[len(prompt):] == [v.next_token_id for v in got]
+    # The server and the sessions are still there: a valid run works.
+    (verdict,) = await streamed(
+        oracle_stub.Decode(oracle_pb2.DecodeRequest(session_id="run", committed_length=3, max_tokens=1))
+    )
+    assert verdict.committed_length == 4
+    for sid in ("run", "long"):
+        assert (await oracle_stub.CloseSession(common_pb2.CloseSessionRequest(session_id=sid))).existed
+
+
+async def test_a_cancelled_decode_run_leaves_no_session(stubs, oracle):
+    """A caller that leaves a run midway is gone, as one that cancels a Verify: its session is freed."""
+    oracle_stub, _ = stubs
+    await oracle_stub.OpenSession(open_oracle("left", [4, 5, 6]))
+    call = oracle_stub.Decode(oracle_pb2.DecodeRequest(session_id="left", committed_length=3, max_tokens=400))
+    async for verdict in call:
+        if verdict.committed_length == 5:
+            break
+    call.cancel()
+    for _ in range(100):
+        if "left" not in oracle.servicer.worker.sessions:
+            break
+        await asyncio.sleep(0.05)
+    assert "left" not in oracle.servicer.worker.sessions

@@ -30,12 +30,17 @@ def policy_with(acceptance, draft_token_seconds, rtt_oracle=0.0, rtt_draft=0.0, 
 
 
 def brute_force_k(acceptance, t_draft, rtt_oracle, rtt_draft, k_max) -> int:
+    # k = 0 rounds share the round trip within a decode run: as long as the probe interval, at most 32 rounds
+    run = min(max(4, round(4 * (1 + rtt_oracle / VERIFY_BASE))), 32)
+
     def rate(k):
         e, survive = 1.0, 1.0
         for a in acceptance[:k]:
             survive *= a
             e += survive
-        cost = k * t_draft + VERIFY_BASE + VERIFY_SLOPE * k + rtt_oracle + (rtt_draft if k else 0.0)
+        if k == 0:
+            return 1.0 / (VERIFY_BASE + rtt_oracle / run)
+        cost = k * t_draft + VERIFY_BASE + VERIFY_SLOPE * k + rtt_oracle + rtt_draft
         return e / cost
 
     return max(range(k_max + 1), key=rate)
@@ -75,10 +80,28 @@ def test_goodput_picks_zero_when_the_draft_round_trip_is_huge():
     assert policy.choose_k() == 0
 
 
-def test_goodput_raises_k_as_the_oracle_round_trip_grows():
-    chosen = [policy_with([0.8] * 16, 0.004, rtt_oracle=rtt, k_max=16).choose_k() for rtt in (0.0, 0.01, 0.05, 0.2, 1.0)]
-    assert chosen == sorted(chosen)
-    assert chosen[-1] > chosen[0]
+def test_goodput_raises_k_as_the_oracle_round_trip_grows_until_decode_runs_win():
+    """A round trip per round favours longer blocks; far enough away, the oracle alone, whose rounds share one round
+    trip per decode run, does better than any block."""
+    rtts = (0.0, 0.01, 0.05, 0.2, 1.0)
+    chosen = [policy_with([0.8] * 16, 0.004, rtt_oracle=rtt, k_max=16).choose_k() for rtt in rtts]
+    assert chosen == [brute_force_k([0.8] * 16, 0.004, rtt, 0.0, 16) for rtt in rtts]
+    drafted = [k for k in chosen if k]
+    assert drafted == sorted(drafted) and drafted[-1] > chosen[0] > 0
+    assert chosen[-1] == 0
+
+
+def test_the_probe_interval_stretches_with_the_oracle_round_trip():
+    near, far = policy_with([0.05] * 8, 0.004), policy_with([0.05] * 8, 0.004, rtt_oracle=0.5)
+    assert near.choose_k() == far.choose_k() == 0
+    assert near.probe_interval() == near.alone_rounds() == 4
+    assert far.probe_interval() == 44 and far.alone_rounds() == 44  # 4 * (1 + 0.5 / 0.05)
+    for _ in range(43):  # the rounds of one run, each observed as it came
+        far.observe(RoundObservation(k=0, accepted=0, draft_seconds=0.0, verify_seconds=VERIFY_BASE, run=True))
+    assert far.alone_rounds() == 1 and far.choose_k() == 0
+    far.observe(RoundObservation(k=0, accepted=0, draft_seconds=0.0, verify_seconds=VERIFY_BASE, run=True))
+    assert far.choose_k() > 0  # the probe
+    assert far.state.rtt_oracle_seconds == 0.5  # a run's rounds do not time the round trip
 
 
 def rounds_of(policy, accept_fraction: float, n: int, t_draft=0.004) -> None:
@@ -144,7 +167,9 @@ def test_noisy_acceptance_does_not_push_a_useful_draft_to_zero():
             oracle_network_seconds=0.003, draft_network_seconds=0.003 if k else 0.0, loop_seconds=0.015,
         ))
         depths.append(k)
-    assert depths[50:].count(0) / len(depths[50:]) < 0.1
+    # Oracle-alone rounds share their round trip in decode runs, which makes k = 0 a little cheaper (2% here) and
+    # a streak of misses a little likelier to reach it; a useful draft still serves most rounds.
+    assert depths[50:].count(0) / len(depths[50:]) < 0.15
     assert 1 <= max(set(depths[50:]), key=depths[50:].count) <= 2
 
 

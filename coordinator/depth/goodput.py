@@ -18,7 +18,7 @@ that became useful. Oracle-alone rounds go to the oracle in decode runs that sha
 trip (`alone_rounds()`), so for k = 0 that term is divided by the run's length R, and the probe interval stretches with the round trip:
 
     cost(0) = t_verify(0) + rtt_oracle / R + t_loop,   R = min(probe interval, MAX_RUN_TOKENS)
-    probe interval = probe_every * (1 + rtt_oracle / t_verify(0)), at most MAX_PROBE_INTERVAL
+    probe interval = probe_every * (1 + rtt_oracle / t_verify(0))^2, at most MAX_PROBE_INTERVAL
 
 The round trip and t_loop are learned from rounds that paid them, not from a run's.
 
@@ -307,13 +307,13 @@ class GoodputDepth:
         return k
 
     def probe_interval(self) -> int:
-        """Oracle-alone rounds between probes: `probe_every`, stretched by the oracle's round trip against its
-        step. A probe pays a round trip (two, with the draft's) that the decode run around it shares among its
-        tokens, so with a distant oracle probes come as many times rarer as a round trip is steps, and take
-        about the share of the time they take on a near one."""
+        """Oracle-alone rounds between probes: `probe_every`, stretched twice by s = 1 + rtt_oracle / t_verify(0).
+        A probe costs about s oracle-alone tokens (its round trip, which a decode run shares among its tokens), and
+        what a draft that became useful can win over decode runs shrinks by about as much (its every round pays
+        the round trip that runs share): probing s^2 times rarer keeps its cost in proportion to its gain."""
         step = self.verify_seconds(0)
         stretch = 1.0 + self.state.rtt_oracle_seconds / step if step > 0 else 1.0
-        return max(self.probe_every, min(MAX_PROBE_INTERVAL, round(self.probe_every * stretch)))
+        return max(self.probe_every, min(MAX_PROBE_INTERVAL, int(self.probe_every * stretch * stretch)))
 
     def measured_draft_goodput(self) -> float | None:
         """Committed tokens per second of the recent rounds that asked the draft (None before any)."""
@@ -381,9 +381,10 @@ class GoodputDepth:
         return expected_tokens(self.state.lookup_acceptance, k) / self.round_seconds(k, drafted=False)
 
     def lookup_depth(self) -> int:
-        """The copied block's best depth, or 0 when asking the draft is expected to do better."""
+        """The copied block's best depth, or 0 when asking the draft, or the oracle alone, is expected to do
+        better."""
         depth = max(range(1, self.k_max + 1), key=lambda k: (self.lookup_goodput(k), -k))
-        return depth if self.lookup_goodput(depth) > self.draft_goodput() else 0
+        return depth if self.lookup_goodput(depth) > max(self.draft_goodput(), self.goodput(0)) else 0
 
     # -- carrying state between sessions ------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:

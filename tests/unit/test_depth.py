@@ -31,7 +31,7 @@ def policy_with(acceptance, draft_token_seconds, rtt_oracle=0.0, rtt_draft=0.0, 
 
 def brute_force_k(acceptance, t_draft, rtt_oracle, rtt_draft, k_max) -> int:
     # k = 0 rounds share the round trip within a decode run: as long as the probe interval, at most 32 rounds
-    run = min(max(4, round(4 * (1 + rtt_oracle / VERIFY_BASE))), 32)
+    run = min(max(4, int(4 * (1 + rtt_oracle / VERIFY_BASE) ** 2)), 64, 32)
 
     def rate(k):
         e, survive = 1.0, 1.0
@@ -92,16 +92,18 @@ def test_goodput_raises_k_as_the_oracle_round_trip_grows_until_decode_runs_win()
 
 
 def test_the_probe_interval_stretches_with_the_oracle_round_trip():
-    near, far = policy_with([0.05] * 8, 0.004), policy_with([0.05] * 8, 0.004, rtt_oracle=0.5)
-    assert near.choose_k() == far.choose_k() == 0
+    near, mid, far = (policy_with([0.05] * 8, 0.004, rtt_oracle=rtt) for rtt in (0.0, 0.025, 0.1))
+    assert near.choose_k() == mid.choose_k() == far.choose_k() == 0
     assert near.probe_interval() == near.alone_rounds() == 4
-    assert far.probe_interval() == 44 and far.alone_rounds() == 44  # 4 * (1 + 0.5 / 0.05)
-    for _ in range(43):  # the rounds of one run, each observed as it came
+    assert mid.probe_interval() == 9  # 4 * (1 + 0.025 / 0.05) ** 2
+    assert far.probe_interval() == far.alone_rounds() == 36  # 4 * (1 + 0.1 / 0.05) ** 2
+    assert policy_with([0.05] * 8, 0.004, rtt_oracle=1.0).probe_interval() == 64  # at most
+    for _ in range(35):  # the rounds of one run, each observed as it came
         far.observe(RoundObservation(k=0, accepted=0, draft_seconds=0.0, verify_seconds=VERIFY_BASE, run=True))
     assert far.alone_rounds() == 1 and far.choose_k() == 0
     far.observe(RoundObservation(k=0, accepted=0, draft_seconds=0.0, verify_seconds=VERIFY_BASE, run=True))
     assert far.choose_k() > 0  # the probe
-    assert far.state.rtt_oracle_seconds == 0.5  # a run's rounds do not time the round trip
+    assert far.state.rtt_oracle_seconds == 0.1  # a run's rounds do not time the round trip
 
 
 def rounds_of(policy, accept_fraction: float, n: int, t_draft=0.004) -> None:

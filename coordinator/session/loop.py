@@ -31,8 +31,8 @@ output does not change: greedy tokens are the oracle's own, and a seeded sampled
 are keyed by position. A draft that fails is dropped, whatever its error: the session goes on
 with the oracle alone from the committed tokens.
 
-Rounds the policy leaves to the oracle alone (k = 0) several at a time (DepthPolicy.alone_rounds: a
-fixed depth of 0, or a session without a draft) go as one decode run: oracle.Decode(n) streams the
+Rounds the policy leaves to the oracle alone (k = 0) several at a time (DepthPolicy.alone_rounds; all
+of them for a session without a draft) go as one decode run: oracle.Decode(n) streams the
 n rounds' tokens as it commits them, with no round trip per token. Each is committed, counted and
 handed on as it arrives, so a run that fails midway loses nothing: the session moves with what it has.
 
@@ -377,8 +377,7 @@ class SpeculativeSession:
                 if run > 1:
                     async with contextlib.aclosing(self._decode_run(run)) as decoded:
                         async for tokens, obs in decoded:
-                            tokens = self._account(tokens, obs, last_round_end, started, opened)
-                            last_round_end = time.perf_counter()
+                            tokens, last_round_end = self._account(tokens, obs, last_round_end, started, opened)
                             if tokens:
                                 yield tokens
                     again = None
@@ -394,20 +393,20 @@ class SpeculativeSession:
                 again = (k, block, lengths) if run == 1 else None
                 continue
             again = None
-            tokens = self._account(tokens, obs, last_round_end, started, opened)
-            last_round_end = time.perf_counter()
+            tokens, last_round_end = self._account(tokens, obs, last_round_end, started, opened)
             if tokens:
                 yield tokens
 
     def _account(
         self, tokens: list[int], obs: RoundObservation, last_round_end: float, started: float, opened: float
-    ) -> list[int]:
-        """Record a finished round (its stats, the policy's observation, the hook) and return the tokens it adds
-        to the output (`_apply_limits`)."""
+    ) -> tuple[list[int], float]:
+        """Record a finished round (its stats, the policy's observation, the hook); returns the tokens it adds to
+        the output (`_apply_limits`) and when its RPCs were done with (the next round's loop time starts there)."""
         # Everything since the last round's RPCs ended that is not this round's RPCs: the loop's own work,
         # including handing the last tokens to the stream.
+        now = time.perf_counter()
         rpcs = obs.draft_seconds + obs.verify_seconds + obs.network_seconds
-        obs = replace(obs, loop_seconds=max(0.0, time.perf_counter() - last_round_end - rpcs))
+        obs = replace(obs, loop_seconds=max(0.0, now - last_round_end - rpcs))
         self.stats.record(obs)
         self.policy.observe(obs)
         tokens = self._apply_limits(tokens)
@@ -417,7 +416,7 @@ class SpeculativeSession:
         self.stats.total_seconds = opened + time.perf_counter() - started
         if self.on_round is not None:
             self.on_round(self, obs, len(tokens))
-        return tokens
+        return tokens, now
 
     def _alone_run(self) -> int:
         """How many oracle-alone rounds, this one first, can go to the oracle as one decode run: as many as the

@@ -45,19 +45,25 @@ async def no_sessions_left(*workers, timeout: float = 5.0) -> bool:
     return False
 
 
-async def test_identical_pair_ends_with_a_large_k_and_is_exact(ray_local, tiny_dir, oracle, same_draft, prompt_ids):
-    # A tiny draft costs as much per token as the tiny oracle, so long blocks pay only when each
-    # oracle call is dear: rehearse a distant oracle (10 ms round trip), as in a real deployment.
+async def test_identical_pair_accepts_every_drafted_token_and_is_exact(
+    ray_local, tiny_dir, oracle, same_draft, prompt_ids
+):
+    """A draft that is the oracle has every drafted token accepted. With a distant oracle (10 ms round trip) and a
+    draft as dear per token as the oracle, the policy drafts while it learns, and then leaves the oracle alone in
+    decode runs, which share a round trip among up to 32 tokens where a drafted block pays one per block and a
+    draft step per token."""
     running = await own_coordinator("plane-same", oracle, same_draft, oracle_delay_ms=10)
     expected = greedy_reference(tiny_dir / "oracle", prompt_ids, 48)
     try:
         async with AsyncSpecdClient(running.address) as client:
-            for _ in range(4):
-                result = await client.generate(token_ids=prompt_ids, max_tokens=48, stop_at_eos=False)
-                assert result.token_ids == expected
-        depths = list(result.stats.depth_per_round)
-        assert result.stats.acceptance_rate == 1.0
-        assert max(depths[-3:]) >= 6, depths
+            results = [
+                await client.generate(token_ids=prompt_ids, max_tokens=48, stop_at_eos=False) for _ in range(4)
+            ]
+        assert all(result.token_ids == expected for result in results)
+        drafted = sum(result.stats.drafted for result in results)
+        assert drafted > 0 and sum(result.stats.accepted for result in results) == drafted
+        last = list(results[-1].stats.depth_per_round)
+        assert last.count(0) > len(last) // 2, last
     finally:
         await running.stop()
 

@@ -64,15 +64,21 @@ async def coordinator_over(name: str, oracles: dict[str, str], draft=None, **ove
     return running
 
 
-async def holder(workers: list[WorkerProcess]) -> WorkerProcess:
-    """The oracle holding the one session."""
-    for worker in workers:
-        client = OracleClient(worker.address)
-        try:
-            if (await client.info(2.0)).active_sessions:
-                return worker
-        finally:
-            await client.close()
+async def sessions_held(worker: WorkerProcess) -> int:
+    client = OracleClient(worker.address)
+    try:
+        return (await client.info(2.0)).active_sessions
+    finally:
+        await client.close()
+
+
+async def holder(workers: list[WorkerProcess], before: list[int] | None = None) -> WorkerProcess:
+    """The oracle holding the one session: one with more sessions than `before` (each one's count when the request
+    began; none by default). An oracle paused by an earlier test may still hold the session it was left with, until
+    its time to live runs out."""
+    for worker, held in zip(workers, before or [0] * len(workers), strict=True):
+        if await sessions_held(worker) > held:
+            return worker
     raise AssertionError("no oracle holds the session")
 
 
@@ -91,11 +97,12 @@ async def test_an_oracle_killed_mid_stream_loses_nothing(
     registry = running.coordinator.metrics.registry
     try:
         async with AsyncSpecdClient(running.address) as client:
+            before = [await sessions_held(worker) for worker in (first, second)]
             chunks = []
             async for chunk in client.stream(token_ids=prompt_ids, max_tokens=100, stop_at_eos=False, depth=depth):
                 chunks.append(chunk)
                 if len(chunks) == 3:
-                    victim = await holder([first, second])
+                    victim = await holder([first, second], before)
                     victim.process.kill()  # SIGKILL, by pid
         ids = [t for c in chunks for t in c.token_ids]
         assert ids == expected
@@ -118,24 +125,26 @@ async def test_a_paused_oracle_is_left_within_its_deadline_and_sampling_stays_se
     alive = [w for w in oracle_processes if w.process.poll() is None]
     assert len(alive) >= 2
     # A decode run streams its tokens well ahead of the client; at depth 0 each run waits 200 ms first (a distant
-    # oracle), so the pause comes before the next run.
+    # oracle) and the request holds four runs, so the pause comes before the last.
     running = await coordinator_over(
         f"plane-pause-{depth}", {"oracle-a": alive[0].address, "oracle-b": alive[1].address}, same_draft,
         oracle_delay_ms=5 if depth else 200,
     )
-    request = {"token_ids": prompt_ids, "max_tokens": 60, "stop_at_eos": False, "depth": depth, "temperature": 0.9,
-               "seed": 1234}
+    request = {"token_ids": prompt_ids, "max_tokens": 60 if depth else 100, "stop_at_eos": False, "depth": depth,
+               "temperature": 0.9, "seed": 1234}
     paused: WorkerProcess | None = None
     try:
         async with AsyncSpecdClient(running.address) as client:
             reference = await client.generate(**request)
             assert reference.stats.migrations == 0
+            await asyncio.sleep(0.2)  # the reference's sessions close after its last token
+            before = [await sessions_held(worker) for worker in alive[:2]]
             chunks = []
             started = time.monotonic()
             async for chunk in client.stream(**request):
                 chunks.append(chunk)
                 if len(chunks) == 3:
-                    paused = await holder(alive[:2])
+                    paused = await holder(alive[:2], before)
                     os.kill(paused.process.pid, signal.SIGSTOP)
             elapsed = time.monotonic() - started
         assert [t for c in chunks for t in c.token_ids] == list(reference.token_ids)

@@ -297,8 +297,20 @@ async def test_a_bad_decode_run_gets_a_clear_status_and_keeps_what_it_committed(
         assert (await oracle_stub.CloseSession(common_pb2.CloseSessionRequest(session_id=sid))).existed
 
 
-async def test_a_cancelled_decode_run_leaves_no_session(stubs, oracle):
-    """A caller that leaves a run midway is gone, as one that cancels a Verify: its session is freed."""
+async def test_a_cancelled_decode_run_leaves_no_session(stubs, oracle, monkeypatch):
+    """A caller that leaves a run midway is gone, as one that cancels a Verify: its session is freed. (Each step of
+    the tiny oracle is held 10 ms, so that the run is still going when the caller leaves: a run that has ended
+    leaves its session open, as a finished Verify does.)"""
+    import time
+
+    verifier = oracle.servicer.worker
+    finish = verifier.finish_verify
+
+    def held(*args):
+        time.sleep(0.01)
+        return finish(*args)
+
+    monkeypatch.setattr(verifier, "finish_verify", held)
     oracle_stub, _ = stubs
     await oracle_stub.OpenSession(open_oracle("left", [4, 5, 6]))
     call = oracle_stub.Decode(oracle_pb2.DecodeRequest(session_id="left", committed_length=3, max_tokens=400))

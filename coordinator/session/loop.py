@@ -420,12 +420,12 @@ class SpeculativeSession:
 
     def _alone_run(self) -> int:
         """How many oracle-alone rounds, this one first, can go to the oracle as one decode run: as many as the
-        policy commits to, within max_tokens, the context and MAX_RUN_TOKENS. Without a draft: all of them,
-        unless prompt lookup may offer a copied block at any round."""
-        if self._draft_open:
-            rounds = self.policy.alone_rounds()
-        else:
-            rounds = 1 if self._lookup is not None and self.policy.lookup_depth() > 0 else ALWAYS
+        policy commits to (all, without a draft), within max_tokens, the context and MAX_RUN_TOKENS; 1 while a
+        block copied by prompt lookup would pay at any round (the policy's lookup_depth(), which weighs it
+        against the oracle alone in runs)."""
+        if self._lookup is not None and self.policy.lookup_depth() > 0:
+            return 1
+        rounds = self.policy.alone_rounds() if self._draft_open else ALWAYS
         remaining = self.request.max_tokens - len(self.generated)
         room = self.request.max_context - self._committed_length
         return max(1, min(rounds, remaining, room, MAX_RUN_TOKENS))

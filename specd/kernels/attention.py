@@ -85,21 +85,9 @@ def row_exact_attention(
     a block other last bits than that row alone (it blocks its sums by the block's shape), so a verified token
     would not get the logits of its one-token step. Returns [1, n, H, D].
     """
-    _, heads, rows, dim = query.shape
-    kv_heads = key.shape[1]
-    groups = heads // kv_heads
-    folded = query.reshape(1, kv_heads, groups, rows, dim)
-    outputs = []
-    for j, keys in enumerate(rows_keys):
-        if keys is None:
-            k, v = key, value
-        elif isinstance(keys, int):
-            k, v = key[:, :, :keys], value[:, :, :keys]
-        else:
-            k, v = key.index_select(2, keys), value.index_select(2, keys)
-        outputs.append(nn.functional.scaled_dot_product_attention(folded[:, :, :, j], k, v, scale=scaling))
-    out = torch.stack(outputs, dim=3)  # [1, KV, G, n, Dv]
-    return out.reshape(1, heads, rows, value.shape[-1]).transpose(1, 2).contiguous()
+    _, heads, rows, _ = query.shape
+    out = row_exact_rows(query[0].transpose(0, 1), key, value, rows_keys, scaling)
+    return out.view(1, rows, heads, value.shape[-1])
 
 
 def row_exact_rows(
@@ -119,7 +107,7 @@ def row_exact_rows(
         else:
             k, v = key.index_select(2, keys), value.index_select(2, keys)
         row = query[j].view(1, kv_heads, heads // kv_heads, dim)
-        outputs.append(nn.functional.scaled_dot_product_attention(row, k, v, scale=scaling).view(1, -1))
+        outputs.append(nn.functional.scaled_dot_product_attention(row, k, v, scale=scaling).reshape(1, -1))
     return outputs[0] if rows == 1 else torch.cat(outputs, dim=0)
 
 

@@ -106,11 +106,11 @@ class PlannedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, product: Product, kernel: str):
         super().__init__()
         self.in_features, self.out_features, self.plan = in_features, out_features, kernel
-        self._product = product
+        self.product = product  # y = x W^T + b for 2-D float inputs [rows, in_features]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        y = self._product(x.reshape(rows, self.in_features))
+        y = self.product(x.reshape(rows, self.in_features))
         return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -149,7 +149,7 @@ class _PackedCache:
 def _rows_product(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """A linear layer's y = x W^T + b for 2-D float inputs [rows, in], by its shortest route: a weights plan's
     product itself, or the module."""
-    return module._product if isinstance(module, PlannedLinear) else module
+    return module.product if isinstance(module, PlannedLinear) else module
 
 
 def _joined_product(modules: list[nn.Module]) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -70,8 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--llama-cpp", type=Path, default=None, metavar="PATH",
-        help="a llama-bench binary: adds llama.cpp on the oracle's GGUF file (same threads, prompt and output "
-        "lengths) to the one-client section, and its goals (docs/weights.md says how to build one)",
+        help="a llama-bench binary: adds llama.cpp on the oracle's GGUF file to the one-client section, each measured "
+        "prompt's request (its length, the tokens specd's oracle alone wrote, the same threads) right after specd's, "
+        "and its goals (docs/weights.md says how to build one)",
     )
     parser.add_argument(
         "--api", choices=("grpc", "http"), default="grpc",

@@ -107,10 +107,11 @@ def _llama_cpp(results: BenchResults) -> list[str]:
     lines = [
         "## llama.cpp on the same GGUF file (one stream)",
         "",
-        f"`{llama.binary}` (build {llama.build}), {llama.threads} threads: prompt of {llama.prompt_tokens} tokens "
-        f"(the measured prompts' mean) at {llama.prompt_tokens_per_second:.1f} tok/s, {llama.output_tokens} tokens "
-        f"generated at {llama.generation_tokens_per_second:.1f} tok/s; over a request's whole time, prompt "
-        f"included, as specd's rows count: {llama.tokens_per_second:.1f} tok/s.",
+        f"`{llama.binary}` (build {llama.build}), {llama.threads} threads, `llama-bench -pg P,N`: each measured "
+        f"prompt's request ({len(llama.requests)} prompts, {llama.mean_prompt_tokens:.0f} tokens on average, N the "
+        "tokens specd's oracle alone wrote), run right after specd's configurations ran that prompt in each pass "
+        "and once more after specd's stack stopped; per prompt the fastest of those runs counts, as for specd's "
+        f"rows: {llama.tokens_per_second:.1f} tok/s over the requests' whole time, prompt included.",
         "",
     ]
     speed = results.speed

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from draft_service.config import DraftConfig
 from specd.bench.baselines import TransformersBaselines
 from specd.bench.goals import check_goals
-from specd.bench.llama_cpp import LlamaCppResult, gguf_file, run_llama_bench
+from specd.bench.llama_cpp import LlamaCppRows, gguf_file
 from specd.bench.prompts import PROMPTS_PATH, PromptSet, load_prompt_set
 from specd.bench.results import BenchResults
 from specd.bench.sections import (
@@ -165,6 +165,8 @@ def planned_requests(options: BenchOptions, prompts: PromptSet, with_transformer
         total += speed_requests(
             len(prompts.measured), options.max_depth, with_transformers, options.passes, model_only=with_transformers
         )
+        if options.llama_cpp is not None:
+            total += len(prompts.measured) * options.passes
     if "sampled" in options.sections:
         sampled = len(prompts.first_of_each(options.sampled_prompts_per_category))
         total += speed_requests(sampled, options.max_depth, with_transformers, model_only=with_transformers)
@@ -185,14 +187,14 @@ def cancel_on_signals() -> None:
             loop.add_signal_handler(sig, task.cancel)
 
 
-def llama_cpp_row(options: BenchOptions, ctx: BenchContext) -> LlamaCppResult:
-    """llama.cpp on the oracle's GGUF file, while specd's workers are idle: the speed section's mean prompt
-    length and output tokens, the same threads."""
+def llama_cpp_rows(options: BenchOptions) -> LlamaCppRows | None:
+    """llama.cpp on the oracle's GGUF file beside the greedy speed section (--llama-cpp), the same threads."""
+    if options.llama_cpp is None or "speed" not in options.sections:
+        return None
     model = gguf_file(options.oracle)
     if model is None:
         raise SystemExit(f"--llama-cpp needs a GGUF oracle; {options.oracle!r} is not one")
-    lengths = [len(ctx.prompt_ids[p.id]) for p in ctx.prompts.measured]
-    return run_llama_bench(options.llama_cpp, model, options.threads, round(sum(lengths) / len(lengths)), options.max_tokens)
+    return LlamaCppRows(options.llama_cpp, model, options.threads, settle_seconds=IDLE_TRIM_SECONDS + 1)
 
 
 async def run_bench(options: BenchOptions) -> BenchResults:
@@ -231,6 +233,7 @@ async def run_bench(options: BenchOptions) -> BenchResults:
         },
     )
     with_transformers = "speed" in options.sections or "sampled" in options.sections
+    llama = llama_cpp_rows(options)
     settings = StackSettings(
         options.oracle, options.draft, options.draft_layers, options.threads, options.max_depth, options.weights,
         model_only_draft=with_transformers,  # the speed sections compare adaptive with and without prompt lookup
@@ -266,6 +269,7 @@ async def run_bench(options: BenchOptions) -> BenchResults:
                 models=models,
                 oracle=oracle,
                 api=options.api,
+                llama=llama,
             )
             sections = {
                 "speed": lambda: speed_section(ctx, 0.0, passes=options.passes),
@@ -283,8 +287,9 @@ async def run_bench(options: BenchOptions) -> BenchResults:
         models.shutdown()
         await asyncio.sleep(IDLE_TRIM_SECONDS + 1)  # the workers' engines hand back what their passes freed
         results.memory_mb = stack.resident_memory_mb()
-        if options.llama_cpp is not None and "speed" in options.sections:
-            results.llama_cpp = await asyncio.to_thread(llama_cpp_row, options, ctx)
+    if llama is not None:  # each prompt's request once more, with specd's stack stopped
+        await asyncio.to_thread(llama.record_again)
+        results.llama_cpp = llama.result()
     results.goals = check_goals(results)
     results.machine["load_average_at_end"] = list(os.getloadavg())
     results.duration_seconds = time.perf_counter() - started

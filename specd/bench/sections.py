@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from coordinator.server import RunningCoordinator
 from specd.bench.baselines import TransformersBaselines, static_batch
+from specd.bench.llama_cpp import LlamaCppRows
 from specd.bench.measure import RequestRecord, StreamRecord, StreamSummary, set_ratios, summarise, summarise_streams
 from specd.bench.prompts import BenchPrompt, PromptSet
 from specd.bench.results import (
@@ -118,6 +119,7 @@ class BenchContext:
     models: ModelExecutor  # the one thread that loads and runs the transformers baselines
     oracle: LoadedModel | None = None  # the oracle in this process, for transformers' static batches
     api: str = "grpc"  # the concurrency section's clients: the gRPC API, or the OpenAI-compatible HTTP API
+    llama: LlamaCppRows | None = None  # llama.cpp's requests beside the greedy speed section's (--llama-cpp)
 
     def step(self, what: str) -> None:
         self.progress.set_postfix_str(what, refresh=False)
@@ -296,6 +298,10 @@ async def speed_section(
                     for config in configs:
                         outputs[config.key] = await run_config(clients, ctx, config, prompt, temperature, seed)
                         ctx.step(f"T={temperature:g} pass {number + 1}/{passes} {prompt.id} {config.key}")
+                    if ctx.llama is not None and temperature == 0:  # the same request through llama.cpp, now
+                        written = outputs[ORACLE_ALONE][0].tokens
+                        await asyncio.to_thread(ctx.llama.record, index, len(ctx.prompt_ids[prompt.id]), written)
+                        ctx.step(f"T=0 pass {number + 1}/{passes} {prompt.id} llama.cpp")
                     for key, (record, tokens) in outputs.items():
                         if temperature == 0 and HF_PLAIN in outputs and key != HF_PLAIN:
                             record.same_as_reference = tokens == outputs[HF_PLAIN][1]

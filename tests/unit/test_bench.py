@@ -286,28 +286,45 @@ def test_the_concurrency_section_through_the_http_api(tmp_path: Path):
     assert "HTTP connection" in (out / "results.md").read_text()
 
 
-def test_llama_bench_rows_become_a_whole_request_figure(tmp_path: Path):
-    """What `--llama-cpp` runs and reads: llama-bench's JSON (one row for the prompt, one for generation)."""
-    from specd.bench.llama_cpp import run_llama_bench
+def test_llama_bench_requests_become_a_whole_request_figure(tmp_path: Path):
+    """What `--llama-cpp` runs and reads: llama-bench's JSON for one request (-pg P,N), the fastest of the passes and
+    of the last run per prompt, and all output tokens over all those requests' seconds."""
+    from specd.bench.llama_cpp import LlamaCppRows
 
     calls = tmp_path / "args.txt"
     binary = tmp_path / "llama-bench"
-    rows = [
-        {"build_commit": "abc123", "build_number": 7, "n_prompt": 40, "n_gen": 0, "avg_ts": 400.0},
-        {"build_commit": "abc123", "build_number": 7, "n_prompt": 0, "n_gen": 48, "avg_ts": 120.0},
+
+    def answer(ns: int) -> None:  # a stand-in llama-bench: one JSON row for the request it was asked
+        binary.write_text(
+            f"#!{sys.executable}\n"
+            "import json, sys\n"
+            f"open({str(calls)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')\n"
+            "p, n = map(int, sys.argv[sys.argv.index('-pg') + 1].split(','))\n"
+            f"print(json.dumps([{{'build_commit': 'abc123', 'build_number': 7, 'n_prompt': p, 'n_gen': n, 'avg_ns': {ns}}}]))\n"
+        )
+        binary.chmod(0o755)
+
+    rows = LlamaCppRows(binary, tmp_path / "model.gguf", threads=2)
+    answer(800_000_000)
+    rows.record(0, prompt_tokens=40, output_tokens=48)
+    rows.record(1, prompt_tokens=200, output_tokens=30)
+    answer(600_000_000)  # a second pass: prompt 0 faster this time
+    rows.record(0, prompt_tokens=40, output_tokens=48)
+    answer(900_000_000)
+    rows.record(1, prompt_tokens=200, output_tokens=30)
+    assert calls.read_text().splitlines()[0].split() == [
+        "-m", str(tmp_path / "model.gguf"), "-t", "2", "-p", "0", "-n", "0", "-pg", "40,48", "-r", "1", "-o", "json",
     ]
-    binary.write_text(f"#!/bin/sh\necho \"$@\" > {calls}\ncat <<'EOF'\n{json.dumps(rows)}\nEOF\n")
-    binary.chmod(0o755)
-    result = run_llama_bench(binary, tmp_path / "model.gguf", threads=2, prompt_tokens=40, output_tokens=48)
-    assert calls.read_text().split() == [
-        "-m", str(tmp_path / "model.gguf"), "-t", "2", "-p", "40", "-n", "48", "-r", "3", "-o", "json",
-    ]
-    assert (result.prompt_tokens_per_second, result.generation_tokens_per_second) == (400.0, 120.0)
-    assert result.build == "abc123 (7)"
-    assert abs(result.tokens_per_second - 48 / (40 / 400 + 48 / 120)) < 1e-9
+    answer(700_000_000)  # once more with specd's stack stopped: faster for prompt 1 alone
+    rows.record_again()
+    assert [line.split()[9] for line in calls.read_text().splitlines()[4:]] == ["40,48", "200,30"]
+    result = rows.result()
+    assert result is not None and result.build == "abc123 (7)"
+    assert result.requests == [(40, 48, 0.6), (200, 30, 0.7)]
+    assert abs(result.tokens_per_second - 78 / 1.3) < 1e-9 and result.mean_prompt_tokens == 120
     binary.write_text("#!/bin/sh\necho 'error: failed to load model' >&2\nexit 1\n")
     with pytest.raises(RuntimeError, match="failed to load model"):
-        run_llama_bench(binary, tmp_path / "model.gguf", threads=2, prompt_tokens=40, output_tokens=48)
+        rows.record(2, prompt_tokens=40, output_tokens=48)
 
 
 def test_the_drafts_held_out_goals_come_from_its_artifact(tiny_dir):

@@ -63,19 +63,20 @@ class LlamaCppRows:
         self.fastest: dict[int, tuple[int, int, float]] = {}
 
     def record(self, index: int, prompt_tokens: int, output_tokens: int) -> None:
-        """Run prompt `index`'s request (blocking) and keep it where it is the fastest so far."""
+        """Once specd's workers are quiet, run prompt `index`'s request (blocking); keep it if the fastest so far."""
         time.sleep(self.settle_seconds)
+        self._run(index, prompt_tokens, output_tokens)
+
+    def record_again(self) -> None:
+        """Every prompt's request once more (blocking), after specd's stack has stopped: nothing to wait for."""
+        for index, (prompt_tokens, output_tokens, _) in sorted(self.fastest.items()):
+            self._run(index, prompt_tokens, output_tokens)
+
+    def _run(self, index: int, prompt_tokens: int, output_tokens: int) -> None:
         seconds, self.build = run_llama_request(self.binary, self.model, self.threads, prompt_tokens, output_tokens)
         kept = self.fastest.get(index)
         if kept is None or seconds < kept[2]:
             self.fastest[index] = (prompt_tokens, output_tokens, seconds)
-
-    def record_again(self) -> None:
-        """Every prompt's request once more (blocking): after specd's stack has stopped, llama.cpp alone on the
-        machine."""
-        self.settle_seconds = 0.0  # nothing of specd's left to wait for
-        for index, (prompt_tokens, output_tokens, _) in sorted(self.fastest.items()):
-            self.record(index, prompt_tokens, output_tokens)
 
     def result(self) -> LlamaCppResult | None:
         if not self.fastest:

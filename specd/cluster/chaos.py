@@ -2,7 +2,7 @@
 
 Two oracles and two drafts run as separate processes behind one coordinator (in this process, on
 a local Ray of its own). N clients stream greedy requests for the whole run, and every few
-seconds one worker (of its role, the one holding the most sessions at that moment) is killed
+seconds one worker (of its role, one holding a session that is generating at that moment) is killed
 (SIGKILL, then started again), paused (SIGSTOP for a few seconds, then SIGCONT) or restarted
 (SIGTERM, then started again), while at least one worker of each role keeps answering. Every output is checked against the oracle's own greedy output for its prompt
 (the same request through the coordinator with no draft and no fault, before the faults begin).
@@ -73,6 +73,7 @@ class Outcome:
     prompt: int
     started: float
     ended: float
+    request_id: str = ""
     tokens: list[int] = field(default_factory=list)
     migrations: int = 0
     error: str = ""
@@ -154,6 +155,7 @@ class Chaos:
         self.paused: set[str] = set()
         self.faults: list[Fault] = []
         self.outcomes: list[Outcome] = []
+        self.in_flight: dict[str, Outcome] = {}  # request id -> the outcome of a request still streaming
         self.running = None
         self.born: dict[str, float] = {}  # name -> when its process started
         self._own_ray = False  # whether this run started Ray (and stops it)
@@ -230,10 +232,12 @@ class Chaos:
             while time.monotonic() < until:
                 prompt = n % len(prompts)
                 n += self.settings.clients
-                outcome = Outcome(prompt, time.monotonic(), 0.0)
+                outcome = Outcome(prompt, time.monotonic(), 0.0, request_id=f"chaos-{n}")
+                self.in_flight[outcome.request_id] = outcome
                 try:
                     async for chunk in client.stream(
-                        prompts[prompt], max_tokens=self.settings.max_tokens, stop_at_eos=False, timeout=120.0
+                        prompts[prompt], max_tokens=self.settings.max_tokens, stop_at_eos=False, timeout=120.0,
+                        request_id=outcome.request_id,
                     ):
                         outcome.tokens += list(chunk.token_ids)
                         if chunk.stats is not None:
@@ -243,6 +247,7 @@ class Chaos:
                 except Exception as error:
                     outcome.error = f"{type(error).__name__}: {error}"
                 outcome.ended = time.monotonic()
+                del self.in_flight[outcome.request_id]
                 self.outcomes.append(outcome)
 
     # -- faults -----------------------------------------------------------------------------------
@@ -252,19 +257,27 @@ class Chaos:
             if w.role == role and w.process.poll() is None and name not in self.paused
         ]
 
+    def _generating(self, request_id: str) -> bool:
+        """Whether a request has had its first tokens and not its last: its session is past its open and before its
+        close, where a fault must move it rather than merely place it elsewhere."""
+        outcome = self.in_flight.get(request_id)
+        return outcome is not None and 0 < len(outcome.tokens) < self.settings.max_tokens
+
     async def _target(self, role: str) -> str:
-        """The live worker of `role` that holds the most sessions now (the seed breaks ties), so that a fault
-        meets sessions in flight rather than an idle worker. Between requests no worker may hold one: it looks
-        again, for up to a second."""
+        """A live worker of `role` that holds a session generating now, the one holding most such sessions (the seed
+        breaks ties), so that a fault meets sessions in flight rather than an idle worker or one only opening or
+        closing them. It looks for up to two seconds; then the one holding the most sessions of any kind."""
         alive = self._alive(role)
-        for _ in range(20):
-            held = dict.fromkeys(alive, 0)
+        for _ in range(40):
+            held, generating = dict.fromkeys(alive, 0), dict.fromkeys(alive, 0)
             for session in await self.running.plane.call("list_sessions"):
                 draft, _, oracle = session["pair_id"].rpartition("+")
                 name = oracle if role == "oracle" else draft
                 if name in held:
                     held[name] += 1
-            if any(held.values()):
+                    generating[name] += self._generating(session["request_id"])
+            if any(generating.values()):
+                held = generating
                 break
             await asyncio.sleep(0.05)
         most = max(held.values())

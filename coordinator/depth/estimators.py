@@ -34,7 +34,9 @@ keeps in its state (GoodputState), so what they learn crosses processes as it is
 
   with x̄ and T̄ the weighted means. With a single depth timed there is no slope to fit, and
   each further token is assumed to cost `assumed_growth` x T̄. b is also the verify growth per
-  token the stop rule prices a row at.
+  token the stop rule prices a row at. Before any of this, each T_x is capped by the averages of
+  the trusted deeper depths (a longer block never verifies faster): a depth no longer chosen keeps
+  the average of when it last ran, and without the cap one stall then would price it out for good.
 """
 
 from __future__ import annotations
@@ -148,28 +150,44 @@ class VerifyCostModel:
     def seconds(self, k: int) -> float:
         """t_verify(k): the moving average at k once k ran `trusted_rounds` times; elsewhere the line's slope
         (each depth weighted by how often it ran, capped, so a stale or cold-start point cannot dominate), drawn
-        from the nearest trusted depth, or from the line's own centre while no depth is trusted yet."""
-        seen = self.seconds_by_k
+        from the nearest trusted depth, or from the line's own centre while no depth is trusted yet. Never above
+        a deeper trusted depth's average (`averages`)."""
+        seen = self.averages()
         if not seen:
             return UNTIMED_VERIFY_SECONDS
-        trusted = [x for x in seen if self.rounds_by_k.get(x, 0) >= self.trusted_rounds]
+        trusted = self._trusted()
         if k in trusted:
             return seen[k]
         mean_k, mean_t, slope = self.line()
         if trusted:
             anchor = min(trusted, key=lambda x: (abs(x - k), x))
-            return max(MIN_VERIFY_SECONDS, seen[anchor] + slope * (k - anchor))
-        return max(MIN_VERIFY_SECONDS, mean_t + slope * (k - mean_k))
+            estimate = seen[anchor] + slope * (k - anchor)
+        else:
+            estimate = mean_t + slope * (k - mean_k)
+        return max(MIN_VERIFY_SECONDS, min([estimate, *(seen[x] for x in trusted if x > k)]))
+
+    def _trusted(self) -> list[int]:
+        return [x for x in self.seconds_by_k if self.rounds_by_k.get(x, 0) >= self.trusted_rounds]
+
+    def averages(self) -> dict[int, float]:
+        """The per-depth averages, each capped by those of the trusted deeper depths. A block never verifies
+        faster than a shorter one, so an average above a deeper one's is stale: a depth the policy stopped
+        choosing keeps the average of when it last ran, and one slow step then (a stall of the host) would make
+        it look dear for good, as nothing measures it again."""
+        trusted = self._trusted()
+        return {
+            x: min([t, *(self.seconds_by_k[j] for j in trusted if j > x)]) for x, t in self.seconds_by_k.items()
+        }
 
     def growth(self) -> float:
         """Seconds each further verified token adds: the slope of the line through the per-k averages."""
         return self.line()[2] if self.seconds_by_k else 0.0
 
     def line(self) -> tuple[float, float, float]:
-        """(centre k, centre seconds, slope >= 0) of the weighted least-squares line through the per-k averages;
+        """(centre k, centre seconds, slope >= 0) of the weighted least-squares line through the (capped) averages;
         with one k seen, the slope assumes `assumed_growth` of a step per token. A negative fitted slope (noise:
         a deeper block never verifies faster) reads 0."""
-        seen = self.seconds_by_k
+        seen = self.averages()
         weights = {x: min(self.rounds_by_k.get(x, 1), self.weight_cap) for x in seen}
         total = sum(weights.values())
         mean_k = sum(w * x for x, w in weights.items()) / total

@@ -252,6 +252,29 @@ def test_one_cold_start_outlier_does_not_freeze_the_depth():
     assert policy.choose_k() == 8
 
 
+def test_one_stall_of_the_oracle_alone_does_not_keep_a_useless_draft_drafting():
+    """A useless draft (nothing accepted) and the oracle alone at 2 ms a token, until one step stalls for 300 ms:
+    its moving average then makes the oracle alone look dear, and as the policy drafts from then on, nothing
+    would time the oracle alone again. What deeper blocks cost now caps it, and the policy is back at k = 0."""
+    policy = GoodputDepth(k_max=8)
+
+    def observed(k: int, verify: float | None = None) -> RoundObservation:
+        return RoundObservation(
+            k=k, accepted=0, draft_seconds=0.001 * k, verify_seconds=0.002 + 0.0002 * k if verify is None else verify,
+            oracle_network_seconds=0.001, loop_seconds=0.0005, run=k == 0, asked=1 if k else 0,
+        )
+
+    for _ in range(48):
+        policy.observe(observed(policy.choose_k()))
+    assert policy.choose_k() == 0
+    policy.observe(observed(0, verify=0.3))  # the stall
+    depths = []
+    for _ in range(48):
+        depths.append(policy.choose_k())
+        policy.observe(observed(depths[-1]))
+    assert sum(1 for k in depths if k) <= 48 // policy.probe_interval() + 1, depths
+
+
 def test_goodput_state_round_trips_through_a_snapshot():
     policy = policy_with([0.9, 0.8] + [0.5] * 6, 0.004, rtt_oracle=0.01)
     clone = GoodputDepth(confidence_stop=0, k_max=8, shrink=0.0)

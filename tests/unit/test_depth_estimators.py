@@ -139,6 +139,19 @@ def test_verify_slope_is_never_negative():
     assert verify.growth() == 0.0 and verify.seconds(4) == pytest.approx(0.045)  # no trusted depth: the centre
 
 
+def test_a_depth_never_costs_more_than_a_trusted_deeper_one():
+    """A stale average (k = 0 timed during a stall, then no longer chosen) is capped by what deeper blocks
+    cost now; an untrusted deeper depth caps nothing."""
+    seconds, rounds = {0: 0.300, 4: 0.012, 8: 0.014, 6: 0.001}, {0: 40, 4: 5, 8: 5, 6: 1}
+    verify = model(seconds, rounds)
+    assert verify.averages() == {0: 0.012, 4: 0.012, 8: 0.014, 6: 0.001}
+    assert verify.seconds(0) == 0.012
+    assert verify.seconds(2) <= 0.012 and verify.seconds(5) <= 0.014  # drawn from a line, then capped
+    assert verify.seconds(8) == 0.014
+    assert model({0: 0.3, 4: 0.012}, {0: 40, 4: 2}).seconds(0) == 0.3  # 4 not trusted yet
+    assert seconds[0] == 0.300  # the state is read, not written
+
+
 def test_verify_cost_draws_from_the_nearest_trusted_depth_the_smaller_on_a_tie():
     verify = model({1: 0.05, 3: 0.09, 5: 0.10}, {1: 3, 3: 3, 5: 1})
     slope = verify.line()[2]
